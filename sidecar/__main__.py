@@ -1,0 +1,127 @@
+"""``python -m sidecar ROLE ...``: the roles of the one cache-client image.
+
+The webhook emits these command lines as exec arrays, so every flag here is part of the
+contract between the webhook and the sidecar image. Each role lives in its own module and is
+imported only when chosen, so ``probe`` (run by the kubelet every few seconds) stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from sidecar.layout import APP_CACHE_ROOT
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, json_logs: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _add_models(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        required=required,
+        default=[],
+        metavar="NAME=URI",
+        help="model to serve or fetch; repeat for several (base model first)",
+    )
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
+    p.add_argument("--include", default="", metavar="GLOB,GLOB", help="only files matching")
+    p.add_argument(
+        "--pvc-root",
+        default="/var/run/modelcache/pvc",
+        help="where pvc://CLAIM sources are mounted: <pvc-root>/<CLAIM>",
+    )
+    p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    sub = parser.add_subparsers(dest="role", required=True)
+
+    w = sub.add_parser("warmup", help="fetch models into the node cache, then exit")
+    _add_source_flags(w)
+    _add_models(w)
+    w.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
+
+    m = sub.add_parser("mount", help="serve models over a read-only FUSE mount")
+    _add_source_flags(m)
+    _add_models(m)
+    m.add_argument("--mountpoint", required=True)
+    m.add_argument(
+        "--link-root",
+        default=APP_CACHE_ROOT,
+        help="where app containers see <cache-key>/ of each model; complete files are "
+        "symlinks there so data reads bypass the FUSE daemon; 'none' serves bytes via FUSE",
+    )
+    m.add_argument("--warmup", action="store_true", help="also fill the cache in the background")
+    m.add_argument("--timeout", type=float, default=1800.0, help="warm-up timeout (--warmup)")
+
+    p = sub.add_parser("probe", help="exit 0 when the mount serves the models")
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--model", action="append", default=[], metavar="NAME")
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="keep trying for this many seconds (postStart)"
+    )
+
+    a = sub.add_parser("agent", help="node agent: inventory labels, eviction, pre-warm")
+    a.add_argument("--cache-dir", required=True)
+    a.add_argument("--node", required=True)
+    a.add_argument("--max-bytes", type=int, default=0, help="cache size bound (0: unbounded)")
+    a.add_argument("--prewarm-config", default=None)
+    a.add_argument("--interval", type=float, default=30.0, help="seconds between scans")
+    a.add_argument("--metrics-port", type=int, default=9090)
+    a.add_argument("--once", action="store_true", help="one pass, then exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_json)
+    if args.role == "warmup":
+        from sidecar import warmup
+
+        return warmup.run(args)
+    if args.role == "mount":
+        from sidecar import mount
+
+        return mount.run(args)
+    if args.role == "probe":
+        from sidecar import probe
+
+        return probe.run(args)
+    from sidecar import agent
+
+    return agent.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
