@@ -1,0 +1,102 @@
+"""``python -m certs generate|install``: the command-line edge of the certificate code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from certs.issue import CertError, issue_bundle, write_bundle
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m certs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write a CA and serving pair as PEM files")
+    gen.add_argument("--service", required=True, help="Service name of the webhook")
+    gen.add_argument("--namespace", required=True, help="namespace of the Service")
+    gen.add_argument("--out", required=True, type=Path, help="directory for ca.crt/tls.*")
+    gen.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    gen.add_argument("--ip", action="append", default=[], help="extra IP SAN (repeatable)")
+    gen.add_argument("--days", type=int, default=365, help="leaf validity in days")
+
+    ins = sub.add_parser(
+        "install", help="keep the pair in a Secret and its CA in the webhook's caBundle"
+    )
+    ins.add_argument("--service", required=True)
+    ins.add_argument("--namespace", required=True)
+    ins.add_argument("--secret", required=True, help="Secret that holds CA and pair")
+    ins.add_argument(
+        "--webhook-config", required=True, help="MutatingWebhookConfiguration to patch"
+    )
+    ins.add_argument("--days", type=int, default=365)
+    ins.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    ins.add_argument(
+        "--cert-dir", type=Path, default=None, help="also write ca.crt/tls.crt/tls.key here"
+    )
+    return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        for key in ("secret", "action"):
+            if key in record.__dict__:
+                out[key] = record.__dict__[key]
+        return json.dumps(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        if args.command == "generate":
+            bundle = issue_bundle(
+                args.service, args.namespace, dns=args.dns, ips=args.ip, days=args.days
+            )
+            write_bundle(bundle, args.out)
+            print(f"wrote {args.out}/ca.crt, tls.crt, tls.key", file=sys.stderr)
+            return 0
+        return _install(args)
+    except CertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _install(args: argparse.Namespace) -> int:
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
+    from certs.install import InstallError, install
+
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    with k8s.ApiClient() as api:
+        try:
+            result = install(
+                api,
+                service=args.service,
+                namespace=args.namespace,
+                secret=args.secret,
+                webhook_config=args.webhook_config,
+                days=args.days,
+                dns=args.dns,
+                cert_dir=args.cert_dir,
+            )
+        except InstallError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps({"secret": result.secret_action, "caBundlePatched": result.ca_bundle_patched}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
