@@ -1,0 +1,171 @@
+"""``python -m webhook serve|inject``: the admission server and the offline injector.
+
+``serve`` binds its socket itself so ``--port 0`` works (tests and benchmarks take a free port
+from the kernel) and prints the address it really listens on as the first stdout line:
+``serving on https://HOST:PORT``. ``--dev`` writes a throw-away CA and serving pair for
+``localhost``/``127.0.0.1`` to a temporary directory and prints the CA path, so a laptop with
+no cluster can ``curl --cacert`` it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from webhook.config import Config, ConfigError, load_config
+from webhook.logs import setup_logging
+
+log = logging.getLogger("webhook")
+
+DEFAULT_PORT = 8443
+# Seconds in-flight requests get to finish after SIGTERM; the API server's webhook timeout
+# (timeoutSeconds <= 5) bounds how long any of them can matter anyway.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m webhook", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve POST /mutate over HTTPS (TLS 1.2+)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    serve.add_argument(
+        "--host", default=None, help="address to bind (default 0.0.0.0; 127.0.0.1 with --dev)"
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain)")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key")
+    serve.add_argument("--config", metavar="FILE", help="config YAML (defaults without)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="make a throw-away CA and cert for localhost; prints the CA path",
+    )
+    serve.add_argument("--log-level", default="INFO")
+
+    inject = sub.add_parser("inject", help="mutate the pods in YAML documents offline")
+    inject.add_argument(
+        "-f",
+        "--filename",
+        required=True,
+        metavar="FILE|-",
+        help="multi-document YAML; - reads stdin",
+    )
+    inject.add_argument("--config", metavar="FILE", help="config YAML (defaults without)")
+    return parser
+
+
+def _dev_certs() -> tuple[Path, Path, Path]:
+    from certs.issue import CA_CERT_FILE, TLS_CERT_FILE, TLS_KEY_FILE, issue_bundle, write_bundle
+
+    out = Path(tempfile.mkdtemp(prefix="modelcache-dev-"))
+    bundle = issue_bundle(
+        "modelcache-webhook", "modelcache-system", dns=["localhost"], ips=["127.0.0.1", "::1"]
+    )
+    write_bundle(bundle, out)
+    return out / CA_CERT_FILE, out / TLS_CERT_FILE, out / TLS_KEY_FILE
+
+
+async def _serve(config: Config, host: str, port: int, cert: Path, key: Path) -> None:
+    from aiohttp import web
+
+    from webhook.app import build_app
+    from webhook.tls import CertReloader
+
+    reloader = CertReloader(cert, key)
+    app = build_app(config, reloader=reloader)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(
+        runner, sock, ssl_context=reloader.context, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+    )
+    await site.start()
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"serving on https://{shown}:{bound}", flush=True)
+    log.info("serving", extra={"host": host, "port": bound, "cert_file": str(cert)})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.dev:
+        if args.tls_cert or args.tls_key:
+            parser.error("--dev makes its own certificate; drop --tls-cert/--tls-key")
+    elif not (args.tls_cert and args.tls_key):
+        parser.error("serve needs --tls-cert and --tls-key (or --dev)")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0..65535, got {args.port}")
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    host = args.host or ("127.0.0.1" if args.dev else "0.0.0.0")
+    if args.dev:
+        ca, cert, key = _dev_certs()
+        print(f"dev CA certificate: {ca}", flush=True)
+    else:
+        cert, key = Path(args.tls_cert), Path(args.tls_key)
+    from webhook.tls import TLSError
+
+    try:
+        asyncio.run(_serve(config, host, args.port, cert, key))
+    except TLSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_inject(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from webhook.inject import run_inject
+
+    if args.filename == "-":
+        return run_inject(sys.stdin, sys.stdout, sys.stderr, config)
+    try:
+        src = open(args.filename, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as e:
+        print(f"error: cannot read {args.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    with contextlib.closing(src):
+        return run_inject(src, sys.stdout, sys.stderr, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _cmd_serve(args, parser)
+    return _cmd_inject(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``build_app(config)``: the composition root of the admission server.
+
+Routes, typed application state and the start/stop of background work (worker threads,
+pipeline warm-up, certificate watcher) are wired here and nowhere else; ``handlers.py`` only
+speaks HTTP, ``review.py`` only the envelope, ``pipeline.py`` only the mutation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from webhook import handlers
+from webhook.config import Config
+from webhook.metrics import Metrics
+from webhook.pipeline import admit_pod
+from webhook.review import Pod
+from webhook.state import DEFAULT_OFFLOAD_BYTES, STATE, AdmitFn, Admitter, ServerState
+from webhook.tls import CertReloader
+
+log = logging.getLogger(__name__)
+
+# A pod the warm-up admits at start so imports, regex compilation and caches are hot before
+# /readyz says yes: the first real review then costs what every later one costs.
+_WARMUP_POD: Pod = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {
+        "generateName": "modelcache-warmup-",
+        "annotations": {"modelcache.io/model": "hf://modelcache/warmup"},
+    },
+    "spec": {
+        "containers": [
+            {"name": "app", "image": "vllm/vllm-openai", "args": ["--model", "modelcache/warmup"]}
+        ]
+    },
+}
+
+
+async def _worker_threads(app: web.Application) -> AsyncIterator[None]:
+    admitter = app[STATE].admitter
+    # Two threads: the machine this runs on has few cores, and the GIL makes more useless.
+    admitter.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admit")
+    yield
+    admitter.executor.shutdown(wait=True, cancel_futures=True)
+    admitter.executor = None
+
+
+async def _warm_pipeline(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    try:
+        await state.admitter(dict(_WARMUP_POD), namespace="default", size=0)
+    except Exception:
+        # Still become ready: every review then follows onError, which is what the cluster
+        # gets with the webhook down anyway, and the error is in the log and metrics.
+        state.metrics.errors.labels("warmup").inc()
+        log.exception("pipeline warm-up failed")
+    state.warmed = True
+    yield
+
+
+async def _watch_certs(app: web.Application) -> AsyncIterator[None]:
+    reloader = app[STATE].reloader
+    if reloader is None:
+        yield
+        return
+    task = asyncio.create_task(reloader.watch(), name="cert-watch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def build_app(
+    config: Config,
+    *,
+    reloader: CertReloader | None = None,
+    metrics: Metrics | None = None,
+    admit: AdmitFn = admit_pod,
+    offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+) -> web.Application:
+    """The admission server application.
+
+    ``reloader`` owns the serving TLS context (the caller passes ``reloader.context`` to the
+    site) and is polled for cert changes while the app runs. ``admit`` is the pipeline entry
+    point; tests substitute a failing one to exercise the onError policy.
+    """
+    metrics = metrics or Metrics()
+    if reloader is not None and reloader.on_result is None:
+        reloader.on_result = lambda result: _count_reload(metrics, result)
+    # The body limit is enforced by the /mutate handler itself (413 with a reason); aiohttp's
+    # own limit only has to stay out of its way.
+    app = web.Application(
+        client_max_size=config.max_request_bytes + 1,
+        middlewares=[handlers.error_middleware],
+    )
+    app[STATE] = ServerState(
+        config=config,
+        metrics=metrics,
+        admitter=Admitter(admit, config, offload_bytes=offload_bytes),
+        reloader=reloader,
+    )
+    app.cleanup_ctx.extend([_worker_threads, _warm_pipeline, _watch_certs])
+    app.router.add_post("/mutate", handlers.mutate)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+def _count_reload(metrics: Metrics, result: str) -> None:
+    metrics.cert_reloads.labels(result).inc()
+    if result != "success":
+        metrics.errors.labels("tls_reload").inc()
