@@ -1,0 +1,802 @@
+"""``python -m sidecar agent``: the node agent (a DaemonSet, optional).
+
+Data affinity only helps if nodes say what they hold. Every pass the agent
+
+1. scans the node cache (``sidecar.layout``): a model is *ready* when ``manifest.json``
+   exists and every file it lists is under ``data/`` with the listed size (the sha256 was
+   checked when the file was written; re-hashing every scan would read the whole cache);
+2. evicts least-recently-used models while the cache is over ``--max-bytes``: a model whose
+   ``.model.lock`` cannot be taken exclusively without blocking is in use (a mount serving it,
+   a warm-up filling it) and stays; for the others the node label goes first, then the
+   directory is renamed into ``trash/`` while the exclusive lock is still held, so no reader
+   ever sees a half-deleted model, and only then removed;
+3. makes the node's ``cache.modelcache.io/<cache-key>`` labels equal the ready set with one
+   merge-patch, and none when nothing changed; other labels are never touched;
+4. starts the pre-warm entries of ``--prewarm-config`` that select this node and are due.
+
+The Kubernetes calls are blocking (``kubernetes`` client), so they run in a worker thread;
+errors are retried with exponential backoff and full jitter, and a pass that still fails
+leaves the loop running (``--once`` then exits non-zero). Metrics are served for Prometheus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sidecar.layout import MANIFEST_FILE, ModelDir, UnsafePathError, models_root, trash_root
+from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
+
+log = logging.getLogger("sidecar.agent")
+
+#: Node label prefix; the label ``cache.modelcache.io/<cache-key>=ready`` is what the webhook's
+#: affinity asks for (``sidecar.modelsource.cache_key``).
+LABEL_PREFIX: Final = "cache.modelcache.io/"
+LABEL_READY: Final = "ready"
+MERGE_PATCH: Final = "application/merge-patch+json"
+#: A cache key that can be the name part of a label key; other directories are never labelled.
+_LABEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+T = TypeVar("T")
+
+
+class NodeAPIError(RuntimeError):
+    """The node could not be read or patched (after retries, or a non-retriable answer)."""
+
+
+# --- inventory -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One ``models/<key>/`` directory as one scan saw it."""
+
+    key: str
+    path: Path
+    ready: bool
+    bytes: int
+    last_used: float
+    reason: str = ""  # why not ready
+
+    @property
+    def label(self) -> str:
+        return LABEL_PREFIX + self.key
+
+
+def label_for(key: str) -> str:
+    return LABEL_PREFIX + key
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """Bytes a file costs: partial downloads may be sparse, so count allocated blocks then."""
+    allocated = st.st_blocks * 512
+    return st.st_size if allocated >= st.st_size else allocated
+
+
+def tree_bytes(root: Path) -> int:
+    """Total bytes of the regular files under ``root``, never following symlinks."""
+    total = 0
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += _disk_bytes(entry.stat(follow_symlinks=False))
+                    except FileNotFoundError:
+                        continue  # removed while we looked: a rename or a finished part
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total
+
+
+def check_ready(mdir: ModelDir) -> str:
+    """Return "" when the model is complete, else the reason it is not."""
+    try:
+        manifest = json.loads(mdir.manifest.read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest: {exc}"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return "manifest has no file list"
+    if manifest.get("key") not in (None, mdir.key):
+        return f"manifest is for key {manifest.get('key')!r}"
+    for item in manifest["files"]:
+        if not isinstance(item, dict) or not isinstance(item.get("size"), int):
+            return f"manifest entry {item!r} has no size"
+        try:
+            path = mdir.data_file(str(item.get("path", "")))
+            st = path.stat()
+        except UnsafePathError as exc:
+            return str(exc)
+        except OSError:
+            return f"{item.get('path')} is missing"
+        if st.st_size != item["size"]:
+            return f"{item['path']} has {st.st_size} bytes, manifest says {item['size']}"
+    return ""
+
+
+def _last_used(mdir: ModelDir) -> float:
+    """LRU time: ``.last-used`` mtime, else when it completed, else when it was created."""
+    for path in (mdir.last_used, mdir.manifest, mdir.source_file, mdir.root):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def scan_cache(cache_dir: Path) -> list[ModelState]:
+    """Every model directory of the node cache, sorted by key."""
+    states = []
+    try:
+        entries = sorted(p for p in models_root(cache_dir).iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    for root in entries:
+        mdir = ModelDir(cache_dir, root.name)
+        reason = check_ready(mdir)
+        states.append(
+            ModelState(
+                key=root.name,
+                path=root,
+                ready=not reason,
+                bytes=tree_bytes(root),
+                last_used=_last_used(mdir),
+                reason=reason,
+            )
+        )
+    return states
+
+
+def label_patch(current: Mapping[str, str], ready_keys: Iterable[str]) -> dict[str, str | None]:
+    """The merge-patch of ``metadata.labels`` that makes the cache labels equal ``ready_keys``.
+
+    Empty when nothing changes. Labels outside ``cache.modelcache.io/`` are never in it.
+    """
+    want = {label_for(k) for k in ready_keys if _LABEL_NAME_RE.match(k)}
+    patch: dict[str, str | None] = {}
+    for label in sorted(want):
+        if current.get(label) != LABEL_READY:
+            patch[label] = LABEL_READY
+    for label in sorted(current):
+        if label.startswith(LABEL_PREFIX) and label not in want:
+            patch[label] = None
+    return patch
+
+
+def plan_eviction(
+    models: Iterable[ModelState], max_bytes: int, keep_last: Iterable[str] = ()
+) -> tuple[int, list[ModelState]]:
+    """Bytes to free and the candidates in eviction order (least recently used first).
+
+    Models in ``keep_last`` (pre-warmed for this node) go after every other model, so the
+    agent does not evict what it will fetch again at once.
+    """
+    models = list(models)
+    total = sum(m.bytes for m in models)
+    if max_bytes <= 0 or total <= max_bytes:
+        return 0, []
+    pinned = set(keep_last)
+    order = sorted(models, key=lambda m: (m.key in pinned, m.last_used, m.key))
+    return total - max_bytes, order
+
+
+@contextlib.contextmanager
+def hold_exclusive(mdir: ModelDir) -> Iterator[bool]:
+    """``LOCK_EX | LOCK_NB`` on the model's ``.model.lock``; yields False when it is in use.
+
+    Every mount serving the model and every warm-up filling it holds ``LOCK_SH``, so a
+    model we get here is idle. Yields False too when the directory vanished meanwhile.
+    """
+    try:
+        fd = os.open(mdir.model_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def empty_trash(cache_dir: Path) -> None:
+    """Remove what a previous pass (or a crash mid-eviction) left in ``trash/``."""
+    try:
+        leftovers = list(trash_root(cache_dir).iterdir())
+    except FileNotFoundError:
+        return
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base*2^n))."""
+
+    attempts: int = 6
+    base: float = 0.5
+    cap: float = 15.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(exc, ApiException):
+        return exc.status in (0, 408, 429) or (exc.status or 0) >= 500
+    return isinstance(exc, HTTPError | OSError | TimeoutError)
+
+
+class NodeAPI:
+    """The two calls the agent makes, with retries; blocking calls run in a worker thread."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        node: str,
+        retry: RetryPolicy | None = None,
+        on_error: Callable[[], None] | None = None,
+        request_timeout: float = 15.0,
+    ) -> None:
+        from kubernetes.client import CoreV1Api
+
+        self.api = CoreV1Api(api_client)
+        self.node = node
+        self.retry = retry or RetryPolicy()
+        self._on_error = on_error or (lambda: None)
+        self._timeout = request_timeout
+
+    async def _call(self, what: str, fn: Callable[[], T]) -> T:
+        from kubernetes.client.exceptions import ApiException
+
+        last: BaseException | None = None
+        for attempt in range(self.retry.attempts):
+            try:
+                return await asyncio.to_thread(fn)
+            except Exception as exc:
+                self._on_error()
+                if not _is_transient(exc):
+                    status = exc.status if isinstance(exc, ApiException) else "error"
+                    raise NodeAPIError(
+                        f"{what} node {self.node!r} failed ({status}): {_brief(exc)}"
+                    ) from exc
+                last = exc
+                if attempt + 1 < self.retry.attempts:
+                    wait = self.retry.delay(attempt)
+                    log.warning(
+                        "%s node %s failed (%s), retry %d in %.2fs",
+                        what,
+                        self.node,
+                        _brief(exc),
+                        attempt + 1,
+                        wait,
+                    )
+                    await asyncio.sleep(wait)
+        raise NodeAPIError(
+            f"{what} node {self.node!r} failed {self.retry.attempts} times: {_brief(last)}"
+        ) from last
+
+    async def get_labels(self) -> dict[str, str]:
+        node = await self._call(
+            "read", lambda: self.api.read_node(self.node, _request_timeout=self._timeout)
+        )
+        return _labels_of(node)
+
+    async def patch_labels(self, patch: Mapping[str, str | None]) -> dict[str, str]:
+        body = {"metadata": {"labels": dict(patch)}}
+        node = await self._call(
+            "patch",
+            lambda: self.api.patch_node(
+                self.node, body, _content_type=MERGE_PATCH, _request_timeout=self._timeout
+            ),
+        )
+        return _labels_of(node)
+
+
+def _labels_of(node: Any) -> dict[str, str]:
+    meta = node.metadata
+    return dict((meta.labels if meta is not None else None) or {})
+
+
+def _brief(exc: BaseException | None) -> str:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_api_client() -> Any:
+    """In-cluster service-account config, falling back to the kubeconfig (``$KUBECONFIG``)."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    return client.ApiClient(cfg)
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+class AgentMetrics:
+    """The agent's Prometheus metrics, in their own registry (one per agent)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.cache_bytes = Gauge("modelcache_cache_bytes", "Bytes in the node cache", registry=r)
+        self.limit_bytes = Gauge(
+            "modelcache_cache_limit_bytes", "Cache size bound (0: unbounded)", registry=r
+        )
+        self.models = Gauge("modelcache_models", "Models in the node cache", ["state"], registry=r)
+        self.evictions = Counter(
+            "modelcache_evictions", "Models evicted from the node cache", registry=r
+        )
+        self.evicted_bytes = Counter(
+            "modelcache_evicted_bytes", "Bytes freed by eviction", registry=r
+        )
+        self.eviction_skipped = Gauge(
+            "modelcache_eviction_skipped_models",
+            "Eviction candidates skipped in the last pass because they are in use",
+            registry=r,
+        )
+        self.label_errors = Counter(
+            "modelcache_label_patch_errors",
+            "Failed node read/patch attempts (each retry counts)",
+            registry=r,
+        )
+        self.label_patches = Counter(
+            "modelcache_label_patches", "Node label patches sent", registry=r
+        )
+        self.prewarm_done = Gauge(
+            "modelcache_prewarm_bytes_done",
+            "Bytes of a pre-warmed model present in the cache",
+            ["model"],
+            registry=r,
+        )
+        self.prewarm_total = Gauge(
+            "modelcache_prewarm_bytes_total",
+            "Bytes of a pre-warmed model when complete (0 until known)",
+            ["model"],
+            registry=r,
+        )
+        self.prewarm_runs = Counter(
+            "modelcache_prewarm_runs", "Pre-warm runs by result", ["result"], registry=r
+        )
+        self.last_pass = Gauge(
+            "modelcache_agent_last_success_timestamp_seconds",
+            "When the last fully successful pass ended",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --- the agent -----------------------------------------------------------------------------
+
+
+@dataclass
+class AgentSettings:
+    cache_dir: Path
+    node: str
+    max_bytes: int = 0
+    prewarm_config: Path | None = None
+    interval: float = 30.0
+    #: None: no metrics server; 0: any free port (tests).
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    parallel: int = 8
+    prewarm_timeout: float = 1800.0
+    pvc_root: str = "/var/run/modelcache/pvc"
+    #: After a failed pre-warm run, wait at least this long (doubling, up to an hour).
+    prewarm_backoff: float = 60.0
+
+
+@dataclass
+class _PrewarmState:
+    task: asyncio.Task[None] | None = None
+    last_start: datetime | None = None
+    last_check: datetime | None = None
+    failures: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class PassResult:
+    ok: bool
+    evicted: list[str] = field(default_factory=list)
+    skipped_in_use: list[str] = field(default_factory=list)
+    patched: dict[str, str | None] = field(default_factory=dict)
+    started_prewarm: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+WarmFn = Callable[..., Awaitable[Any]]
+
+
+class Agent:
+    """One node's agent. ``run_pass`` is one scan/evict/label/pre-warm round."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        api_client: Any,
+        metrics: AgentMetrics | None = None,
+        warm: WarmFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or AgentMetrics()
+        self.api = NodeAPI(
+            api_client, settings.node, settings.retry, on_error=self.metrics.label_errors.inc
+        )
+        self._warm = warm
+        self._config = PrewarmConfig()
+        self._config_stamp: tuple[float, int] | None = None
+        self._prewarm: dict[str, _PrewarmState] = {}
+        self._prewarm_keys: set[str] = set()
+        self._filling: set[str] = set()
+        self._prewarm_failures = 0
+        self._wake = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.metrics_url = ""
+        self.metrics.limit_bytes.set(settings.max_bytes)
+        if settings.prewarm_config is not None:
+            self._config = load_prewarm_config(settings.prewarm_config)  # bad config: fail now
+            self._config_stamp = self._stamp(settings.prewarm_config)
+
+    # -- config --------------------------------------------------------------------------
+    @staticmethod
+    def _stamp(path: Path) -> tuple[float, int] | None:
+        try:
+            st = path.stat()  # follows the ConfigMap's ..data symlink swap
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_ino)
+
+    def _reload_config(self) -> None:
+        path = self.settings.prewarm_config
+        if path is None:
+            return
+        stamp = self._stamp(path)
+        if stamp == self._config_stamp:
+            return
+        try:
+            self._config = load_prewarm_config(path)
+            log.info("pre-warm config reloaded: %d entries", len(self._config.models))
+        except PrewarmConfigError as exc:
+            log.error("%s; keeping the previous config", exc)
+        self._config_stamp = stamp
+
+    # -- one pass ------------------------------------------------------------------------
+    async def run_pass(self) -> PassResult:
+        """Scan, evict, label, schedule pre-warm. Never raises for API errors."""
+        self._reload_config()
+        result = PassResult(ok=True)
+        cache_dir = self.settings.cache_dir
+        await asyncio.to_thread(empty_trash, cache_dir)
+        models = await asyncio.to_thread(scan_cache, cache_dir)
+        try:
+            labels = await self.api.get_labels()
+        except NodeAPIError as exc:
+            log.error("%s", exc)
+            self._observe(models)
+            return PassResult(ok=False, error=str(exc))
+
+        entries = self._config.for_node(labels)
+        self._prewarm_keys = {m.source.cache_key for e in entries for m in e.models}
+        try:
+            if self.settings.max_bytes > 0:
+                labels = await self._evict(models, labels, result)
+                if result.evicted:
+                    models = await asyncio.to_thread(scan_cache, cache_dir)
+            patch = label_patch(labels, [m.key for m in models if m.ready])
+            if patch:
+                labels = await self.api.patch_labels(patch)
+                self.metrics.label_patches.inc()
+                result.patched = patch
+                log.info("node %s labels patched: %s", self.settings.node, patch)
+        except NodeAPIError as exc:
+            log.error("%s", exc)
+            result.ok = False
+            result.error = str(exc)
+
+        result.started_prewarm = self._schedule_prewarm(entries, models)
+        self._observe(models)
+        if result.ok:
+            self.metrics.last_pass.set(time.time())
+        return result
+
+    async def _evict(
+        self, models: list[ModelState], labels: dict[str, str], result: PassResult
+    ) -> dict[str, str]:
+        excess, order = plan_eviction(models, self.settings.max_bytes, self._prewarm_keys)
+        freed = 0
+        for model in order:
+            if freed >= excess:
+                break
+            if model.key in self._filling:
+                result.skipped_in_use.append(model.key)
+                continue
+            mdir = ModelDir(self.settings.cache_dir, model.key)
+            with hold_exclusive(mdir) as idle:
+                if not idle:
+                    result.skipped_in_use.append(model.key)
+                    log.info("not evicting %s: in use by a mount or a warm-up", model.key)
+                    continue
+                if labels.get(model.label) is not None:
+                    # the label goes first: no pod is steered here for a model being removed
+                    labels = await self.api.patch_labels({model.label: None})
+                    self.metrics.label_patches.inc()
+                trash = trash_root(self.settings.cache_dir)
+                trash.mkdir(parents=True, exist_ok=True)
+                target = trash / f"{model.key}-{secrets.token_hex(4)}"
+                os.rename(model.path, target)
+            log.info(
+                "evicted %s (%d bytes, last used %s)",
+                model.key,
+                model.bytes,
+                datetime.fromtimestamp(model.last_used, UTC).isoformat(),
+            )
+            await asyncio.to_thread(shutil.rmtree, target, True)
+            freed += model.bytes
+            result.evicted.append(model.key)
+            self.metrics.evictions.inc()
+            self.metrics.evicted_bytes.inc(model.bytes)
+        self.metrics.eviction_skipped.set(len(result.skipped_in_use))
+        if freed < excess:
+            log.warning(
+                "cache over its bound by %d bytes: every other model is in use", excess - freed
+            )
+        return labels
+
+    def _observe(self, models: list[ModelState]) -> None:
+        self.metrics.cache_bytes.set(sum(m.bytes for m in models))
+        self.metrics.models.labels(state="ready").set(sum(1 for m in models if m.ready))
+        self.metrics.models.labels(state="partial").set(sum(1 for m in models if not m.ready))
+        by_key = {m.key: m for m in models}
+        for key in self._prewarm_keys:
+            state = by_key.get(key)
+            self.metrics.prewarm_done.labels(model=key).set(state.bytes if state else 0)
+            if state is not None and state.ready:
+                self.metrics.prewarm_total.labels(model=key).set(_manifest_total(state.path))
+
+    # -- pre-warm ------------------------------------------------------------------------
+    def _schedule_prewarm(self, entries: list[PrewarmEntry], models: list[ModelState]) -> list[str]:
+        now = datetime.now(UTC)
+        ready = {m.key for m in models if m.ready}
+        started = []
+        for entry in entries:
+            state = self._prewarm.setdefault(entry.ident, _PrewarmState())
+            previous_check, state.last_check = state.last_check, now
+            if state.task is not None and not state.task.done():
+                continue
+            if time.monotonic() < state.not_before:
+                continue
+            keys = [m.source.cache_key for m in entry.models]
+            cron = entry.cron
+            if cron is None:
+                due = any(k not in ready for k in keys)
+            else:
+                due = previous_check is not None and cron.fired_between(previous_check, now)
+            if due:
+                state.last_start = now
+                state.task = asyncio.create_task(self._run_prewarm(entry, state))
+                started.append(entry.model)
+        return started
+
+    async def _run_prewarm(self, entry: PrewarmEntry, state: _PrewarmState) -> None:
+        keys = [m.source.cache_key for m in entry.models]
+        self._filling.update(keys)
+        log.info("pre-warm %s: starting", entry.model)
+        try:
+            warm = self._warm or _default_warm
+            await warm(
+                self.settings.cache_dir,
+                entry.models,
+                include=tuple(entry.include),
+                parallel=self.settings.parallel,
+                timeout=self.settings.prewarm_timeout,
+                pvc_root=self.settings.pvc_root,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure of a source must not stop the agent
+            state.failures += 1
+            self._prewarm_failures += 1
+            backoff = min(3600.0, self.settings.prewarm_backoff * 2 ** (state.failures - 1))
+            state.not_before = time.monotonic() + backoff
+            self.metrics.prewarm_runs.labels(result="failed").inc()
+            log.error("pre-warm %s failed: %s (next try in %.0fs)", entry.model, exc, backoff)
+        else:
+            state.failures = 0
+            self.metrics.prewarm_runs.labels(result="ok").inc()
+            log.info("pre-warm %s: done", entry.model)
+        finally:
+            self._filling.difference_update(keys)
+            self._wake.set()  # label the new model now, not one interval later
+
+    def prewarm_tasks(self) -> list[asyncio.Task[None]]:
+        return [s.task for s in self._prewarm.values() if s.task is not None]
+
+    async def wait_prewarm(self) -> bool:
+        """Wait for running pre-warm tasks; True when none of them failed."""
+        tasks = [t for t in self.prewarm_tasks() if not t.done()]
+        before = self._prewarm_failures
+        if tasks:
+            await asyncio.gather(*tasks)
+        return self._prewarm_failures == before
+
+    # -- loop ----------------------------------------------------------------------------
+    async def start_metrics(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.metrics_url = f"http://{host}:{port}/metrics"
+        log.info("metrics on %s", self.metrics_url)
+
+    async def run(self, once: bool = False) -> int:
+        """The agent loop; with ``once``, one pass (and its pre-warm) then an exit status."""
+        if once:
+            result = await self.run_pass()
+            if result.started_prewarm:
+                warmed = await self.wait_prewarm()
+                result = await self.run_pass()
+                return 0 if result.ok and warmed else 1
+            return 0 if result.ok else 1
+        await self.start_metrics()
+        failures = 0
+        while True:
+            self._wake.clear()
+            result = await self.run_pass()
+            failures = 0 if result.ok else failures + 1
+            # after failed passes come back sooner than the interval, but never in a tight loop
+            wait = self.settings.interval
+            if failures:
+                wait = min(wait, self.settings.retry.delay(failures) + 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def close(self) -> None:
+        for task in self.prewarm_tasks():
+            task.cancel()
+        for task in self.prewarm_tasks():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _manifest_total(root: Path) -> int:
+    try:
+        data = json.loads((root / MANIFEST_FILE).read_text())
+        return int(data.get("total_bytes") or sum(f["size"] for f in data["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+async def _default_warm(cache_dir: Path, models: list[Any], **kwargs: Any) -> Any:
+    from sidecar.cache import NodeCache
+    from sidecar.warmup import warm_models
+
+    return await warm_models(NodeCache(cache_dir), models, **kwargs)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    if args.max_bytes < 0:
+        raise ValueError(f"--max-bytes {args.max_bytes}: must be 0 (unbounded) or positive")
+    if args.interval <= 0:
+        raise ValueError(f"--interval {args.interval}: must be positive")
+    if not 0 <= args.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port {args.metrics_port}: must be 0-65535")
+    return AgentSettings(
+        cache_dir=Path(args.cache_dir),
+        node=args.node,
+        max_bytes=args.max_bytes,
+        prewarm_config=Path(args.prewarm_config) if args.prewarm_config else None,
+        interval=args.interval,
+        metrics_port=None if args.once else args.metrics_port,
+    )
+
+
+async def _main(settings: AgentSettings, once: bool) -> int:
+    agent = Agent(settings, load_api_client())
+    try:
+        return await agent.run(once=once)
+    finally:
+        await agent.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        if settings.prewarm_config is not None:
+            load_prewarm_config(settings.prewarm_config)  # a bad config fails before any work
+    except (ValueError, PrewarmConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return asyncio.run(_main(settings, args.once))
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = [
+    "LABEL_PREFIX",
+    "LABEL_READY",
+    "Agent",
+    "AgentMetrics",
+    "AgentSettings",
+    "ModelState",
+    "NodeAPI",
+    "NodeAPIError",
+    "PassResult",
+    "RetryPolicy",
+    "check_ready",
+    "label_patch",
+    "plan_eviction",
+    "scan_cache",
+]

@@ -1,0 +1,272 @@
+"""Node agent: inventory, label diff, eviction order and its guard, the API retry loop.
+
+The Kubernetes side is the loopback stand-in of ``tests/fixtures/kube_nodes.py`` driven
+through the real ``kubernetes`` client.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.agent import (
+    LABEL_PREFIX,
+    Agent,
+    AgentSettings,
+    ModelState,
+    RetryPolicy,
+    check_ready,
+    hold_exclusive,
+    label_patch,
+    plan_eviction,
+    scan_cache,
+)
+from sidecar.layout import ModelDir
+from tests.fixtures.agent_cache import write_model
+from tests.fixtures.kube_nodes import FakeNodeAPI
+
+FAST = RetryPolicy(attempts=4, base=0.001, cap=0.01)
+NODE = "node-a"
+A = "hf://org/alpha"
+B = "hf://org/beta"
+
+
+def key_of(uri: str) -> str:
+    from sidecar.modelsource import parse_model_uri
+
+    return parse_model_uri(uri).cache_key
+
+
+def lab(uri: str) -> str:
+    return LABEL_PREFIX + key_of(uri)
+
+
+def make_agent(
+    tmp_path: Path, kube: FakeNodeAPI, max_bytes: int = 0, retry: RetryPolicy = FAST
+) -> Agent:
+    settings = AgentSettings(cache_dir=tmp_path, node=NODE, max_bytes=max_bytes, retry=retry)
+    return Agent(settings, kube.api_client())
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "ready", "expected"),
+    [
+        ({}, ["k1"], {LABEL_PREFIX + "k1": "ready"}),
+        ({LABEL_PREFIX + "k1": "ready"}, ["k1"], {}),
+        ({LABEL_PREFIX + "k1": "ready", "gpu": "a100"}, [], {LABEL_PREFIX + "k1": None}),
+        ({LABEL_PREFIX + "k1": "stale"}, ["k1"], {LABEL_PREFIX + "k1": "ready"}),
+        ({"other.io/k1": "ready", "kubernetes.io/hostname": "n"}, [], {}),
+        ({}, ["not a label name!"], {}),
+        (
+            {LABEL_PREFIX + "gone": "ready"},
+            ["k2"],
+            {LABEL_PREFIX + "k2": "ready", LABEL_PREFIX + "gone": None},
+        ),
+    ],
+)
+def test_label_patch(current: dict[str, str], ready: list[str], expected: dict) -> None:
+    assert label_patch(current, ready) == expected
+
+
+def test_check_ready_reasons(tmp_path: Path) -> None:
+    mdir = write_model(tmp_path, A, {"config.json": b"{}", "w/model.bin": b"x" * 100})
+    assert check_ready(mdir) == ""
+    (mdir.data / "w/model.bin").write_bytes(b"x" * 99)
+    assert "99 bytes, manifest says 100" in check_ready(mdir)
+    (mdir.data / "w/model.bin").unlink()
+    assert "w/model.bin is missing" in check_ready(mdir)
+    mdir.manifest.write_text("{not json")
+    assert "unreadable manifest" in check_ready(mdir)
+    mdir.manifest.write_text(json.dumps({"files": [{"path": "../x", "size": 1}]}))
+    assert "unsafe path" in check_ready(mdir)
+    mdir.manifest.write_text(json.dumps({"key": "other", "files": []}))
+    assert "for key 'other'" in check_ready(mdir)
+    mdir.manifest.unlink()
+    assert check_ready(mdir) == "no manifest"
+
+
+def test_scan_counts_partial_bytes_and_lru_time(tmp_path: Path) -> None:
+    write_model(tmp_path, A, {"a.bin": b"a" * 1000}, last_used=1_000_000)
+    write_model(tmp_path, B, {"b.bin": b"b" * 10}, complete=False, partial={"c.bin": b"c" * 500})
+    states = {s.key: s for s in scan_cache(tmp_path)}
+    a, b = states[key_of(A)], states[key_of(B)]
+    assert a.ready and a.last_used == 1_000_000
+    assert a.bytes >= 1000
+    assert not b.ready and b.reason == "no manifest"
+    assert b.bytes >= 510
+    assert scan_cache(tmp_path / "nothing-here") == []
+
+
+def _state(key: str, size: int, used: float) -> ModelState:
+    return ModelState(key=key, path=Path(key), ready=True, bytes=size, last_used=used)
+
+
+def test_plan_eviction_order() -> None:
+    models = [_state("new", 100, 30), _state("old", 100, 10), _state("mid", 100, 20)]
+    assert plan_eviction(models, 0) == (0, [])
+    assert plan_eviction(models, 300) == (0, [])
+    excess, order = plan_eviction(models, 150)
+    assert excess == 150
+    assert [m.key for m in order] == ["old", "mid", "new"]
+    _, order = plan_eviction(models, 150, keep_last={"old"})
+    assert [m.key for m in order] == ["mid", "new", "old"]
+
+
+def test_hold_exclusive_refuses_a_model_in_use(tmp_path: Path) -> None:
+    mdir = write_model(tmp_path, A, {"a": b"1"})
+    fd = os.open(mdir.model_lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with hold_exclusive(mdir) as got:
+            assert got is False
+    finally:
+        os.close(fd)
+    with hold_exclusive(mdir) as got:
+        assert got is True
+    with hold_exclusive(ModelDir(tmp_path, "absent")) as got:
+        assert got is False
+
+
+# --- against the API stand-in ---------------------------------------------------------------
+
+
+async def test_labels_added_removed_and_others_untouched(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(
+        NODE, {"gpu": "a100", "other.io/x": "y", LABEL_PREFIX + "gone-123": "ready"}
+    )
+    write_model(tmp_path, A, {"a.bin": b"a" * 10})
+    write_model(tmp_path, B, {"b.bin": b"b"}, complete=False)
+    agent = make_agent(tmp_path, kube_nodes)
+    result = await agent.run_pass()
+    assert result.ok
+    assert kube_nodes.labels(NODE) == {"gpu": "a100", "other.io/x": "y", lab(A): "ready"}
+    [patch] = kube_nodes.patches()
+    assert patch.content_type == "application/merge-patch+json"
+    assert patch.body == {
+        "metadata": {"labels": {lab(A): "ready", LABEL_PREFIX + "gone-123": None}}
+    }
+
+    # nothing changed: a GET, no PATCH
+    kube_nodes.clear_requests()
+    assert (await agent.run_pass()).ok
+    assert [r.method for r in kube_nodes.recorded()] == ["GET"]
+
+    # a model stops being complete: its label goes, in one patch
+    (ModelDir(tmp_path, key_of(A)).data / "a.bin").unlink()
+    assert (await agent.run_pass()).ok
+    assert kube_nodes.labels(NODE) == {"gpu": "a100", "other.io/x": "y"}
+    assert len(kube_nodes.patches()) == 1
+    await agent.close()
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "drop"])
+async def test_api_errors_are_retried(tmp_path: Path, kube_nodes: FakeNodeAPI, fault: str) -> None:
+    kube_nodes.add_node(NODE)
+    write_model(tmp_path, A, {"a.bin": b"a"})
+    kube_nodes.fail_next(2, fault, method="PATCH")
+    agent = make_agent(tmp_path, kube_nodes)
+    result = await agent.run_pass()
+    assert result.ok
+    assert kube_nodes.labels(NODE) == {lab(A): "ready"}
+    statuses = [r.status for r in kube_nodes.patches()]
+    assert statuses[-1] == 200 and len(statuses) == 3
+    assert "modelcache_label_patch_errors_total 2.0" in agent.metrics.render().decode()
+    await agent.close()
+
+
+async def test_api_unreachable_fails_the_pass_and_once_exits_nonzero(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE)
+    kube_nodes.fail_next(100, "500")
+    agent = make_agent(tmp_path, kube_nodes)
+    result = await agent.run_pass()
+    assert not result.ok
+    assert "failed 4 times" in result.error and "500" in result.error
+    assert await agent.run(once=True) == 1
+    await agent.close()
+
+
+async def test_unknown_node_fails_fast(tmp_path: Path, kube_nodes: FakeNodeAPI) -> None:
+    agent = make_agent(tmp_path, kube_nodes, retry=RetryPolicy(attempts=5, base=10, cap=10))
+    started = time.monotonic()
+    result = await agent.run_pass()
+    assert not result.ok and "404" in result.error
+    assert len(kube_nodes.recorded()) == 1
+    assert time.monotonic() - started < 9  # no backoff wait on a non-retriable answer
+    await agent.close()
+
+
+async def test_eviction_skips_models_in_use_and_unlabels_first(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE, {"gpu": "a100"})
+    now = time.time()
+    busy = write_model(tmp_path, A, {"a.bin": b"a" * 4000}, last_used=now - 300)
+    idle = write_model(tmp_path, B, {"b.bin": b"b" * 4000}, last_used=now - 200)
+    fresh = write_model(tmp_path, "hf://org/gamma", {"c.bin": b"c" * 4000}, last_used=now)
+    agent = make_agent(tmp_path, kube_nodes)
+    assert (await agent.run_pass()).ok  # unbounded: all three labelled
+    assert len([k for k in kube_nodes.labels(NODE) if k.startswith(LABEL_PREFIX)]) == 3
+
+    seen_at_patch: list[bool] = []
+    kube_nodes.on_request.append(
+        lambda r: seen_at_patch.append(idle.root.exists()) if r.method == "PATCH" else None
+    )
+    fd = os.open(busy.model_lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # as a mount serving the oldest model does
+    try:
+        bounded = make_agent(tmp_path, kube_nodes, max_bytes=9000)
+        result = await bounded.run_pass()
+    finally:
+        os.close(fd)
+    assert result.ok
+    assert result.skipped_in_use == [busy.key]
+    assert result.evicted == [idle.key]
+    assert busy.root.exists() and fresh.root.exists() and not idle.root.exists()
+    assert seen_at_patch[0] is True  # the label went while the files were still there
+    assert kube_nodes.labels(NODE) == {
+        "gpu": "a100",
+        lab(A): "ready",
+        lab("hf://org/gamma"): "ready",
+    }
+    assert not any((tmp_path / "trash").iterdir())
+    text = bounded.metrics.render().decode()
+    assert "modelcache_evictions_total 1.0" in text
+    assert "modelcache_cache_limit_bytes 9000.0" in text
+    await agent.close()
+    await bounded.close()
+
+
+async def test_metrics_endpoint_serves_inventory(tmp_path: Path, kube_nodes: FakeNodeAPI) -> None:
+    from aiohttp import ClientSession
+
+    kube_nodes.add_node(NODE)
+    write_model(tmp_path, A, {"a.bin": b"a" * 100})
+    write_model(tmp_path, B, {"b.bin": b"b" * 50}, complete=False)
+    settings = AgentSettings(
+        cache_dir=tmp_path, node=NODE, retry=FAST, metrics_port=0, metrics_host="127.0.0.1"
+    )
+    agent = Agent(settings, kube_nodes.api_client())
+    await agent.start_metrics()
+    try:
+        await agent.run_pass()
+        async with ClientSession() as http, http.get(agent.metrics_url) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    finally:
+        await agent.close()
+    assert 'modelcache_models{state="ready"} 1.0' in text
+    assert 'modelcache_models{state="partial"} 1.0' in text
+    used = [line for line in text.splitlines() if line.startswith("modelcache_cache_bytes ")]
+    assert used and float(used[0].split()[1]) >= 150
