@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,14 @@ def _install(args: argparse.Namespace) -> int:
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+        # Outside a pod: the usual kubeconfig (read $KUBECONFIG now, not at import time).
+        try:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG") or None
+            )
+        except (k8s_config.ConfigException, OSError) as exc:
+            print(f"error: not in a pod and no usable kubeconfig: {exc}", file=sys.stderr)
+            return 1
     with k8s.ApiClient() as api:
         try:
             result = install(
