@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -34,7 +32,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +42,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sidecar.cache import NodeCache
 from sidecar.layout import MANIFEST_FILE, ModelDir, UnsafePathError, models_root, trash_root
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
 
@@ -205,34 +204,6 @@ def plan_eviction(
     pinned = set(keep_last)
     order = sorted(models, key=lambda m: (m.key in pinned, m.last_used, m.key))
     return total - max_bytes, order
-
-
-@contextlib.contextmanager
-def hold_exclusive(mdir: ModelDir) -> Iterator[bool]:
-    """``LOCK_EX | LOCK_NB`` on the model's ``.model.lock``; yields False when it is in use.
-
-    Every mount serving the model and every warm-up filling it holds ``LOCK_SH``, so a
-    model we get here is idle. Yields False too when the directory vanished meanwhile.
-    """
-    try:
-        fd = os.open(mdir.model_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def empty_trash(cache_dir: Path) -> None:
@@ -480,6 +451,7 @@ class Agent:
             api_client, settings.node, settings.retry, on_error=self.metrics.label_errors.inc
         )
         self._warm = warm
+        self.cache = NodeCache(settings.cache_dir)
         self._config = PrewarmConfig()
         self._config_stamp: tuple[float, int] | None = None
         self._prewarm: dict[str, _PrewarmState] = {}
@@ -567,8 +539,8 @@ class Agent:
             if model.key in self._filling:
                 result.skipped_in_use.append(model.key)
                 continue
-            mdir = ModelDir(self.settings.cache_dir, model.key)
-            with hold_exclusive(mdir) as idle:
+            # a mount serving the model or a warm-up filling it holds the lock shared
+            with self.cache.hold(model.key, exclusive=True, blocking=False) as idle:
                 if not idle:
                     result.skipped_in_use.append(model.key)
                     log.info("not evicting %s: in use by a mount or a warm-up", model.key)
@@ -641,7 +613,7 @@ class Agent:
         try:
             warm = self._warm or _default_warm
             await warm(
-                self.settings.cache_dir,
+                self.cache,
                 entry.models,
                 include=tuple(entry.include),
                 parallel=self.settings.parallel,
@@ -735,11 +707,10 @@ def _manifest_total(root: Path) -> int:
         return 0
 
 
-async def _default_warm(cache_dir: Path, models: list[Any], **kwargs: Any) -> Any:
-    from sidecar.cache import NodeCache
+async def _default_warm(cache: NodeCache, models: list[Any], **kwargs: Any) -> Any:
     from sidecar.warmup import warm_models
 
-    return await warm_models(NodeCache(cache_dir), models, **kwargs)
+    return await warm_models(cache, models, **kwargs)
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from sidecar.agent import (
     ModelState,
     RetryPolicy,
     check_ready,
-    hold_exclusive,
     label_patch,
     plan_eviction,
     scan_cache,
@@ -118,21 +117,6 @@ def test_plan_eviction_order() -> None:
     assert [m.key for m in order] == ["old", "mid", "new"]
     _, order = plan_eviction(models, 150, keep_last={"old"})
     assert [m.key for m in order] == ["mid", "new", "old"]
-
-
-def test_hold_exclusive_refuses_a_model_in_use(tmp_path: Path) -> None:
-    mdir = write_model(tmp_path, A, {"a": b"1"})
-    fd = os.open(mdir.model_lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        with hold_exclusive(mdir) as got:
-            assert got is False
-    finally:
-        os.close(fd)
-    with hold_exclusive(mdir) as got:
-        assert got is True
-    with hold_exclusive(ModelDir(tmp_path, "absent")) as got:
-        assert got is False
 
 
 # --- against the API stand-in ---------------------------------------------------------------
@@ -270,3 +254,129 @@ async def test_metrics_endpoint_serves_inventory(tmp_path: Path, kube_nodes: Fak
     assert 'modelcache_models{state="partial"} 1.0' in text
     used = [line for line in text.splitlines() if line.startswith("modelcache_cache_bytes ")]
     assert used and float(used[0].split()[1]) >= 150
+
+
+# --- pre-warm scheduling (with a stand-in warm function; the real one runs in tests/e2e) ----
+
+
+class FakeWarm:
+    """Records calls and writes the models as a warm-up would (or fails)."""
+
+    def __init__(self, cache_dir: Path, fail: bool = False) -> None:
+        self.cache_dir = cache_dir
+        self.fail = fail
+        self.calls: list[tuple[list[str], dict]] = []
+
+    async def __call__(self, cache: object, models: list, **kwargs: object) -> None:
+        self.calls.append(([m.source.uri for m in models], kwargs))
+        if self.fail:
+            raise RuntimeError("source unreachable")
+        for m in models:
+            write_model(self.cache_dir, m.source.uri, {"w.bin": b"w" * 64})
+
+
+def prewarm_agent(
+    tmp_path: Path, kube: FakeNodeAPI, config: str, warm: FakeWarm, **kw: object
+) -> Agent:
+    cfg = tmp_path / "prewarm.yaml"
+    cfg.write_text(config)
+    cache = tmp_path / "cache"
+    settings = AgentSettings(cache_dir=cache, node=NODE, prewarm_config=cfg, retry=FAST, **kw)
+    return Agent(settings, kube.api_client(), warm=warm)
+
+
+async def test_prewarm_runs_on_matching_nodes_when_missing(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE, {"gpu": "a100"})
+    warm = FakeWarm(tmp_path / "cache")
+    config = f"""
+models:
+  - model: {A}
+    nodeSelector: {{gpu: a100}}
+    include: ["*.bin"]
+  - model: {B}
+    nodeSelector: {{gpu: t4}}
+"""
+    agent = prewarm_agent(tmp_path, kube_nodes, config, warm)
+    assert await agent.run(once=True) == 0
+    assert [c[0] for c in warm.calls] == [[A + "@main"]]
+    assert warm.calls[0][1]["include"] == ("*.bin",)
+    assert kube_nodes.labels(NODE) == {"gpu": "a100", lab(A): "ready"}
+
+    # present now: a later pass starts nothing
+    result = await agent.run_pass()
+    assert result.started_prewarm == []
+    assert len(warm.calls) == 1
+    text = agent.metrics.render().decode()
+    assert f'modelcache_prewarm_bytes_total{{model="{key_of(A)}"}} 64.0' in text
+    assert 'modelcache_prewarm_runs_total{result="ok"} 1.0' in text
+    await agent.close()
+
+
+async def test_prewarm_failure_backs_off_and_once_fails(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE)
+    warm = FakeWarm(tmp_path / "cache", fail=True)
+    agent = prewarm_agent(tmp_path, kube_nodes, f"models: [{{model: '{A}'}}]", warm)
+    assert await agent.run(once=True) == 1
+    assert len(warm.calls) == 1
+    # within the backoff the next pass does not hammer the source
+    assert (await agent.run_pass()).started_prewarm == []
+    assert len(warm.calls) == 1
+    assert 'modelcache_prewarm_runs_total{result="failed"} 1.0' in agent.metrics.render().decode()
+    await agent.close()
+
+
+async def test_loop_labels_prewarmed_model_without_waiting_an_interval(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    import asyncio
+
+    kube_nodes.add_node(NODE)
+    warm = FakeWarm(tmp_path / "cache")
+    agent = prewarm_agent(
+        tmp_path, kube_nodes, f"models: [{{model: '{A}'}}]", warm, interval=3600.0
+    )
+    loop_task = asyncio.create_task(agent.run())
+    try:
+        deadline = time.monotonic() + 20
+        while lab(A) not in kube_nodes.labels(NODE):
+            assert time.monotonic() < deadline, "label did not appear"
+            await asyncio.sleep(0.02)
+    finally:
+        loop_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop_task
+        await agent.close()
+
+
+async def test_bad_config_on_reload_keeps_the_previous_one(
+    tmp_path: Path, kube_nodes: FakeNodeAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube_nodes.add_node(NODE)
+    warm = FakeWarm(tmp_path / "cache")
+    agent = prewarm_agent(tmp_path, kube_nodes, f"models: [{{model: '{A}'}}]", warm)
+    cfg = tmp_path / "prewarm.yaml"
+    cfg.write_text("models: [{model: nope}]")
+    os.utime(cfg, (time.time() + 5, time.time() + 5))
+    assert await agent.run(once=True) == 0
+    assert len(warm.calls) == 1
+    assert "models[0].model" in caplog.text and "keeping the previous config" in caplog.text
+    await agent.close()
+
+
+def test_bad_config_at_start_is_an_error_naming_the_key(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    from sidecar.prewarm import PrewarmConfigError
+
+    kube_nodes.add_node(NODE)
+    with pytest.raises(PrewarmConfigError, match=r"models\[0\]\.schedul: unknown key"):
+        prewarm_agent(
+            tmp_path,
+            kube_nodes,
+            "models: [{model: hf://o/x, schedul: '* * * * *'}]",
+            FakeWarm(tmp_path),
+        )
