@@ -1,0 +1,455 @@
+"""``python -m sidecar mount``: serve models over a read-only FUSE mount.
+
+Orchestration only; the filesystem itself is ``sidecar.fusefs``. At start, for each model:
+
+1. open its source and list it. The listing proves this pod's credentials can read the
+   model before any cached byte is served (the node cache is shared across namespaces), so
+   a ``SourceAccessError`` ends the process with a clear message and a non-zero code;
+2. take the namespace from ``manifest.json`` when the model is complete in the node cache,
+   else from the listing (filtered by ``--include`` the way warm-up plans it);
+3. hold the model's shared lock for the whole lifetime (the node agent never evicts a model
+   that is being served) and touch ``.last-used`` now and every few minutes (LRU order).
+
+Then the FUSE loop runs in a thread while the main thread waits for SIGTERM/SIGINT. Fetches
+(files opened before they are complete, and the ``--warmup`` background fill) run on one
+asyncio loop in a background thread; FUSE worker threads submit to it and wait.
+
+Shutdown never leaves a dead mount (``Transport endpoint is not connected``) behind: on a
+signal, waiting fetches are cancelled first (callers get ``EINTR``), then the mountpoint is
+unmounted (lazily when busy). A previous instance killed with SIGKILL leaves a dead mount;
+the next start unmounts it lazily before mounting again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+from sidecar import fusefs
+from sidecar.cache import CacheError, NodeCache
+from sidecar.layout import ModelDir, models_root, safe_relpath
+from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
+from sidecar.probe import find_mount, is_fuse
+from sidecar.sources import (
+    RemoteFile,
+    Source,
+    SourceAccessError,
+    SourceError,
+    SourceUnavailableError,
+    open_source,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Seconds between touches of ``.last-used`` (the agent's LRU clock).
+TOUCH_INTERVAL = 300.0
+#: Seconds to wait for the FUSE loop to end after unmounting.
+UNMOUNT_GRACE = 10.0
+
+
+class MountError(Exception):
+    """The mount cannot start; the message is one line naming what is wrong."""
+
+
+@dataclass
+class ServedModel:
+    model: NamedModel
+    source: Source
+    mdir: ModelDir
+    files: dict[str, RemoteFile]
+    complete: set[str] = field(default_factory=set)
+
+
+def parse_link_root(value: str, cache_dir: Path) -> Path | None:
+    """``none`` → no links (bytes via the daemon); ``cache`` → the sidecar's own view."""
+    if value == "none":
+        return None
+    if value == "cache":
+        return models_root(cache_dir.resolve())
+    if not value.startswith("/"):
+        raise MountError(f"--link-root {value!r}: expected an absolute path, 'cache' or 'none'")
+    return Path(value)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> bool:
+    """Unmount a FUSE mount; True when it is gone. Tries fusermount3, then umount (root)."""
+    commands = [["fusermount3", "-u", *(["-z"] if lazy else []), "-q", mountpoint]]
+    if os.geteuid() == 0:
+        commands.append(["umount", *(["-l"] if lazy else []), mountpoint])
+    for cmd in commands:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("%s failed: %s", cmd[0], exc)
+            continue
+        if done.returncode == 0:
+            return True
+        log.warning("%s: %s", " ".join(cmd), done.stderr.strip() or f"exit {done.returncode}")
+    return not is_fuse(find_mount(mountpoint))
+
+
+def recover_mountpoint(mountpoint: str) -> None:
+    """Make ``mountpoint`` a usable empty directory: lazily unmount a dead FUSE mount there.
+
+    A live FUSE mount is left alone and refused: another instance is serving it.
+    """
+    entry = find_mount(mountpoint)
+    if is_fuse(entry):
+        try:
+            # statfs and listing always reach the daemon (a stat of the root may be answered
+            # from the kernel's attribute cache even after the daemon died)
+            os.statvfs(mountpoint)
+            os.listdir(mountpoint)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+                raise MountError(f"{mountpoint}: cannot inspect the existing mount: {exc}") from exc
+            log.warning("%s: dead FUSE mount left behind (%s); unmounting it", mountpoint, exc)
+            if not unmount(mountpoint, lazy=True):
+                raise MountError(f"{mountpoint}: cannot unmount the dead FUSE mount") from exc
+        else:
+            raise MountError(f"{mountpoint}: a live FUSE mount is already there")
+    try:
+        os.makedirs(mountpoint, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"--mountpoint {mountpoint}: cannot create it: {exc}") from exc
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"--mountpoint {mountpoint}: not a directory")
+
+
+class LoopThread:
+    """One asyncio loop in a daemon thread; FUSE threads submit coroutines to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="fetch-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.call(_cancel_all(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class Provider:
+    """``fusefs.FileProvider`` over the node cache: complete files, fetched on demand.
+
+    Concurrent opens of one file in this process share one fetch; across processes the
+    node cache's file locks make the fetch single-flight (with warm-ups in other pods).
+    """
+
+    def __init__(
+        self,
+        cache: NodeCache,
+        loop: LoopThread,
+        models: dict[str, ServedModel],
+        parallel: int,
+        timeout: float,
+    ) -> None:
+        self.cache = cache
+        self.loop = loop
+        self.models = models
+        self.parallel = parallel
+        self.timeout = timeout
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], concurrent.futures.Future[Path]] = {}
+
+    def ensure_file(self, model: str, relpath: str) -> Path:
+        served = self.models[model]
+        data = served.mdir.data_file(relpath)
+        if relpath in served.complete:
+            return data
+        # data/ holds complete, verified files only (they appear there by atomic rename)
+        if data.is_file() and data.stat().st_size == served.files[relpath].size:
+            served.complete.add(relpath)
+            return data
+        if self.stopping.is_set():
+            raise OSError(errno.EINTR, "shutting down")
+        key = (model, relpath)
+        with self._lock:
+            fut = self._inflight.get(key)
+            if fut is None:
+                log.info("fetching %s/%s on demand", model, relpath)
+                fut = self.loop.submit(
+                    self.cache.ensure_file(
+                        served.model, served.source, served.files[relpath], parallel=self.parallel
+                    )
+                )
+                self._inflight[key] = fut
+                fut.add_done_callback(functools.partial(self._forget, key))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.stopping.is_set():
+                raise OSError(errno.EINTR, "shutting down")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OSError(errno.ETIMEDOUT, f"fetching {model}/{relpath} timed out")
+            try:
+                path = fut.result(timeout=min(0.5, remaining))
+                break
+            except concurrent.futures.TimeoutError:
+                continue
+            except concurrent.futures.CancelledError as exc:
+                raise OSError(errno.EINTR, "fetch cancelled") from exc
+            except SourceAccessError as exc:
+                log.error("fetching %s/%s: access denied: %s", model, relpath, exc)
+                raise OSError(errno.EACCES, str(exc)) from exc
+            except (SourceError, CacheError, OSError) as exc:
+                log.error("fetching %s/%s failed: %s", model, relpath, exc)
+                raise OSError(errno.EIO, str(exc)) from exc
+        served.complete.add(relpath)
+        return Path(path)
+
+    def _forget(self, key: tuple[str, str], _fut: object = None) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+
+
+def _include_globs(value: str) -> list[str]:
+    return [g.strip() for g in value.split(",") if g.strip()]
+
+
+def _manifest_files(manifest: dict[str, Any]) -> list[RemoteFile]:
+    return [
+        RemoteFile(safe_relpath(f["path"]), int(f["size"]), f.get("sha256"))
+        for f in manifest.get("files", [])
+    ]
+
+
+async def _prepare_model(
+    cache: NodeCache, model: NamedModel, source: Source, include: list[str]
+) -> dict[str, RemoteFile]:
+    """The file list to serve; raises MountError when the pod may not read the source."""
+    complete = cache.is_complete(model)
+    try:
+        listing = await source.list_files()
+    except SourceAccessError as exc:
+        raise MountError(f"model {model.name} ({model.source.uri}): access denied: {exc}") from exc
+    except SourceUnavailableError as exc:
+        # A complete cache may be served while the source is down, unless requests carry
+        # credentials: then the listing is the only proof this pod may read the model.
+        if not complete or getattr(source, "uses_credentials", True):
+            raise MountError(
+                f"model {model.name} ({model.source.uri}): source unavailable: {exc}"
+            ) from exc
+        log.warning("model %s: source unavailable (%s); serving the complete cache", model, exc)
+        listing = None
+    except SourceError as exc:
+        raise MountError(f"model {model.name} ({model.source.uri}): {exc}") from exc
+    manifest = cache.read_manifest(model) if complete else None
+    files = _manifest_files(manifest) if manifest is not None else listing or []
+    if not include:
+        return {f.path: f for f in files}
+    from sidecar.warmup import plan_files
+
+    planned = plan_files(files, include)
+    return {f.path: f for f in planned}
+
+
+class MountService:
+    """Everything one ``mount`` process holds; ``run`` drives it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.mountpoint = str(args.mountpoint)
+        self.cache_dir = Path(args.cache_dir)
+        self.include = _include_globs(args.include)
+        try:
+            self.models = [parse_model_arg(v) for v in args.model]
+        except ModelSourceError as exc:
+            raise MountError(str(exc)) from exc
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise MountError(f"--model: duplicate model names in {', '.join(names)}")
+        if args.parallel < 1:
+            raise MountError(f"--parallel {args.parallel}: must be at least 1")
+        self.link_root = parse_link_root(args.link_root, self.cache_dir)
+        self.cache = NodeCache(self.cache_dir)
+        self.loop = LoopThread()
+        self.served: dict[str, ServedModel] = {}
+        self.stack = contextlib.ExitStack()
+        self.stop_requested = False
+        self.warmup: concurrent.futures.Future[Any] | None = None
+        self.fuse_error: BaseException | None = None
+        self._touch_stop = threading.Event()
+
+    # -- start ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        for model in self.models:
+            try:
+                source = open_source(model, pvc_root=self.args.pvc_root)
+            except SourceError as exc:
+                raise MountError(f"model {model.name}: {exc}") from exc
+            self.served[model.name] = ServedModel(
+                model, source, ModelDir(self.cache_dir, model.source.cache_key), {}
+            )
+            self.stack.enter_context(self.cache.hold(model))
+            files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
+            self.served[model.name].files = files
+            self.cache.touch(model)
+            log.info("model %s: %d files from %s", model.name, len(files), model.source.uri)
+
+    def link_target(self, entry: fusefs.FileEntry) -> str:
+        assert self.link_root is not None
+        key = self.served[entry.model].model.source.cache_key
+        if self.args.link_root == "cache":
+            return str(self.link_root / key / "data" / entry.relpath)
+        return str(self.link_root / key / entry.relpath)
+
+    def _touch_loop(self) -> None:
+        while not self._touch_stop.wait(TOUCH_INTERVAL):
+            for served in self.served.values():
+                try:
+                    self.cache.touch(served.model)
+                except (OSError, CacheError) as exc:
+                    log.warning("model %s: cannot touch .last-used: %s", served.model.name, exc)
+
+    def _start_warmup(self) -> None:
+        from sidecar.warmup import WarmupError, warm_models
+
+        async def _warm() -> Any:
+            return await warm_models(
+                self.cache,
+                self.models,
+                include=self.include,
+                parallel=self.args.parallel,
+                timeout=self.args.timeout,
+                pvc_root=self.args.pvc_root,
+            )
+
+        def _done(fut: concurrent.futures.Future[Any]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is None:
+                log.info("background warm-up complete")
+            elif isinstance(exc, (WarmupError, SourceError, CacheError)):
+                log.error("background warm-up failed: %s", exc)
+            else:
+                log.error("background warm-up crashed: %r", exc)
+
+        self.warmup = self.loop.submit(_warm())
+        self.warmup.add_done_callback(_done)
+
+    # -- serve ------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_requested = True
+
+    def serve(self) -> int:
+        namespace = fusefs.Namespace(
+            {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()}
+        )
+        provider = Provider(
+            self.cache, self.loop, self.served, self.args.parallel, self.args.timeout
+        )
+        link = self.link_target if self.link_root is not None else None
+
+        def _fuse() -> None:
+            try:
+                fusefs.serve(namespace, provider, self.mountpoint, link)
+            except (RuntimeError, OSError) as exc:  # reported by the main thread
+                self.fuse_error = exc
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        fuse_thread = threading.Thread(target=_fuse, name="fuse", daemon=True)
+        fuse_thread.start()
+        threading.Thread(target=self._touch_loop, name="touch", daemon=True).start()
+        announced = False
+        while fuse_thread.is_alive() and not self.stop_requested:
+            fuse_thread.join(0.2)
+            if not announced and is_fuse(find_mount(self.mountpoint)):
+                announced = True
+                log.info(
+                    "serving %s at %s (%s)",
+                    ", ".join(self.served),
+                    self.mountpoint,
+                    f"links to {self.link_root}" if self.link_root else "bytes via FUSE",
+                )
+                if self.args.warmup:
+                    self._start_warmup()
+        if not self.stop_requested:
+            if self.fuse_error is not None:
+                log.error("FUSE mount failed: %s", self.fuse_error)
+            else:
+                log.error("%s was unmounted from outside; exiting", self.mountpoint)
+            return 1
+        log.info("signal received: unmounting %s", self.mountpoint)
+        provider.stopping.set()
+        if self.warmup is not None:
+            self.warmup.cancel()
+        if not unmount(self.mountpoint):
+            unmount(self.mountpoint, lazy=True)
+        fuse_thread.join(UNMOUNT_GRACE)
+        if fuse_thread.is_alive():
+            log.error("FUSE loop did not end after unmount; exiting anyway")
+            return 1
+        return 0
+
+    def close(self) -> None:
+        self._touch_stop.set()
+        for served in self.served.values():
+            with contextlib.suppress(Exception):
+                self.loop.call(served.source.aclose(), timeout=10)
+        self.loop.stop()
+        self.stack.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        recover_mountpoint(str(args.mountpoint))
+        service = MountService(args)
+    except MountError as exc:
+        print(f"mount: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        service.prepare()
+        code = service.serve()
+    except MountError as exc:
+        print(f"mount: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        service.close()
+    if code != 0:
+        # a FUSE worker stuck in a fetch must not keep a dying process (and its mount) alive
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,285 @@
+"""``python -m sidecar mount`` end to end: a real FUSE mount through /dev/fuse.
+
+Every mount runs as a subprocess (see tests/fixtures/fuse.py) and is checked with the tools
+an app would use: ``sha256sum``, ``find -L``, ``safetensors.safe_open``, plain ``open``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sidecar.layout import ModelDir
+from sidecar.modelsource import parse_model_arg
+from tests.fixtures.fuse import force_unmount, is_mounted, probe
+
+pytestmark = pytest.mark.fuse
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model_src(tmp_path: Path) -> Path:
+    """A small model: config, tokenizer, two safetensors shards and a nested file."""
+    src = tmp_path / "src" / "tiny-model"
+    (src / "nested" / "deeper").mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps({"architectures": ["Tiny"]}))
+    (src / "tokenizer.json").write_text(json.dumps({"vocab": list("abc")}))
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        tensors = {
+            f"layer{i}.weight": rng.standard_normal((256, 512), dtype=np.float32),
+            f"layer{i}.bias": rng.standard_normal((512,), dtype=np.float32),
+        }
+        save_file(tensors, str(src / f"model-0000{i}-of-00002.safetensors"))
+    (src / "nested" / "deeper" / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    return src
+
+
+def model_arg(src: Path, name: str = "tiny") -> str:
+    return f"{name}=file://{src}"
+
+
+def data_dir(cache: Path, arg: str) -> Path:
+    return ModelDir(cache, parse_model_arg(arg).source.cache_key).data
+
+
+def all_files(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".partial" not in p.parts
+    }
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_serves_every_file_with_the_right_bytes(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path, link_root: str
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", link_root)
+    m.wait_ready(["tiny"])
+
+    # find -L sees regular files at M/NAME/path in every mode
+    found = subprocess.run(
+        ["find", "-L", str(mnt / "tiny"), "-type", "f"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    expected = all_files(model_src)
+    assert sorted(Path(p).relative_to(mnt / "tiny").as_posix() for p in found) == sorted(expected)
+
+    out = subprocess.run(
+        ["sha256sum", *found], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    got = {
+        Path(line.split()[1]).relative_to(mnt / "tiny").as_posix(): line.split()[0]
+        for line in out.splitlines()
+    }
+    assert got == expected
+
+    entry = mnt / "tiny" / "config.json"
+    if link_root == "none":
+        assert entry.is_file() and not entry.is_symlink()
+        assert entry.stat().st_size == (model_src / "config.json").stat().st_size
+    else:
+        assert entry.is_symlink()
+        assert os.readlink(entry) == str(data_dir(cache, arg) / "config.json")
+    # what was read is now complete in the node cache
+    assert all_files(data_dir(cache, arg)) == expected
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_safetensors_reads_through_the_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path, link_root: str
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)], "--link-root", link_root)
+    m.wait_ready(["tiny"])
+    name = "model-00002-of-00002.safetensors"
+    with (
+        safe_open(str(mnt / "tiny" / name), framework="np") as through,
+        safe_open(str(model_src / name), framework="np") as direct,
+    ):
+        assert sorted(through.keys()) == ["layer2.bias", "layer2.weight"]
+        for key in through.keys():  # noqa: SIM118 - safe_open has no __iter__
+            np.testing.assert_array_equal(through.get_tensor(key), direct.get_tensor(key))
+
+
+def test_app_link_root_points_into_the_app_view(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    """Default mode in a pod: links to <link-root>/<cache-key>/<path>, the app's view."""
+    cache, mnt, app_view = tmp_path / "cache", tmp_path / "mnt", tmp_path / "app-models"
+    arg = model_arg(model_src)
+    key = parse_model_arg(arg).source.cache_key
+    app_view.mkdir()
+    # what the modelcache-cache volume with subPath models/<key>/data shows an app
+    (app_view / key).symlink_to(data_dir(cache, arg))
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", str(app_view))
+    m.wait_ready(["tiny"])
+    link = mnt / "tiny" / "nested" / "deeper" / "blob.bin"
+    assert os.readlink(link) == str(app_view / key / "nested/deeper/blob.bin")
+    assert sha(link) == sha(model_src / "nested/deeper/blob.bin")
+
+
+def test_files_are_fetched_on_open_only(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", "cache")
+    m.wait_ready(["tiny"])
+    data = data_dir(cache, arg)
+    # listing and lstat never fetch
+    assert sorted(os.listdir(mnt / "tiny")) == sorted(os.listdir(model_src))
+    os.lstat(mnt / "tiny" / "tokenizer.json")
+    assert not (data / "tokenizer.json").exists()
+    # opening does, and blocks until the file is complete
+    assert (mnt / "tiny" / "tokenizer.json").read_bytes() == (
+        model_src / "tokenizer.json"
+    ).read_bytes()
+    assert (data / "tokenizer.json").exists()
+    assert not (data / "config.json").exists()
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_partial_file_is_never_served_as_complete(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path, link_root: str
+) -> None:
+    """A download that died halfway (its .part file) is invisible; opening completes it."""
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    rel = "nested/deeper/blob.bin"
+    full = (model_src / rel).read_bytes()
+    mdir = ModelDir(cache, parse_model_arg(arg).source.cache_key)
+    mdir.partial_dir.mkdir(parents=True)
+    mdir.partial_file(rel).write_bytes(full[: len(full) // 2])
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", link_root)
+    m.wait_ready(["tiny"])
+    path = mnt / "tiny" / rel
+    if link_root == "none":
+        assert path.stat().st_size == len(full)  # the listed size, not the partial one
+    assert not mdir.data_file(rel).exists()
+    assert path.read_bytes() == full
+    assert mdir.data_file(rel).read_bytes() == full
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_mount_is_read_only(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path, link_root: str
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)], "--link-root", link_root)
+    m.wait_ready(["tiny"])
+    attempts = [
+        lambda: (mnt / "tiny" / "new.txt").write_text("x"),
+        (mnt / "tiny" / "sub").mkdir,
+        (mnt / "tiny" / "config.json").unlink,
+        lambda: (mnt / "tiny" / "config.json").rename(mnt / "tiny" / "c.json"),
+    ]
+    if link_root == "none":
+        attempts.append(lambda: open(mnt / "tiny" / "config.json", "r+b").close())
+    for attempt in attempts:
+        with pytest.raises(OSError) as err:
+            attempt()
+        assert err.value.errno == errno.EROFS
+    # writing through a symlink lands on the target, which the app sees read-only in a pod;
+    # the mount itself never changes
+    assert sorted(os.listdir(mnt / "tiny")) == sorted(os.listdir(model_src))
+
+
+def test_two_models_and_probe_exit_codes(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert probe(mnt, ["tiny"]).returncode == 1  # nothing mounted yet
+    m = sidecar_mount(
+        tmp_path / "cache", mnt, [model_arg(model_src), model_arg(model_src / "nested", "lora")]
+    )
+    m.wait_ready(["tiny", "lora"])
+    assert sorted(os.listdir(mnt)) == ["lora", "tiny"]
+    assert probe(mnt, ["tiny", "lora"]).returncode == 0
+    missing = probe(mnt, ["tiny", "draft"])
+    assert missing.returncode == 1
+    assert "draft" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_sigterm_unmounts_cleanly(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)], "--link-root", "none")
+    m.wait_ready(["tiny"])
+    assert (mnt / "tiny" / "config.json").read_bytes()
+    assert m.stop() == 0, m.log
+    assert not is_mounted(mnt)
+    assert os.listdir(mnt) == []  # a plain empty directory again, no dead mount
+
+
+def test_sigint_unmounts_cleanly(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)])
+    m.wait_ready(["tiny"])
+    m.signal(signal.SIGINT)
+    assert m.wait() == 0, m.log
+    assert not is_mounted(mnt)
+
+
+def test_restart_after_sigkill_recovers_the_dead_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    first = sidecar_mount(cache, mnt, [arg], "--link-root", "cache")
+    first.wait_ready(["tiny"])
+    first.signal(signal.SIGKILL)
+    first.wait()
+    assert is_mounted(mnt)
+    with pytest.raises(OSError) as err:
+        os.listdir(mnt)
+    assert err.value.errno == errno.ENOTCONN  # the dead mount a crash leaves behind
+    assert probe(mnt, ["tiny"]).returncode == 1
+
+    second = sidecar_mount(cache, mnt, [arg], "--link-root", "cache")
+    second.wait_ready(["tiny"])
+    assert sha(mnt / "tiny" / "config.json") == sha(model_src / "config.json")
+    assert second.stop() == 0
+    assert not is_mounted(mnt)
+
+
+def test_refuses_a_live_mount_and_unreadable_sources(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    first = sidecar_mount(cache, mnt, [model_arg(model_src)])
+    first.wait_ready(["tiny"])
+    second = sidecar_mount(cache, mnt, [model_arg(model_src)])
+    assert second.wait() != 0
+    assert "live FUSE mount is already there" in second.log
+    assert probe(mnt, ["tiny"]).returncode == 0  # the first one is untouched
+
+    other = tmp_path / "mnt2"
+    denied = sidecar_mount(cache, other, [model_arg(tmp_path / "no-such-model")])
+    assert denied.wait() != 0
+    assert "access denied" in denied.log and "no-such-model" in denied.log
+    assert not is_mounted(other)
+    force_unmount(other)
