@@ -1,0 +1,159 @@
+"""Webhook configuration: one YAML file, every field defaulted, unknown keys rejected.
+
+``serve`` and ``inject`` run with no file at all (``load_config(None)``). Keys may be written
+in snake_case or camelCase (``sidecarImage`` / ``sidecar_image``), as Kubernetes users write
+camelCase in ConfigMaps while Python code reads snake_case attributes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_SIDECAR_IMAGE = "ghcr.io/modelcache/sidecar:0.1.0"
+DEFAULT_CACHE_HOST_PATH = "/var/lib/modelcache"
+DEFAULT_MOUNT_PATH = "/models"
+DEFAULT_WARMUP_TIMEOUT = 1800
+WEBHOOK_NAMESPACE = "modelcache-system"
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the file and the bad key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, alias_generator=to_camel
+    )
+
+
+class Resources(_Model):
+    """Kubernetes ResourceRequirements of one of our containers (quantities as strings)."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+    def to_k8s(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        if self.limits:
+            out["limits"] = dict(self.limits)
+        if self.requests:
+            out["requests"] = dict(self.requests)
+        return out
+
+
+class SecretEnv(_Model):
+    """Credentials of one source scheme: a Secret in the pod's namespace and its keys.
+
+    ``keys`` maps a key of the Secret to the env var our containers get from it
+    (``valueFrom.secretKeyRef`` with ``optional: true``, so a pod of a public model starts
+    without the Secret). ``secret_name: null`` disables credentials for the scheme.
+    """
+
+    secret_name: str | None
+    keys: dict[str, str] = Field(default_factory=dict)
+
+
+def _s3() -> SecretEnv:
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+    return SecretEnv(secret_name="modelcache-s3-credentials", keys={k: k for k in keys})
+
+
+def _hf() -> SecretEnv:
+    keys = ("HF_TOKEN", "HF_ENDPOINT")
+    return SecretEnv(secret_name="modelcache-hf-credentials", keys={k: k for k in keys})
+
+
+def _http() -> SecretEnv:
+    return SecretEnv(
+        secret_name="modelcache-http-credentials",
+        keys={"authorization": "MODELCACHE_HTTP_AUTHORIZATION"},
+    )
+
+
+class Credentials(_Model):
+    """Per source scheme (``http`` covers ``https`` too); ``pvc`` and ``file`` need none."""
+
+    s3: SecretEnv = Field(default_factory=_s3)
+    hf: SecretEnv = Field(default_factory=_hf)
+    http: SecretEnv = Field(default_factory=_http)
+
+    def for_scheme(self, scheme: str) -> SecretEnv | None:
+        if scheme == "s3":
+            return self.s3
+        if scheme == "hf":
+            return self.hf
+        if scheme in ("http", "https"):
+            return self.http
+        return None
+
+
+def _warmup_resources() -> Resources:
+    return Resources(requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "1Gi"})
+
+
+def _sidecar_resources() -> Resources:
+    return Resources(requests={"cpu": "50m", "memory": "128Mi"}, limits={"memory": "1Gi"})
+
+
+class Config(_Model):
+    """Cluster-wide settings of the webhook (the ``config.yaml`` of the ConfigMap)."""
+
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    #: ``native`` needs Kubernetes >= 1.29 (init container with restartPolicy Always).
+    sidecar_mode: Literal["native", "classic"] = "native"
+    cache_host_path: str = DEFAULT_CACHE_HOST_PATH
+    default_mount_path: str = DEFAULT_MOUNT_PATH
+    warmup_timeout: int = Field(default=DEFAULT_WARMUP_TIMEOUT, ge=1, le=86400)
+    warmup_resources: Resources = Field(default_factory=_warmup_resources)
+    sidecar_resources: Resources = Field(default_factory=_sidecar_resources)
+    credentials: Credentials = Field(default_factory=Credentials)
+    #: What the server answers when the mutation fails with an internal error.
+    on_error: Literal["allow", "deny"] = "allow"
+    max_request_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
+    excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-node-lease", WEBHOOK_NAMESPACE)
+    #: Whether the node agent DaemonSet labels nodes; without it ``require`` affinity can
+    #: never be satisfied, so the webhook warns.
+    agent_enabled: bool = False
+
+    @field_validator("cache_host_path", "default_mount_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "":
+            raise ValueError(f"must be an absolute path other than '/', got {value!r}")
+        return value.rstrip("/")
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_config(path: str | None) -> Config:
+    """Read the config file; ``None`` (or an empty file) gives the defaults.
+
+    Raises ConfigError naming the file and the offending key.
+    """
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"config {path}: {problems}") from exc

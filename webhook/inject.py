@@ -1,0 +1,69 @@
+"""``python -m webhook inject -f FILE|-``: the admission mutation, offline, on YAML.
+
+Multi-document YAML in, YAML out; every pod and pod template goes through the same
+``mutate_pod`` the server calls. Warnings go to stderr (one line each, prefixed like
+kubectl's). A user error (a denial) prints the message to stderr, nothing to stdout, and
+returns 1: a half-injected manifest is never written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+import yaml
+
+from webhook.config import Config
+from webhook.pipeline import mutate_pod
+from webhook.workloads import pod_slots
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, multi-line strings (sh -c scripts) as literal blocks."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump_yaml(docs: list[Any]) -> str:
+    return yaml.dump_all(
+        docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096
+    )
+
+
+def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[str], str | None]:
+    """Mutate every pod slot of every document; returns (docs, warnings, denial message)."""
+    warnings: list[str] = []
+    box = list(docs)
+    for i in range(len(box)):
+        for slot in list(pod_slots(box, i)):
+            mutated, result = mutate_pod(slot.pod, namespace=slot.namespace, config=config)
+            warnings += [f"{slot.owner}: {w}" for w in result.warnings]
+            if not result.allowed:
+                return docs, warnings, f"{slot.owner}: {result.message}"
+            if result.patch:
+                slot.replace(mutated)
+    return box, warnings, None
+
+
+def run_inject(src: TextIO, out: TextIO, err: TextIO, config: Config) -> int:
+    """The ``inject`` command body: 0 on success, 1 on a user error (printed to err)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(src.read()) if d is not None]
+    except yaml.YAMLError as exc:
+        err.write(f"error: input is not valid YAML: {exc}\n")
+        return 1
+    result, warnings, denial = inject_documents(docs, config)
+    for w in warnings:
+        err.write(f"Warning: {w}\n")
+    if denial is not None:
+        err.write(f"error: denied: {denial}\n")
+        return 1
+    if result:
+        out.write(dump_yaml(result))
+    return 0

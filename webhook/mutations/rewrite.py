@@ -1,0 +1,375 @@
+"""Framework-aware model-path rewrites in the app containers' command, args and env.
+
+The server loads from ``<mount-path>/<name>`` while clients keep using the original model
+name: vLLM and SGLang get ``--served-model-name <original>``, llama.cpp ``--alias``, NIM
+``NIM_SERVED_MODEL_NAME`` (each only when the user has not set it). Hub models also get
+``HF_HUB_OFFLINE=1`` unless set. User-set values are never overwritten, and a value is never
+rewritten twice: a rewritten value is a path under the mount, which names no model.
+
+vLLM also gets ``--safetensors-load-strategy prefetch`` unless the user chose a strategy
+(``--safetensors-load-strategy``) or a loader (``--load-format``). Model bytes normally
+bypass FUSE here (files are symlinks into the node cache mounted in the container), so mmap
+page faults hit the page cache directly; prefetch is still added because it is the safe
+default whenever the link view is unavailable (a model directory that is not yet complete
+serves through the daemon, where mmap page faults are the known 30-50x trap), and it costs
+little when the data is in page cache.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.modelsource import NamedModel
+from webhook.mutations.context import Container, Context, ModelRef, Pod
+from webhook.mutations.detect import (
+    GENERIC,
+    LLAMACPP,
+    VLLM,
+    Framework,
+    basename,
+    container_tokens,
+    hub_repo_id,
+    identify_framework,
+    script_index,
+    split_script,
+)
+
+HF_OFFLINE: Final = "HF_HUB_OFFLINE"
+VLLM_LOAD_FLAGS: Final = ("--safetensors-load-strategy", "--load-format")
+_TOKEN_END: Final = r"(?=$|[\s\"';&|)])"
+_TOKEN_START: Final = r"(?<![^\s\"'=])"
+_SCRIPT_MODEL_POS: Final = re.compile(
+    r"(?:\bserve|--model|--model-path|--model-id|-m|--hf-repo|-hfr|-hf)[\s=]+$"
+)
+
+
+@dataclass
+class _Hit:
+    model: NamedModel
+    new_value: str
+    is_model: bool  # the model flag itself (not tokenizer): gets the served-name extras
+
+
+def _match(value: str, ctx: Context) -> tuple[ModelRef, str] | None:
+    """The model a flag/env value names, and the rewritten value (subpaths kept)."""
+    for ref in ctx.models:
+        for r in ref.references:
+            if value == r:
+                return ref, ctx.model_path(ref.model)
+            if value.startswith(r.rstrip("/") + "/") and r.rstrip("/"):
+                rest = value[len(r.rstrip("/")) + 1 :]
+                return ref, f"{ctx.model_path(ref.model)}/{rest}".rstrip("/")
+    return None
+
+
+def _has_flag(tokens: list[str], flag: str) -> bool:
+    return any(t == flag or t.startswith(flag + "=") for t in tokens)
+
+
+def _extras(fw: Framework, tokens: list[str], original: str) -> list[str]:
+    extra: list[str] = []
+    if fw.served_name_flag and not _has_flag(tokens, fw.served_name_flag):
+        extra += [fw.served_name_flag, original]
+    if fw is VLLM and not any(_has_flag(tokens, f) for f in VLLM_LOAD_FLAGS):
+        extra += ["--safetensors-load-strategy", "prefetch"]
+    return extra
+
+
+class _Argv:
+    """command + args as one token list, edited in place with positions kept per list."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.pos: list[tuple[str, int]] = []
+        for key in ("command", "args"):
+            value = container.get(key)
+            if isinstance(value, list):
+                self.pos += [(key, i) for i, v in enumerate(value) if isinstance(v, str)]
+
+    def tokens(self) -> list[str]:
+        return [self.container[k][i] for k, i in self.pos]
+
+    def set(self, at: int, value: str) -> None:
+        key, i = self.pos[at]
+        self.container[key][i] = value
+
+    def insert_after(self, at: int, values: list[str]) -> None:
+        key, i = self.pos[at]
+        self.container[key][i + 1 : i + 1] = values
+        self.__init__(self.container)  # type: ignore[misc]
+
+    def delete(self, at: int, count: int) -> None:
+        key, i = self.pos[at]
+        del self.container[key][i : i + count]
+        self.__init__(self.container)  # type: ignore[misc]
+
+    def field(self, at: int) -> str:
+        return self.pos[at][0]
+
+
+def _flag_at(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, str, str] | None:
+    """(value index, value, flag) when tokens[i] is one of flags with its value."""
+    token = tokens[i]
+    for flag in flags:
+        if token == flag and i + 1 < len(tokens):
+            return i + 1, tokens[i + 1], flag
+        if token.startswith(flag + "="):
+            return i, token[len(flag) + 1 :], flag
+    return None
+
+
+def _serve_positional(tokens: list[str], container: Container, fw: Framework) -> int | None:
+    if not fw.serve_positional:
+        return None
+    for i, token in enumerate(tokens[:-1]):
+        if basename(token) == "vllm" and tokens[i + 1] == "serve":
+            j = i + 2
+            return j if j < len(tokens) and not tokens[j].startswith("-") else None
+    if fw is VLLM and not container.get("command") and tokens and not tokens[0].startswith("-"):
+        return 0  # the vLLM image's entrypoint is ``vllm serve``
+    return None
+
+
+def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens: list[str]) -> int:
+    """Rewrite the plain argv (not sh -c scripts); returns the number of model rewrites."""
+    name = str(container.get("name"))
+    argv = _Argv(container)
+    tokens = argv.tokens()
+    script_at = script_index(tokens)
+    done = 0
+    extras_done = False
+    i = 0
+    while i < len(argv.pos):
+        tokens = argv.tokens()
+        if i == script_at:
+            i += 1
+            continue
+        target: tuple[int, str, str, bool] | None = None  # value idx, value, where, is_model
+        if i == _serve_positional(tokens, container, fw):
+            target = (i, tokens[i], "serve", True)
+        elif hit := _flag_at(tokens, i, fw.model_flags):
+            target = (hit[0], hit[1], hit[2], True)
+        elif hit := _flag_at(tokens, i, fw.tokenizer_flags):
+            target = (hit[0], hit[1], hit[2], False)
+        elif (hit := _flag_at(tokens, i, fw.hub_repo_flags)) and fw is LLAMACPP:
+            done += _rewrite_hub_repo(argv, i, hit=hit, ctx=ctx, all_tokens=all_tokens, name=name)
+            extras_done = True
+            i += 1
+            continue
+        if target is None:
+            i += 1
+            continue
+        at, value, where, is_model = target
+        m = _match(value, ctx)
+        if m is None:
+            i = at + 1
+            continue
+        new = m[1]
+        argv.set(at, f"{where}={new}" if at == i and where != "serve" else new)
+        ctx.notes.rewrites.append(
+            {
+                "container": name,
+                "field": f"{argv.field(at)} {where}",
+                "original": value,
+                "value": new,
+            }
+        )
+        done += 1
+        if is_model and not extras_done:
+            extras_done = True
+            extra = _extras(fw, all_tokens, value)
+            if extra:
+                argv.insert_after(at, extra)
+                ctx.notes.added.append(
+                    {"container": name, "field": argv.field(at), "value": shlex.join(extra)}
+                )
+                i = at + 1 + len(extra)
+                continue
+        i = at + 1
+    return done
+
+
+def _rewrite_hub_repo(
+    argv: _Argv,
+    i: int,
+    *,
+    hit: tuple[int, str, str],
+    ctx: Context,
+    all_tokens: list[str],
+    name: str,
+) -> int:
+    """llama.cpp ``--hf-repo R [--hf-file F]`` → ``-m <path>/F`` (+ ``--alias R``)."""
+    at, value, flag = hit
+    m = _match(hub_repo_id(value), ctx)
+    if m is None:
+        return 0
+    tokens = argv.tokens()
+    hf_file: str | None = None
+    file_at: int | None = None
+    for j in range(len(tokens)):
+        fh = _flag_at(tokens, j, ("--hf-file", "-hff"))
+        if fh:
+            hf_file, file_at = fh[1], j
+            break
+    if hf_file is None or file_at is None:
+        ctx.notes.warn(
+            f"container {name}: llama.cpp {flag} {value} without --hf-file: cannot tell which "
+            "GGUF file to load from the mount, not rewritten"
+        )
+        return 0
+    new = f"{m[1]}/{hf_file}"
+    file_span = 1 if tokens[file_at].startswith(("--hf-file=", "-hff=")) else 2
+    # delete --hf-file first (indices after it shift, the repo flag may come before it)
+    if file_at > i:
+        argv.delete(file_at, file_span)
+        argv.delete(i, 1 if at == i else 2)
+    else:
+        argv.delete(i, 1 if at == i else 2)
+        argv.delete(file_at, file_span)
+        i -= file_span
+    extra = ["-m", new]
+    if not _has_flag(all_tokens, "--alias"):
+        extra += ["--alias", value]
+    key, idx = argv.pos[i - 1] if i > 0 else (argv.pos[0][0], -1)
+    argv.container[key][idx + 1 : idx + 1] = extra
+    argv.__init__(argv.container)  # type: ignore[misc]
+    ctx.notes.rewrites.append(
+        {"container": name, "field": f"{key} {flag}", "original": value, "value": new}
+    )
+    ctx.notes.rewrites.append(
+        {"container": name, "field": f"{key} --hf-file", "original": hf_file, "value": new}
+    )
+    return 1
+
+
+def _rewrite_script(container: Container, fw: Framework, ctx: Context) -> int:
+    """Whole-token replacements inside an ``sh -c`` script (the script stays a script)."""
+    argv = _Argv(container)
+    tokens = argv.tokens()
+    at = script_index(tokens)
+    if at is None:
+        return 0
+    script = tokens[at]
+    script_tokens = split_script(script)
+    done = 0
+    extras_done = False
+    originals: list[tuple[str, str]] = []
+    for ref in ctx.models:
+        for r in ref.references:
+            pattern = re.compile(_TOKEN_START + re.escape(r) + r"(/[^\s\"';&|)]*)?" + _TOKEN_END)
+            pos = 0
+            while m := pattern.search(script, pos):
+                before = script[: m.start()]
+                if re.search(r"(--served-model-name|--alias)[\s=]+$", before):
+                    pos = m.end()
+                    continue
+                new = ctx.model_path(ref.model) + (m.group(1) or "")
+                insert = new
+                if not extras_done and _SCRIPT_MODEL_POS.search(before):
+                    extra = _extras(fw, script_tokens, m.group(0))
+                    if extra:
+                        insert = f"{new} {shlex.join(extra)}"
+                        ctx.notes.added.append(
+                            {
+                                "container": str(container.get("name")),
+                                "field": f"{argv.field(at)} sh -c",
+                                "value": shlex.join(extra),
+                            }
+                        )
+                    extras_done = True
+                originals.append((m.group(0), new))
+                script = script[: m.start()] + insert + script[m.end() :]
+                pos = m.start() + len(insert)
+                done += 1
+    if done:
+        argv.set(at, script)
+        for original, new in originals:
+            ctx.notes.rewrites.append(
+                {
+                    "container": str(container.get("name")),
+                    "field": f"{argv.field(at)} sh -c",
+                    "original": original,
+                    "value": new,
+                }
+            )
+    return done
+
+
+def _set_env(container: Container, name: str, value: str) -> bool:
+    env = container.get("env")
+    if not isinstance(env, list):
+        env = []
+        container["env"] = env
+    if any(isinstance(e, dict) and e.get("name") == name for e in env):
+        return False
+    env.append({"name": name, "value": value})
+    return True
+
+
+def _rewrite_env(container: Container, fw: Framework, ctx: Context) -> int:
+    done = 0
+    cname = str(container.get("name"))
+    for item in container.get("env") or []:
+        if not isinstance(item, dict) or item.get("name") not in fw.model_env:
+            continue
+        value = item.get("value")
+        if not isinstance(value, str):
+            continue
+        m = _match(value, ctx)
+        if m is None:
+            continue
+        item["value"] = m[1]
+        ctx.notes.rewrites.append(
+            {"container": cname, "field": f"env {item['name']}", "original": value, "value": m[1]}
+        )
+        done += 1
+        if fw.served_name_env and _set_env(container, fw.served_name_env, value):
+            ctx.notes.added.append(
+                {"container": cname, "field": f"env {fw.served_name_env}", "value": value}
+            )
+    return done
+
+
+def _uses_hub_model(container: Container, ctx: Context) -> bool:
+    return any(
+        r["container"] == container.get("name")
+        and any(
+            ref.model.source.is_hub and r["value"].startswith(ctx.model_path(ref.model))
+            for ref in ctx.models
+        )
+        for r in ctx.notes.rewrites
+    )
+
+
+def rewrite_container(container: Container, ctx: Context) -> int:
+    tokens = container_tokens(container)
+    fw = identify_framework(container, tokens) or GENERIC
+    done = _rewrite_argv(container, fw, ctx, tokens)
+    done += _rewrite_script(container, fw, ctx)
+    done += _rewrite_env(container, fw, ctx)
+    if _uses_hub_model(container, ctx) and _set_env(container, HF_OFFLINE, "1"):
+        ctx.notes.added.append(
+            {"container": str(container.get("name")), "field": f"env {HF_OFFLINE}", "value": "1"}
+        )
+    return done
+
+
+def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
+    """Rewrite every target container; warn for one where no model reference was found."""
+    if ctx.options.rewrite == "off":
+        return pod
+    rewritten_before = {r.get("container") for r in ctx.previous_rewrites}
+    for container in pod["spec"].get("containers") or []:
+        if not isinstance(container, dict) or container.get("name") not in ctx.targets:
+            continue
+        done = rewrite_container(container, ctx)
+        if done == 0 and container.get("name") not in rewritten_before and not ctx.previous_added:
+            paths = ", ".join(ctx.model_path(m) for m in ctx.named_models)
+            ctx.notes.warn(
+                f"container {container.get('name')}: no model reference found to rewrite; "
+                f"the models are mounted at {paths}"
+            )
+    return pod
