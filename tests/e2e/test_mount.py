@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sidecar.cache import NodeCache
 from sidecar.layout import ModelDir
 from sidecar.modelsource import parse_model_arg
 from tests.fixtures.fuse import force_unmount, is_mounted, probe
@@ -283,3 +286,82 @@ def test_refuses_a_live_mount_and_unreadable_sources(
     assert "access denied" in denied.log and "no-such-model" in denied.log
     assert not is_mounted(other)
     force_unmount(other)
+
+
+def test_async_warmup_fills_the_cache_while_serving(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", "cache", "--warmup", "--parallel", "2")
+    m.wait_ready(["tiny"])
+    # a concurrent block-mode warm-up on the same node shares the fetches (single-flight)
+    warm = subprocess.run(
+        [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), "--model", arg],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert warm.returncode == 0, warm.stderr
+    assert sha(mnt / "tiny" / "tokenizer.json") == sha(model_src / "tokenizer.json")
+    model = parse_model_arg(arg)
+    deadline = time.monotonic() + 60
+    while not NodeCache(cache).is_complete(model):
+        assert time.monotonic() < deadline, m.log
+        time.sleep(0.05)
+    assert all_files(data_dir(cache, arg)) == all_files(model_src)
+    assert m.stop() == 0
+    assert "background warm-up complete" in m.log
+
+
+def test_include_limits_the_namespace(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(
+        tmp_path / "cache", mnt, [model_arg(model_src)], "--include", "*.json,nested/*/*.bin"
+    )
+    m.wait_ready(["tiny"])
+    found = sorted(str(p.relative_to(mnt / "tiny")) for p in (mnt / "tiny").rglob("*"))
+    assert found == [
+        "config.json",
+        "nested",
+        "nested/deeper",
+        "nested/deeper/blob.bin",
+        "tokenizer.json",
+    ]
+
+
+def test_complete_model_is_served_from_its_manifest(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    """A complete model's namespace comes from manifest.json, yet the source is still
+    listed: a pod whose credentials cannot read the source gets nothing from the cache."""
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    subprocess.run(
+        [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), "--model", arg],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    (model_src / "added-later.txt").write_text("not in the manifest")
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", "none")
+    m.wait_ready(["tiny"])
+    assert "added-later.txt" not in os.listdir(mnt / "tiny")
+    assert sha(mnt / "tiny" / "config.json") == sha(model_src / "config.json")
+    assert m.stop() == 0
+
+    model_src.chmod(0)  # the source becomes unreadable for this pod
+    try:
+        if os.geteuid() == 0:
+            # root reads anything: make the source vanish instead
+            model_src.rename(model_src.with_name("gone"))
+        denied = sidecar_mount(cache, tmp_path / "mnt2", [arg])
+        assert denied.wait() != 0
+        assert "access denied" in denied.log
+    finally:
+        if model_src.with_name("gone").exists():
+            model_src.with_name("gone").rename(model_src)
+        model_src.chmod(0o755)
