@@ -1,0 +1,232 @@
+"""The local pod runner itself, on hand-written pods that need nothing but sh and mount.
+
+These pin down the kubelet behaviour the demo and the cold-start benchmark rely on: init
+order, native sidecar startupProbe, env from secrets and ``$(VAR)`` expansion, readOnly, and
+mount propagation (a mount made by a ``Bidirectional`` sidecar reaches a ``HostToContainer``
+app container), and that nothing (mount, process, created directory) survives the pod.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.localpod.mirror import generate_model
+from tests.localpod.runner import (
+    LocalPod,
+    Node,
+    PodFailed,
+    RunnerError,
+    expand_vars,
+    mountpoints_under,
+    pod_from_manifest,
+)
+from tests.localpod.standin import UsageError, parse_server_args
+
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="the local pod runner needs root and unshare(1) for mount namespaces",
+)
+BASE = "/localpod-runner-test"  # mountpoints created on the host, removed by the runner
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("$(A)-$(B)", "1-two"),
+        ("$$(A)", "$(A)"),
+        ("$(MISSING)", "$(MISSING)"),
+        ("$(A", "$(A"),
+        ("cost $5", "cost $5"),
+        ("", ""),
+    ],
+)
+def test_expand_vars_like_kubelet(value: str, expected: str) -> None:
+    assert expand_vars(value, {"A": "1", "B": "two"}) == expected
+
+
+def test_pod_from_deployment_keeps_template_spec() -> None:
+    dep = {
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "ml"},
+        "spec": {"template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}},
+    }
+    pod = pod_from_manifest([{"kind": "Service"}, dep])
+    assert pod["metadata"] == {"labels": {"a": "b"}, "name": "web", "namespace": "ml"}
+    assert pod["spec"] == {"containers": []}
+    with pytest.raises(RunnerError, match="no Pod"):
+        pod_from_manifest({"kind": "ConfigMap"})
+
+
+@pytest.mark.parametrize(
+    ("framework", "argv", "model", "served", "port"),
+    [
+        (
+            "vllm",
+            ["serve", "/models/m", "--served-model-name", "org/m"],
+            "/models/m",
+            "org/m",
+            8000,
+        ),
+        ("vllm", ["serve", "--model=/x", "--port", "9"], "/x", "/x", 9),
+        ("sglang", ["--model-path", "/m", "--port=7"], "/m", "/m", 7),
+        ("llama", ["-m", "/m/a.gguf", "--alias", "a"], "/m/a.gguf", "a", 8080),
+        ("tgi", ["--model-id", "/m"], "/m", "/m", 80),
+    ],
+)
+def test_standin_reads_framework_args(
+    framework: str, argv: list[str], model: str, served: str, port: int
+) -> None:
+    args = parse_server_args(framework, argv)
+    assert (args.model, args.served_name, args.port) == (model, served, port)
+
+
+def test_standin_refuses_missing_model() -> None:
+    with pytest.raises(UsageError, match="no model"):
+        parse_server_args("vllm", ["serve", "--port", "8000"])
+
+
+def payload_bytes(model: Path) -> int:
+    """What a loader reads: tensor data of every shard plus every other file whole."""
+    total = 0
+    for p in model.rglob("*"):
+        if p.is_file():
+            total += p.stat().st_size
+            if p.suffix == ".safetensors":
+                with open(p, "rb") as f:
+                    total -= 8 + struct.unpack("<Q", f.read(8))[0]
+    return total
+
+
+def _pod(secret_env: bool = True, fail_init: bool = False) -> dict[str, Any]:
+    sidecar_script = (
+        f"mount -t tmpfs localpod-fake {BASE}/shared && mkdir {BASE}/shared/m && "
+        f"cp -r {BASE}/src/. {BASE}/shared/m/ && touch {BASE}/shared/.ready; "
+        f"trap 'umount {BASE}/shared; exit 0' TERM; sleep infinity & wait $!"
+    )
+    env: list[dict[str, Any]] = [{"name": "SERVED", "value": "org/model"}]
+    if secret_env:
+        env.append(
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
+        )
+    return {
+        "kind": "Pod",
+        "metadata": {"name": "runner-test"},
+        "spec": {
+            "volumes": [
+                {"name": "src", "hostPath": {"path": "/srv/model", "type": "Directory"}},
+                {"name": "shared", "emptyDir": {}},
+                {"name": "scratch", "emptyDir": {}},
+            ],
+            "initContainers": [
+                {
+                    "name": "prep",
+                    "image": "busybox",
+                    "command": ["sh", "-c", f"echo $(TOKEN) > {BASE}/scratch/hello; exit $(CODE)"],
+                    "env": [*env, {"name": "CODE", "value": "3" if fail_init else "0"}],
+                    "volumeMounts": [{"name": "scratch", "mountPath": f"{BASE}/scratch"}],
+                },
+                {
+                    "name": "fake-sidecar",
+                    "image": "busybox",
+                    "restartPolicy": "Always",
+                    "securityContext": {"privileged": True},
+                    "command": ["sh", "-c", sidecar_script],
+                    "startupProbe": {
+                        "exec": {"command": ["test", "-f", f"{BASE}/shared/.ready"]},
+                        "periodSeconds": 1,
+                        "failureThreshold": 30,
+                    },
+                    "volumeMounts": [
+                        {
+                            "name": "shared",
+                            "mountPath": f"{BASE}/shared",
+                            "mountPropagation": "Bidirectional",
+                        },
+                        {"name": "src", "mountPath": f"{BASE}/src", "readOnly": True},
+                    ],
+                },
+            ],
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "vllm/vllm-openai:latest",
+                    "args": ["/models/m", "--served-model-name", "$(SERVED)"],
+                    "env": env,
+                    "lifecycle": {
+                        "postStart": {
+                            "exec": {
+                                # proves readOnly: writing into the mount must fail
+                                "command": ["sh", "-c", "! touch /models/m/written 2>/dev/null"]
+                            }
+                        }
+                    },
+                    "volumeMounts": [
+                        {
+                            "name": "shared",
+                            "mountPath": "/models",
+                            "readOnly": True,
+                            "mountPropagation": "HostToContainer",
+                        },
+                        {"name": "scratch", "mountPath": f"{BASE}/scratch"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+@ROOT_ONLY
+def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")
+    generate_model(node.host_path("/srv/model"), 6 << 20, shards=2)
+    model_bytes = payload_bytes(node.host_path("/srv/model"))
+    assert not Path(BASE).exists(), "leftover from an earlier run"
+    lp = LocalPod(_pod(), node, secrets={"creds": {"token": "s3cret"}})
+    try:
+        run = lp.run()
+        assert run.served_models == ["org/model"]
+        assert run.time_to_ready is not None and run.time_to_ready > 0
+        assert [c.name for c in run.containers] == ["prep", "fake-sidecar", "app"]
+        assert run.container("prep").exit_code == 0
+        app_log = run.container("app").log.read_text()
+        # every byte of the model was read through the tmpfs the sidecar mounted
+        assert f"{model_bytes} bytes" in app_log, app_log
+        assert (lp.dir / "emptydir" / "scratch" / "hello").read_text() == "s3cret\n"
+        pids = [c.pid for c in run.containers if c.kind != "init"]
+        assert mountpoints_under(node.root), "the sidecar's tmpfs should be visible on the host"
+    finally:
+        lp.stop()
+    assert mountpoints_under(node.root) == []
+    assert not Path(BASE).exists()
+    assert not Path("/models").exists() or Path("/models").is_dir()
+    for pid in pids:
+        assert pid is not None and not Path(f"/proc/{pid}").exists()
+    assert run.container("fake-sidecar").exit_code == 0  # it got SIGTERM and unmounted
+
+
+@ROOT_ONLY
+def test_failed_init_container_fails_the_pod_and_leaves_nothing(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")
+    generate_model(node.host_path("/srv/model"), 2 << 20, shards=1)
+    with LocalPod(_pod(fail_init=True), node, secrets={"creds": {"token": "x"}}) as lp:
+        with pytest.raises(PodFailed, match="init container prep exited 3"):
+            lp.run()
+        assert lp.run_info.failed is not None
+        assert [c.name for c in lp.run_info.containers] == ["prep"]
+    assert mountpoints_under(node.root) == []
+    assert not Path(BASE).exists()
+
+
+@ROOT_ONLY
+def test_missing_secret_is_a_clear_error(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")
+    generate_model(node.host_path("/srv/model"), 2 << 20, shards=1)
+    with LocalPod(_pod(), node) as lp, pytest.raises(RunnerError, match="creds/token"):
+        lp.run()
+    assert mountpoints_under(node.root) == []
