@@ -1,0 +1,532 @@
+"""The node cache: one directory per model, shared by every pod (and process) on the node.
+
+Layout and its invariants are documented in ``sidecar.layout``. This module is the only
+writer of ``data/``, ``.partial/``, ``.locks/``, ``source.json`` and ``manifest.json``:
+
+* A file appears under ``data/`` only by ``rename`` after its size (always) and sha256
+  (when the source gives one) were verified and its bytes fsynced, so a reader (the FUSE
+  mount, an app through the symlink view, the agent) never sees a half-written file.
+* Downloads are single-flight per file across processes: ``fcntl.flock`` on
+  ``.locks/<id>.lock``. A waiter polls the lock without blocking the event loop and, once
+  it gets it, finds the file complete and returns; if the holder died, the waiter resumes.
+* Resumable after ``kill -9``: the download goes into ``.partial/<id>.part`` (preallocated,
+  so a full disk fails up front) in fixed-size parts fetched in parallel with ranged reads;
+  ``.partial/<id>.json`` lists the parts already written (each fdatasynced first) plus the
+  size, sha256 and source version they belong to. A rerun fetches only the missing parts;
+  state from another version of the file is discarded.
+* Disk I/O runs in threads (``asyncio.to_thread``); sha256 is computed in file order while
+  later parts are still downloading, so verification adds little after the last byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.layout import ModelDir
+from sidecar.modelsource import NamedModel
+from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 16 << 20
+WRITE_BUFFER = 4 << 20
+RETRIES = 5
+BACKOFF = 0.5
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CacheError(Exception):
+    """The node cache cannot take the file (full disk, corrupt download, ...); one clear line."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
+    """Write ``obj`` to ``path`` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _copy_range(src: Path, fd: int, start: int, end: int) -> None:
+    """Copy ``[start, end)`` of a local file into ``fd`` at the same offset, in the kernel."""
+    with open(src, "rb") as f:
+        sfd = f.fileno()
+        pos = start
+        try:
+            while pos < end:
+                n = os.copy_file_range(sfd, fd, end - pos, pos, pos)
+                if n == 0:
+                    raise SourceError(f"{src} is shorter than listed ({pos} < {end} bytes)")
+                pos += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            while pos < end:
+                chunk = os.pread(sfd, min(WRITE_BUFFER, end - pos), pos)
+                if not chunk:
+                    raise SourceError(
+                        f"{src} is shorter than listed ({pos} < {end} bytes)"
+                    ) from None
+                _pwrite_all(fd, chunk, pos)
+                pos += len(chunk)
+
+
+def _hash_range(fd: int, h: Any, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(WRITE_BUFFER, end - pos), pos)
+        if not chunk:
+            raise OSError(errno.EIO, "partial file shorter than expected")
+        h.update(chunk)
+        pos += len(chunk)
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS
+
+
+class NodeCache:
+    """The node-local model cache at ``cache_dir`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        *,
+        part_size: int = PART_SIZE,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
+    ) -> None:
+        if part_size < 1 << 16:
+            raise ValueError(f"part_size {part_size} is too small (minimum 64 KiB)")
+        self.cache_dir = Path(cache_dir)
+        self.part_size = part_size
+        self.retries = retries
+        self.backoff = backoff
+        self._inflight: dict[tuple[str, str], asyncio.Future[Path]] = {}
+
+    # ---- paths and metadata -------------------------------------------------------------
+
+    @staticmethod
+    def _key(model: NamedModel | str) -> str:
+        return model if isinstance(model, str) else model.source.cache_key
+
+    def model_dir(self, model: NamedModel | str) -> ModelDir:
+        return ModelDir(self.cache_dir, self._key(model))
+
+    def prepare_model(self, model: NamedModel) -> ModelDir:
+        """Create the model's directories and its ``source.json`` (idempotent)."""
+        md = self.model_dir(model)
+        try:
+            for d in (md.data, md.partial_dir, md.locks_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            if not md.source_file.exists():
+                atomic_write_json(md.source_file, {"uri": model.source.uri, "key": md.key})
+        except OSError as exc:
+            raise CacheError(f"cannot create {md.root}: {exc.strerror or exc}") from None
+        return md
+
+    def read_manifest(self, model: NamedModel | str) -> dict[str, Any] | None:
+        """``manifest.json`` of a complete model, or None (absent or unreadable)."""
+        try:
+            data = json.loads(self.model_dir(model).manifest.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+            return None
+        return data
+
+    def is_complete(self, model: NamedModel | str) -> bool:
+        """A manifest exists and every file it names is in ``data/`` with its size."""
+        manifest = self.read_manifest(model)
+        if manifest is None:
+            return False
+        md = self.model_dir(model)
+        try:
+            return all(
+                md.data_file(f["path"]).stat().st_size == f["size"] for f in manifest["files"]
+            )
+        except (OSError, KeyError, TypeError, ValueError):
+            return False
+
+    def is_file_complete(self, model: NamedModel | str, f: RemoteFile) -> bool:
+        try:
+            return self.model_dir(model).data_file(f.path).stat().st_size == f.size
+        except OSError:
+            return False
+
+    def write_manifest(self, model: NamedModel, files: list[RemoteFile]) -> None:
+        """Atomically mark the model complete; every file must already be in ``data/``."""
+        md = self.model_dir(model)
+        missing = [f.path for f in files if not self.is_file_complete(model, f)]
+        if missing:
+            raise CacheError(
+                f"{model.name}: cannot write the manifest, {len(missing)} file(s) are not "
+                f"complete: {', '.join(missing[:5])}"
+            )
+        manifest = {
+            "uri": model.source.uri,
+            "key": md.key,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
+            "total_bytes": sum(f.size for f in files),
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        try:
+            atomic_write_json(md.manifest, manifest)
+        except OSError as exc:
+            raise CacheError(f"{model.name}: cannot write {md.manifest}: {exc}") from None
+
+    @contextlib.contextmanager
+    def hold(
+        self, model: NamedModel | str, *, exclusive: bool = False, blocking: bool = True
+    ) -> Iterator[bool]:
+        """``flock`` the model's ``.model.lock``: shared while serving or filling it,
+        exclusive to evict it. Yields False when ``blocking=False`` and the lock is busy,
+        or when an exclusive hold is asked for a model that is not in the cache."""
+        md = self.model_dir(model)
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        if not blocking:
+            op |= fcntl.LOCK_NB
+        while True:
+            if not md.root.is_dir():
+                if exclusive:
+                    yield False
+                    return
+                md.root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(md.model_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the directory was evicted between the check and the open
+            try:
+                fcntl.flock(fd, op)
+            except BlockingIOError:
+                os.close(fd)
+                yield False
+                return
+            # the agent may have moved the directory to trash while we waited for the lock:
+            # then we hold a lock on the old inode and must take the new one instead
+            try:
+                same = os.stat(md.model_lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield True
+        finally:
+            os.close(fd)
+
+    def touch(self, model: NamedModel | str) -> None:
+        """Mark the model used now (its ``.last-used`` mtime orders LRU eviction)."""
+        path = self.model_dir(model).last_used
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.close(fd)
+            os.utime(path)
+
+    # ---- downloads ----------------------------------------------------------------------
+
+    async def ensure_file(
+        self,
+        model: NamedModel,
+        source: Source,
+        f: RemoteFile,
+        *,
+        parallel: int = 8,
+        on_bytes: Callable[[int], None] | None = None,
+        limiter: asyncio.Semaphore | None = None,
+    ) -> Path:
+        """Make ``f`` complete in ``data/`` and return its path (see the module docstring).
+
+        ``on_bytes`` is called with the byte count of every chunk this call writes.
+        ``limiter`` (optional) bounds concurrent ranged reads across several files.
+        """
+        md = self.prepare_model(model)
+        dest = md.data_file(f.path)
+        if self.is_file_complete(model, f):
+            return dest
+        key = (str(md.root), f.path)
+        running = self._inflight.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            job = _Job(
+                md, source, f, dest, on_bytes, limiter or asyncio.Semaphore(max(1, parallel))
+            )
+            path = await self._ensure_locked(job)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        else:
+            fut.set_result(path)
+            return path
+        finally:
+            del self._inflight[key]
+
+    async def _ensure_locked(self, job: _Job) -> Path:
+        lock_fd = os.open(job.md.file_lock(job.f.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            delay = 0.01
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    # another process is fetching this file: wait for it without a thread
+                    # stuck in flock (which could not be cancelled on timeout)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+            if not self.is_file_complete(job.md.key, job.f):
+                await self._download(job)
+            return job.dest
+        finally:
+            os.close(lock_fd)
+
+    @staticmethod
+    def _load_state(path: Path) -> dict[str, Any] | None:
+        try:
+            state = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    async def _download(self, job: _Job) -> None:
+        f, md = job.f, job.md
+        part_path = md.partial_file(f.path)
+        state_path = md.partial_state(f.path)
+        version_of = getattr(job.source, "version", None)
+        version = version_of(f.path) if callable(version_of) else None
+        n_parts = -(-f.size // self.part_size)
+        identity = {"path": f.path, "size": f.size, "sha256": f.sha256, "version": version}
+        state = self._load_state(state_path)
+        if (
+            state is not None
+            and {k: state.get(k) for k in identity} == identity
+            and state.get("part_size") == self.part_size
+            and part_path.exists()
+            and part_path.stat().st_size == f.size
+        ):
+            job.done = {int(i) for i in state.get("done", []) if 0 <= int(i) < n_parts}
+        else:
+            for p in (part_path, state_path):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        if job.done:
+            log.info("%s: resuming, %d of %d parts already here", f.path, len(job.done), n_parts)
+
+        def cleanup() -> None:
+            for p in (part_path, state_path):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+        def save_state() -> None:
+            atomic_write_json(
+                state_path,
+                {**identity, "part_size": self.part_size, "done": sorted(job.done)},
+                durable=False,
+            )
+
+        job.save_state = save_state
+        try:
+            job.fd = os.open(part_path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not job.done:
+                await asyncio.to_thread(self._allocate, job.fd, f.size)
+                save_state()
+            await self._fetch_parts(job, n_parts)
+            await asyncio.to_thread(os.fsync, job.fd)
+        except (OSError, CacheError) as exc:
+            # a full disk or a corrupt download: remove it so nothing half-written stays;
+            # other I/O errors leave the partial resumable
+            if job.fd >= 0:
+                os.close(job.fd)
+                job.fd = -1
+            if isinstance(exc, CacheError) or _is_space_error(exc):
+                cleanup()
+            if isinstance(exc, OSError):
+                raise self._disk_error(f, exc) from None
+            raise
+        finally:
+            if job.fd >= 0:
+                os.close(job.fd)
+                job.fd = -1
+        try:
+            job.dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(part_path, job.dest)
+            _fsync_dir(job.dest.parent)
+        except OSError as exc:
+            raise self._disk_error(f, exc) from None
+        with contextlib.suppress(FileNotFoundError):
+            state_path.unlink()
+
+    def _disk_error(self, f: RemoteFile, exc: OSError) -> CacheError:
+        if _is_space_error(exc):
+            return CacheError(
+                f"no space left in the node cache {self.cache_dir} for {f.path} "
+                f"({f.size} bytes); the partial download was removed"
+            )
+        return CacheError(f"node cache {self.cache_dir}: {f.path}: {exc.strerror or exc}")
+
+    @staticmethod
+    def _allocate(fd: int, size: int) -> None:
+        os.ftruncate(fd, 0)
+        if size == 0:
+            return
+        try:
+            # reserve the blocks now: a full disk fails here, not after minutes of download
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(fd, size)
+
+    async def _fetch_parts(self, job: _Job, n_parts: int) -> None:
+        f, part = job.f, self.part_size
+        ready = [asyncio.Event() for _ in range(n_parts)]
+        for i in job.done:
+            ready[i].set()
+        local_path = getattr(job.source, "local_path", None)
+
+        async def fetch(i: int) -> None:
+            start, end = i * part, min((i + 1) * part, f.size)
+            async with job.sem:
+                if callable(local_path):
+                    await asyncio.to_thread(_copy_range, local_path(f.path), job.fd, start, end)
+                    job.add_bytes(end - start)
+                else:
+                    await self._fetch_range(job, start, end)
+                # data first, then the record that it is there: a crash in between only
+                # costs a re-fetch of this part, never a hole marked as done
+                await asyncio.to_thread(os.fdatasync, job.fd)
+            job.done.add(i)
+            await asyncio.to_thread(job.save_state)
+            ready[i].set()
+
+        async def verify() -> None:
+            h = hashlib.sha256()
+            for i in range(n_parts):
+                await ready[i].wait()
+                await asyncio.to_thread(
+                    _hash_range, job.fd, h, i * part, min((i + 1) * part, f.size)
+                )
+            if h.hexdigest() != f.sha256:
+                raise CacheError(
+                    f"{f.path}: sha256 mismatch (source says {f.sha256}, downloaded "
+                    f"{h.hexdigest()}); the download was discarded"
+                )
+
+        tasks = [asyncio.create_task(fetch(i)) for i in range(n_parts) if i not in job.done]
+        if f.sha256:
+            tasks.append(asyncio.create_task(verify()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_range(self, job: _Job, start: int, end: int) -> None:
+        """One part with bounded retries; a retry resumes where the last attempt stopped."""
+        f = job.f
+        pos = start
+        attempt = 0
+        while True:
+            buf = bytearray()
+            try:
+                async for chunk in job.source.read_range(f.path, pos, end):
+                    buf += chunk
+                    if len(buf) >= WRITE_BUFFER:
+                        pos = await job.write(buf, pos)
+                if buf:
+                    pos = await job.write(buf, pos)
+                if pos != end:
+                    raise SourceUnavailableError(
+                        f"{f.path}: source ended at byte {pos}, expected {end}"
+                    )
+                return
+            except SourceUnavailableError as exc:
+                # keep what arrived before the failure: the retry asks only for the rest
+                if buf:
+                    pos = await job.write(buf, pos)
+                attempt += 1
+                if attempt > self.retries:
+                    raise SourceUnavailableError(
+                        f"giving up on {f.path} after {self.retries} retries: {exc}"
+                    ) from None
+                delay = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+                log.warning("%s (retry %d/%d in %.1fs)", exc, attempt, self.retries, delay)
+                await asyncio.sleep(delay)
+
+
+@dataclass
+class _Job:
+    """One file download in progress."""
+
+    md: ModelDir
+    source: Source
+    f: RemoteFile
+    dest: Path
+    on_bytes: Callable[[int], None] | None
+    sem: asyncio.Semaphore
+    fd: int = -1
+    done: set[int] = field(default_factory=set)
+    save_state: Callable[[], None] = lambda: None
+
+    def add_bytes(self, n: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    async def write(self, buf: bytearray, pos: int) -> int:
+        """Write and empty ``buf`` at ``pos``; return the next position."""
+        data = bytes(buf)
+        buf.clear()
+        await asyncio.to_thread(_pwrite_all, self.fd, data, pos)
+        self.add_bytes(len(data))
+        return pos + len(data)
