@@ -45,6 +45,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sidecar.cache import NodeCache
 from sidecar.layout import MANIFEST_FILE, ModelDir, UnsafePathError, models_root, trash_root
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
+from sidecar.progress import Progress
 
 log = logging.getLogger("sidecar.agent")
 
@@ -369,13 +370,13 @@ class AgentMetrics:
         )
         self.prewarm_done = Gauge(
             "modelcache_prewarm_bytes_done",
-            "Bytes of a pre-warmed model present in the cache",
+            "Bytes of a pre-warm entry in the cache (live while it runs)",
             ["model"],
             registry=r,
         )
         self.prewarm_total = Gauge(
             "modelcache_prewarm_bytes_total",
-            "Bytes of a pre-warmed model when complete (0 until known)",
+            "Bytes of a pre-warm entry when complete (0 until its source was listed)",
             ["model"],
             registry=r,
         )
@@ -420,6 +421,7 @@ class _PrewarmState:
     last_check: datetime | None = None
     failures: int = 0
     not_before: float = 0.0
+    progress: Progress | None = None
 
 
 @dataclass
@@ -456,6 +458,8 @@ class Agent:
         self._config_stamp: tuple[float, int] | None = None
         self._prewarm: dict[str, _PrewarmState] = {}
         self._prewarm_keys: set[str] = set()
+        self._entries: list[PrewarmEntry] = []
+        self._shown_prewarm: set[str] = set()
         self._filling: set[str] = set()
         self._prewarm_failures = 0
         self._wake = asyncio.Event()
@@ -505,6 +509,7 @@ class Agent:
             return PassResult(ok=False, error=str(exc))
 
         entries = self._config.for_node(labels)
+        self._entries = entries
         self._prewarm_keys = {m.source.cache_key for e in entries for m in e.models}
         try:
             if self.settings.max_bytes > 0:
@@ -576,11 +581,32 @@ class Agent:
         self.metrics.models.labels(state="ready").set(sum(1 for m in models if m.ready))
         self.metrics.models.labels(state="partial").set(sum(1 for m in models if not m.ready))
         by_key = {m.key: m for m in models}
-        for key in self._prewarm_keys:
-            state = by_key.get(key)
-            self.metrics.prewarm_done.labels(model=key).set(state.bytes if state else 0)
-            if state is not None and state.ready:
-                self.metrics.prewarm_total.labels(model=key).set(_manifest_total(state.path))
+        shown = set()
+        for entry in self._entries:
+            done, total = self._prewarm_progress(entry, by_key)
+            self.metrics.prewarm_done.labels(model=entry.model).set(done)
+            self.metrics.prewarm_total.labels(model=entry.model).set(total)
+            shown.add(entry.model)
+        for gone in self._shown_prewarm - shown:
+            self.metrics.prewarm_done.remove(gone)
+            self.metrics.prewarm_total.remove(gone)
+        self._shown_prewarm = shown
+
+    def _prewarm_progress(
+        self, entry: PrewarmEntry, by_key: Mapping[str, ModelState]
+    ) -> tuple[int, int]:
+        """Bytes done and total of an entry: live from a running warm-up, else from the scan."""
+        state = self._prewarm.get(entry.ident)
+        progress = state.progress if state is not None else None
+        running = state is not None and state.task is not None and not state.task.done()
+        if running and progress is not None and progress.total_bytes:
+            return progress.done_bytes, progress.total_bytes
+        models = [by_key.get(m.source.cache_key) for m in entry.models]
+        if all(m is not None and m.ready for m in models):
+            total = sum(_manifest_total(m.path) for m in models if m is not None)
+            return total, total
+        done = sum(m.bytes for m in models if m is not None)
+        return done, progress.total_bytes if progress is not None else 0
 
     # -- pre-warm ------------------------------------------------------------------------
     def _schedule_prewarm(self, entries: list[PrewarmEntry], models: list[ModelState]) -> list[str]:
@@ -610,6 +636,7 @@ class Agent:
         keys = [m.source.cache_key for m in entry.models]
         self._filling.update(keys)
         log.info("pre-warm %s: starting", entry.model)
+        state.progress = Progress(emit=lambda line: log.info("pre-warm %s: %s", entry.model, line))
         try:
             warm = self._warm or _default_warm
             await warm(
@@ -619,6 +646,7 @@ class Agent:
                 parallel=self.settings.parallel,
                 timeout=self.settings.prewarm_timeout,
                 pvc_root=self.settings.pvc_root,
+                progress=state.progress,
             )
         except Exception as exc:  # noqa: BLE001 - any failure of a source must not stop the agent
             state.failures += 1

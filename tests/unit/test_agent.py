@@ -269,10 +269,13 @@ class FakeWarm:
 
     async def __call__(self, cache: object, models: list, **kwargs: object) -> None:
         self.calls.append(([m.source.uri for m in models], kwargs))
+        progress = kwargs["progress"]
+        progress.add_total(len(models), 64 * len(models))
         if self.fail:
             raise RuntimeError("source unreachable")
         for m in models:
             write_model(self.cache_dir, m.source.uri, {"w.bin": b"w" * 64})
+            progress.add_fetched(64)
 
 
 def prewarm_agent(
@@ -309,7 +312,9 @@ models:
     assert result.started_prewarm == []
     assert len(warm.calls) == 1
     text = agent.metrics.render().decode()
-    assert f'modelcache_prewarm_bytes_total{{model="{key_of(A)}"}} 64.0' in text
+    assert f'modelcache_prewarm_bytes_total{{model="{A}"}} 64.0' in text
+    assert f'modelcache_prewarm_bytes_done{{model="{A}"}} 64.0' in text
+    assert f'modelcache_prewarm_bytes_total{{model="{B}"}}' not in text  # not for this node
     assert 'modelcache_prewarm_runs_total{result="ok"} 1.0' in text
     await agent.close()
 

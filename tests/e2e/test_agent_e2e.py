@@ -1,0 +1,154 @@
+"""Node agent end to end: ``python -m sidecar agent --once`` as a process, against the loopback
+node API (through its kubeconfig), a real node cache filled by the real warm-up from ``file://``
+models, and a live ``python -m sidecar mount`` holding the model it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sidecar.agent import LABEL_PREFIX
+from sidecar.cache import NodeCache
+from sidecar.layout import ModelDir, models_root
+from sidecar.modelsource import NamedModel, parse_model_arg
+from sidecar.warmup import warm_models
+from tests.fixtures.kube_nodes import FakeNodeAPI
+from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
+
+NODE = "gpu-node-1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_agent(
+    kube: FakeNodeAPI, tmp_path: Path, cache: Path, *flags: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KUBECONFIG=str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
+    env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config in tests
+    cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache), "--node", NODE]
+    return subprocess.run(
+        [*cmd, "--once", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
+def make_model(tmp_path: Path, name: str, seed: int) -> tuple[ModelInfo, NamedModel]:
+    info = generate_model(tmp_path / "src" / name, total_bytes=120_000, shards=2, seed=seed)
+    return info, parse_model_arg(f"{name}=file://{info.root}")
+
+
+def label(model: NamedModel) -> str:
+    return LABEL_PREFIX + model.source.cache_key
+
+
+def test_prewarm_fills_the_cache_and_the_label_appears(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE, {"gpu": "a100", "kubernetes.io/hostname": NODE})
+    info, model = make_model(tmp_path, "llm", seed=1)
+    _, other = make_model(tmp_path, "elsewhere", seed=2)
+    config = tmp_path / "prewarm.yaml"
+    config.write_text(
+        f"models:\n"
+        f"  - model: {model.to_arg()}\n"
+        f"    nodeSelector: {{gpu: a100}}\n"
+        f"  - model: {other.to_arg()}\n"
+        f"    nodeSelector: {{gpu: t4}}\n"
+    )
+    cache = tmp_path / "cache"
+    done = run_agent(kube_nodes, tmp_path, cache, "--prewarm-config", str(config))
+    assert done.returncode == 0, done.stderr
+
+    data = ModelDir(cache, model.source.cache_key).data
+    for rel, gen in info.files.items():
+        assert sha256_file(data / rel) == gen.sha256, rel
+    assert not ModelDir(cache, other.source.cache_key).root.exists()  # not for this node
+    assert kube_nodes.labels(NODE) == {
+        "gpu": "a100",
+        "kubernetes.io/hostname": NODE,
+        label(model): "ready",
+    }
+    assert len(kube_nodes.patches()) == 1
+
+    # a second run finds everything in place: no fetch, no PATCH
+    kube_nodes.clear_requests()
+    again = run_agent(kube_nodes, tmp_path, cache, "--prewarm-config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert [r.method for r in kube_nodes.recorded()] == ["GET"]
+
+
+def test_bad_prewarm_config_is_refused_naming_the_key(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE)
+    config = tmp_path / "prewarm.yaml"
+    config.write_text("models:\n  - model: hf://org/x\n    nodeSelectr: {gpu: a100}\n")
+    done = run_agent(kube_nodes, tmp_path, tmp_path / "cache", "--prewarm-config", str(config))
+    assert done.returncode == 2
+    assert "models[0].nodeSelectr: unknown key" in done.stderr
+    assert str(config) in done.stderr
+    assert kube_nodes.recorded() == []  # refused before touching the API
+
+
+def test_eviction_keeps_the_model_a_live_mount_serves(
+    tmp_path: Path, kube_nodes: FakeNodeAPI, fuse_available: None, sidecar_mount: object
+) -> None:
+    cache = tmp_path / "cache"
+    served_info, served = make_model(tmp_path, "served", seed=3)
+    _, idle = make_model(tmp_path, "idle", seed=4)
+    _, fresh = make_model(tmp_path, "fresh", seed=5)
+    asyncio.run(warm_models(NodeCache(cache), [served, idle, fresh]))
+    kube_nodes.add_node(NODE, {"gpu": "a100"})
+    assert run_agent(kube_nodes, tmp_path, cache).returncode == 0
+    assert {label(m) for m in (served, idle, fresh)} <= set(kube_nodes.labels(NODE))
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = sidecar_mount(cache, mnt, [served.to_arg()], "--link-root", "cache")  # type: ignore[operator]
+    mount.wait_ready(["served"])
+    # LRU order: the served model is the oldest, so it is the first candidate and must be
+    # skipped because the mount holds its lock; the idle one is next and goes
+    now = time.time()
+    for model, age in ((served, 3000), (idle, 2000), (fresh, 0)):
+        path = ModelDir(cache, model.source.cache_key).last_used
+        path.touch()
+        os.utime(path, (now - age, now - age))
+
+    idle_root = ModelDir(cache, idle.source.cache_key).root
+    files_at_patch: list[bool] = []
+    kube_nodes.on_request.append(
+        lambda r: files_at_patch.append(idle_root.exists()) if r.method == "PATCH" else None
+    )
+    per_model = served_info.total_bytes
+    done = run_agent(kube_nodes, tmp_path, cache, "--max-bytes", str(int(per_model * 2.5)))
+    assert done.returncode == 0, done.stderr
+
+    assert sorted(p.name for p in models_root(cache).iterdir()) == sorted(
+        [served.source.cache_key, fresh.source.cache_key]
+    )
+    assert files_at_patch and files_at_patch[0] is True  # the label went before the files
+    labels = kube_nodes.labels(NODE)
+    assert label(idle) not in labels
+    assert labels[label(served)] == "ready" and labels[label(fresh)] == "ready"
+    assert "in use" in done.stderr
+    # the mount still serves its model, byte for byte
+    some = served_info.weight_files[0]
+    assert sha256_file(mnt / "served" / some) == served_info.files[some].sha256
+    assert mount.stop() == 0
+
+
+def test_once_exits_nonzero_when_the_node_does_not_exist(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    done = run_agent(kube_nodes, tmp_path, tmp_path / "cache")
+    assert done.returncode == 1
+    assert f"node '{NODE}'" in done.stderr and "404" in done.stderr
