@@ -24,12 +24,13 @@ import argparse
 import asyncio
 import fnmatch
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from sidecar.cache import CacheError, NodeCache
+from sidecar.cache import PART_SIZE, CacheError, NodeCache
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from sidecar.progress import Progress, human_bytes
 from sidecar.sources import (
@@ -275,7 +276,13 @@ def run(args: argparse.Namespace) -> int:
         print("warmup failed: --parallel must be ≥ 1 and --timeout > 0", file=sys.stderr)
         return 2
     include = [g.strip() for g in (args.include or "").split(",") if g.strip()]
-    cache = NodeCache(args.cache_dir)
+    try:
+        # tuning knob for tests and benchmarks, not part of the webhook contract
+        part_size = int(os.environ.get("MODELCACHE_PART_SIZE") or PART_SIZE)
+        cache = NodeCache(args.cache_dir, part_size=part_size)
+    except ValueError as exc:
+        print(f"warmup failed: MODELCACHE_PART_SIZE: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(
             warm_models(

@@ -37,8 +37,11 @@ def _q(value: str, safe: str = "-_.~") -> str:
 class S3Source:
     """Every object under ``s3://bucket/prefix``."""
 
-    def __init__(self, bucket: str, prefix: str, *, read_timeout: float) -> None:
+    def __init__(
+        self, bucket: str, prefix: str, *, read_timeout: float, page_size: int | None = None
+    ) -> None:
         self.bucket = bucket
+        self.page_size = page_size
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}"
         self.region = os.environ.get("AWS_REGION") or os.environ.get(
@@ -77,6 +80,8 @@ class S3Source:
             params = {"list-type": "2", "prefix": self.prefix}
             if token:
                 params["continuation-token"] = token
+            if self.page_size:
+                params["max-keys"] = str(self.page_size)
             query = "&".join(f"{_q(k)}={_q(v)}" for k, v in sorted(params.items()))
             url, headers = self._signed(f"{self.base}/?{query}")
             body, _ = await self.http.get_bytes(url, "ListObjectsV2", headers=headers)
