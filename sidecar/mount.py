@@ -287,8 +287,10 @@ class MountService:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.mountpoint = str(args.mountpoint)
-        self.cache_dir = Path(args.cache_dir)
+        # absolute: libfuse changes the working directory to / when it starts serving
+        self.mountpoint = os.path.abspath(args.mountpoint)
+        self.cache_dir = Path(args.cache_dir).absolute()
+        self.pvc_root = os.path.abspath(args.pvc_root)
         self.include = _include_globs(args.include)
         try:
             self.models = [parse_model_arg(v) for v in args.model]
@@ -313,7 +315,7 @@ class MountService:
     def prepare(self) -> None:
         for model in self.models:
             try:
-                source = open_source(model, pvc_root=self.args.pvc_root)
+                source = open_source(model, pvc_root=self.pvc_root)
             except SourceError as exc:
                 raise MountError(f"model {model.name}: {exc}") from exc
             self.served[model.name] = ServedModel(
@@ -350,7 +352,7 @@ class MountService:
                 include=self.include,
                 parallel=self.args.parallel,
                 timeout=self.args.timeout,
-                pvc_root=self.args.pvc_root,
+                pvc_root=self.pvc_root,
             )
 
         def _done(fut: concurrent.futures.Future[Any]) -> None:

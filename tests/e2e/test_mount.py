@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from sidecar.cache import NodeCache
 from sidecar.layout import ModelDir
 from sidecar.modelsource import parse_model_arg
-from tests.fixtures.fuse import force_unmount, is_mounted, probe
+from tests.fixtures.fuse import REPO_ROOT, force_unmount, is_mounted, probe
 
 pytestmark = pytest.mark.fuse
 
@@ -228,9 +228,11 @@ def test_sigterm_unmounts_cleanly(
     fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
 ) -> None:
     mnt = tmp_path / "mnt"
-    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)], "--link-root", "none")
+    # relative paths keep working after libfuse changes the daemon's directory to /
+    rel_cache, rel_mnt = (os.path.relpath(p, REPO_ROOT) for p in (tmp_path / "cache", mnt))
+    m = sidecar_mount(rel_cache, rel_mnt, [model_arg(model_src)], "--link-root", "none")
     m.wait_ready(["tiny"])
-    assert (mnt / "tiny" / "config.json").read_bytes()
+    assert (mnt / "tiny" / "config.json").read_bytes() == (model_src / "config.json").read_bytes()
     assert m.stop() == 0, m.log
     assert not is_mounted(mnt)
     assert os.listdir(mnt) == []  # a plain empty directory again, no dead mount
