@@ -2,6 +2,10 @@
 
 ``generate_model`` writes a small but real model directory (safetensors shards, an index,
 config and tokenizer files), streaming so a multi-GiB benchmark model never sits in memory.
+``publish_hub_repo`` lays it out as static files that answer the two documented Hugging Face
+Hub endpoints an enterprise hub mirror serves (model info with ``blobs=true`` and
+``resolve``), so an unmodified ``vllm serve org/name`` pod with ``HF_ENDPOINT`` pointing at
+the mirror, and modelcache's ``hf://`` source, both fetch from it.
 ``Mirror`` serves a directory with nginx (JSON autoindex, ranged GETs, optional per-connection
 ``limit_rate``) the way an internal model mirror would, and counts the bytes it sent from its
 access log (``$body_bytes_sent``), which is how the runner's callers report bytes fetched.
@@ -9,6 +13,7 @@ access log (``$body_bytes_sent``), which is how the runner's callers report byte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -91,6 +96,50 @@ def generate_model(dest: Path, total_bytes: int, shards: int = 4, seed: int = 0)
     return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish_hub_repo(store: Path, repo: str, model_dir: Path, revision: str = "main") -> str:
+    """Serve ``model_dir`` as hub repo ``repo`` from the nginx root ``store``; returns the
+    commit id. Weights get an ``lfs.sha256`` (the warm-up verifies it), like on the hub."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    stamp = model_dir.parent / f".{model_dir.name}.generated"
+    commit = hashlib.sha1(f"{repo}:{stamp.read_text() if stamp.exists() else ''}".encode())
+    commit_id = commit.hexdigest()
+    sums_file = model_dir.parent / f".{model_dir.name}.sha256.json"
+    sums: dict[str, str] = {}
+    if sums_file.exists() and stamp.exists() and sums_file.stat().st_mtime >= stamp.stat().st_mtime:
+        sums = json.loads(sums_file.read_text())
+    siblings = []
+    for p in files:
+        rel = p.relative_to(model_dir).as_posix()
+        sib: dict[str, object] = {"rfilename": rel, "size": p.stat().st_size}
+        if p.suffix == ".safetensors":
+            if rel not in sums:
+                sums[rel] = _sha256(p)
+            sib["lfs"] = {"sha256": sums[rel], "size": p.stat().st_size}
+        siblings.append(sib)
+    sums_file.write_text(json.dumps(sums))
+    info = {"id": repo, "modelId": repo, "sha": commit_id, "siblings": siblings}
+    api = store / "api" / "models" / repo / "revision"
+    api.mkdir(parents=True, exist_ok=True)
+    for rev in {revision, commit_id}:
+        (api / rev).write_text(json.dumps(info))
+    resolve = store / repo / "resolve"
+    resolve.mkdir(parents=True, exist_ok=True)
+    for rev in {revision, commit_id}:
+        link = resolve / rev
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(model_dir.resolve(), target_is_directory=True)
+    return commit_id
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,14 +168,16 @@ class Mirror:
     def access_log(self) -> Path:
         return self.workdir / "access.log"
 
-    def bytes_sent(self) -> int:
-        """Sum of ``$body_bytes_sent`` over every request logged so far."""
+    def bytes_sent(self, path_contains: str = "") -> int:
+        """Sum of ``$body_bytes_sent`` over the requests logged so far (whose request line
+        contains ``path_contains``: ``"/resolve/"`` counts model file bytes only, leaving out
+        listings and model info)."""
         if not self.access_log.exists():
             return 0
         total = 0
         for line in self.access_log.read_text().splitlines():
-            head = line.split(" ", 1)[0]
-            if head.isdigit():
+            head, _, request = line.partition(" ")
+            if head.isdigit() and path_contains in request:
                 total += int(head)
         return total
 
@@ -160,6 +211,7 @@ http {{
     root {self.root};
     {rate}
     location / {{ autoindex on; autoindex_format json; }}
+    location /api/ {{ default_type application/json; }}
   }}
 }}
 """

@@ -7,10 +7,11 @@ every tensor so all the bytes are really read, reads the other files (config, to
 whole, and only then listens and answers ``GET /v1/models`` with the served model name and
 ``GET /health``. The loading is real; the serving is not.
 
-A model given as an ``http(s)://.../`` directory (nginx JSON autoindex) is first downloaded
-file by file over one connection into ``--download-dir`` (default ``$HF_HOME`` or
-``~/.cache/huggingface``), the way a server pulls from a hub without modelcache: the baseline
-of the cold-start benchmark.
+A model that is not a local directory is downloaded first, file by file over one connection,
+into ``--download-dir`` (default ``$HF_HOME`` or ``~/.cache/huggingface``), the way a server
+pulls from a hub without modelcache (the baseline of the cold-start benchmark): a hub id
+``org/name`` from ``$HF_ENDPOINT`` (model info, then ``resolve``), or an ``http(s)://.../``
+directory (nginx JSON autoindex).
 
 Under the local pod runner ``LOCALPOD_PORT_FILE`` is set: then it binds a free loopback port
 instead of the one in its args (pods share the host network here) and writes
@@ -116,18 +117,40 @@ def _list_http(url: str) -> list[tuple[str, int]]:
     return out
 
 
-def download(url: str, dest_root: Path) -> Path:
-    """Single-stream download of a whole model directory; returns the local directory."""
-    if not url.endswith("/"):
-        url += "/"
-    dest = dest_root / "standin" / hashlib.sha256(url.encode()).hexdigest()[:16]
+def _list_hub(repo: str) -> tuple[str, list[tuple[str, int]]]:
+    """(base URL of the files, files) of a hub repo at ``$HF_ENDPOINT``, revision main."""
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    if not endpoint:
+        raise UsageError(f"{repo} is no local directory and HF_ENDPOINT is not set (offline)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"{repo} is no local directory and HF_HUB_OFFLINE=1")
+    quoted = urllib.parse.quote(repo)
+    with urllib.request.urlopen(
+        f"{endpoint}/api/models/{quoted}/revision/main?blobs=true", timeout=30
+    ) as resp:
+        info = json.load(resp)
+    files = [(s["rfilename"], int(s.get("size", 0))) for s in info["siblings"]]
+    for rel, _ in files:
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise UsageError(f"refusing hub file name {rel!r}")
+    return f"{endpoint}/{quoted}/resolve/{info.get('sha') or 'main'}/", files
+
+
+def download(model: str, dest_root: Path) -> Path:
+    """Single-stream download of a whole model; returns the local directory."""
+    if model.startswith(("http://", "https://")):
+        base = model if model.endswith("/") else model + "/"
+        files = _list_http(base)
+    else:
+        base, files = _list_hub(model)
+    dest = dest_root / "standin" / hashlib.sha256(model.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     total = 0
-    for rel, _size in _list_http(url):
+    for rel, _size in files:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        src = url + urllib.parse.quote(rel)
+        src = base + urllib.parse.quote(rel)
         with urllib.request.urlopen(src, timeout=60) as resp, open(target, "wb") as f:
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
@@ -195,12 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_server_args(argv[0], argv[1:])
         t0 = time.monotonic()
-        model = args.model
-        if model.startswith(("http://", "https://")):
+        local = Path(args.model)
+        if args.model.startswith("/") and not local.is_dir():
+            raise UsageError(f"model path {args.model} is not a directory")
+        if not local.is_dir():
             root = args.download_dir or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-            local = download(model, Path(root).expanduser())
-        else:
-            local = Path(model)
+            local = download(args.model, Path(root).expanduser())
         files, nbytes = load_weights(local)
     except (UsageError, OSError) as exc:
         print(f"standin: error: {exc}", file=sys.stderr)
