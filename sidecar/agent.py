@@ -31,6 +31,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -263,11 +264,12 @@ class NodeAPI:
         self._on_error = on_error or (lambda: None)
         self._timeout = request_timeout
 
-    async def _call(self, what: str, fn: Callable[[], T]) -> T:
+    async def _call(self, what: str, fn: Callable[[], T], retry: RetryPolicy | None = None) -> T:
         from kubernetes.client.exceptions import ApiException
 
+        policy = retry or self.retry
         last: BaseException | None = None
-        for attempt in range(self.retry.attempts):
+        for attempt in range(policy.attempts):
             try:
                 return await asyncio.to_thread(fn)
             except Exception as exc:
@@ -278,8 +280,8 @@ class NodeAPI:
                         f"{what} node {self.node!r} failed ({status}): {_brief(exc)}"
                     ) from exc
                 last = exc
-                if attempt + 1 < self.retry.attempts:
-                    wait = self.retry.delay(attempt)
+                if attempt + 1 < policy.attempts:
+                    wait = policy.delay(attempt)
                     log.warning(
                         "%s node %s failed (%s), retry %d in %.2fs",
                         what,
@@ -290,7 +292,7 @@ class NodeAPI:
                     )
                     await asyncio.sleep(wait)
         raise NodeAPIError(
-            f"{what} node {self.node!r} failed {self.retry.attempts} times: {_brief(last)}"
+            f"{what} node {self.node!r} failed {policy.attempts} times: {_brief(last)}"
         ) from last
 
     async def get_labels(self) -> dict[str, str]:
@@ -299,13 +301,16 @@ class NodeAPI:
         )
         return _labels_of(node)
 
-    async def patch_labels(self, patch: Mapping[str, str | None]) -> dict[str, str]:
+    async def patch_labels(
+        self, patch: Mapping[str, str | None], retry: RetryPolicy | None = None
+    ) -> dict[str, str]:
         body = {"metadata": {"labels": dict(patch)}}
         node = await self._call(
             "patch",
             lambda: self.api.patch_node(
                 self.node, body, _content_type=MERGE_PATCH, _request_timeout=self._timeout
             ),
+            retry,
         )
         return _labels_of(node)
 
@@ -407,6 +412,10 @@ class AgentSettings:
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: For the label removal made while holding a model's exclusive lock (kept short).
+    eviction_retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(attempts=3, base=0.2, cap=1.0)
+    )
     parallel: int = 8
     prewarm_timeout: float = 1800.0
     pvc_root: str = "/var/run/modelcache/pvc"
@@ -542,6 +551,8 @@ class Agent:
             if freed >= excess:
                 break
             if model.key in self._filling:
+                # our own pre-warm fills it (it holds the lock too, but its blocking flock
+                # must never wait on a lock this event loop holds)
                 result.skipped_in_use.append(model.key)
                 continue
             # a mount serving the model or a warm-up filling it holds the lock shared
@@ -551,8 +562,12 @@ class Agent:
                     log.info("not evicting %s: in use by a mount or a warm-up", model.key)
                     continue
                 if labels.get(model.label) is not None:
-                    # the label goes first: no pod is steered here for a model being removed
-                    labels = await self.api.patch_labels({model.label: None})
+                    # The label goes first: no pod is steered here for a model being removed.
+                    # Mounts and warm-ups wait for the lock while we hold it, so the patch
+                    # gets a short retry budget; if it fails nothing is deleted this pass.
+                    labels = await self.api.patch_labels(
+                        {model.label: None}, retry=self.settings.eviction_retry
+                    )
                     self.metrics.label_patches.inc()
                 trash = trash_root(self.settings.cache_dir)
                 trash.mkdir(parents=True, exist_ok=True)
@@ -757,14 +772,23 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         max_bytes=args.max_bytes,
         prewarm_config=Path(args.prewarm_config) if args.prewarm_config else None,
         interval=args.interval,
-        metrics_port=None if args.once else args.metrics_port,
+        metrics_port=None if args.once or args.metrics_port == 0 else args.metrics_port,
     )
 
 
 async def _main(settings: AgentSettings, once: bool) -> int:
     agent = Agent(settings, load_api_client())
+    main = asyncio.create_task(agent.run(once=once))
+    loop = asyncio.get_running_loop()
+    # SIGTERM (pod deletion) stops between steps; an eviction's rename is atomic and a
+    # pre-warm download resumes later, so stopping anywhere is safe
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel)
     try:
-        return await agent.run(once=once)
+        return await main
+    except asyncio.CancelledError:
+        log.info("stopping on signal")
+        return 0
     finally:
         await agent.close()
 

@@ -152,3 +152,41 @@ def test_once_exits_nonzero_when_the_node_does_not_exist(
     done = run_agent(kube_nodes, tmp_path, tmp_path / "cache")
     assert done.returncode == 1
     assert f"node '{NODE}'" in done.stderr and "404" in done.stderr
+
+
+def test_loop_follows_the_cache_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    import signal
+
+    from tests.fixtures.agent_cache import write_model
+
+    kube_nodes.add_node(NODE)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, KUBECONFIG=str(kube_nodes.write_kubeconfig(tmp_path / "kubeconfig")))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache), "--node", NODE]
+    cmd += ["--interval", "0.2", "--metrics-port", "0"]  # 0: no metrics listener
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        mdir = write_model(cache, "hf://org/later", {"w.bin": b"w" * 10})
+        key = LABEL_PREFIX + mdir.key
+        deadline = time.monotonic() + 60
+        while key not in kube_nodes.labels(NODE):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "label did not appear"
+            time.sleep(0.05)
+        mdir.manifest.unlink()  # no longer complete: the next pass removes the label
+        while key in kube_nodes.labels(NODE):
+            assert time.monotonic() < deadline, "label was not removed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopping on signal" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -385,3 +385,26 @@ def test_bad_config_at_start_is_an_error_naming_the_key(
             "models: [{model: hf://o/x, schedul: '* * * * *'}]",
             FakeWarm(tmp_path),
         )
+
+
+async def test_eviction_deletes_nothing_when_the_label_cannot_go(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE)
+    old = write_model(tmp_path, A, {"a.bin": b"a" * 4000}, last_used=time.time() - 100)
+    write_model(tmp_path, B, {"b.bin": b"b" * 4000})
+    assert (await make_agent(tmp_path, kube_nodes).run_pass()).ok
+    kube_nodes.fail_next(50, "500", method="PATCH")
+    settings = AgentSettings(
+        cache_dir=tmp_path, node=NODE, max_bytes=5000, retry=FAST, eviction_retry=FAST
+    )
+    agent = Agent(settings, kube_nodes.api_client())
+    result = await agent.run_pass()
+    assert not result.ok and "patch" in result.error
+    assert result.evicted == []
+    assert old.root.exists() and (old.data / "a.bin").stat().st_size == 4000
+    assert kube_nodes.labels(NODE)[lab(A)] == "ready"
+    # the lock was released: a mount could take it now
+    with agent.cache.hold(old.key, exclusive=True, blocking=False) as got:
+        assert got is True
+    await agent.close()
