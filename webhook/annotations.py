@@ -48,12 +48,18 @@ _FORBIDDEN_MOUNT_ROOTS: Final = ("/proc", "/sys", "/dev", "/etc", "/var/run/mode
 class AnnotationError(ValueError):
     """A user error in a label or annotation: names the key, the value and what is accepted."""
 
-    def __init__(self, key: str, value: str, accepted: str, detail: str = "") -> None:
+    def __init__(
+        self, key: str, value: str, accepted: str, detail: str = "", *, unknown: bool = False
+    ) -> None:
         self.key = key
         self.value = value
         self.accepted = accepted
-        why = f": {detail}" if detail else ""
-        super().__init__(f"{key}: invalid value {value!r}{why}; accepted: {accepted}")
+        if unknown:
+            message = f"{key}: unknown annotation (value {value!r}); accepted keys: {accepted}"
+        else:
+            why = f": {detail}" if detail else ""
+            message = f"{key}: invalid value {value!r}{why}; accepted: {accepted}"
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -242,8 +248,8 @@ def parse_pod_options(annotations: object, config: Config) -> PodOptions:
             raise AnnotationError(
                 key,
                 str(ann[key]),
-                "known keys " + ", ".join(s.key for s in ANNOTATIONS),
-                "unknown modelcache.io annotation",
+                ", ".join(s.key for s in ANNOTATIONS),
+                unknown=True,
             )
     parsed: dict[str, Any] = {}
     for spec in ANNOTATIONS:

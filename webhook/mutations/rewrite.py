@@ -245,6 +245,35 @@ def _rewrite_hub_repo(
     return 1
 
 
+def _rewrite_lora(container: Container, fw: Framework, ctx: Context) -> int:
+    """vLLM ``--lora-modules name=REF [name=REF ...]``: rewrite each REF naming a model."""
+    if fw is not VLLM:
+        return 0
+    argv = _Argv(container)
+    tokens = argv.tokens()
+    done = 0
+    for i, token in enumerate(tokens):
+        if token != "--lora-modules":
+            continue
+        j = i + 1
+        while j < len(tokens) and not tokens[j].startswith("-"):
+            lora, sep, value = tokens[j].partition("=")
+            m = _match(value, ctx) if sep else None
+            if m is not None:
+                argv.set(j, f"{lora}={m[1]}")
+                ctx.notes.rewrites.append(
+                    {
+                        "container": str(container.get("name")),
+                        "field": f"{argv.field(j)} --lora-modules",
+                        "original": value,
+                        "value": m[1],
+                    }
+                )
+                done += 1
+            j += 1
+    return done
+
+
 def _rewrite_script(container: Container, fw: Framework, ctx: Context) -> int:
     """Whole-token replacements inside an ``sh -c`` script (the script stays a script)."""
     argv = _Argv(container)
@@ -348,6 +377,7 @@ def rewrite_container(container: Container, ctx: Context) -> int:
     tokens = container_tokens(container)
     fw = identify_framework(container, tokens) or GENERIC
     done = _rewrite_argv(container, fw, ctx, tokens)
+    done += _rewrite_lora(container, fw, ctx)
     done += _rewrite_script(container, fw, ctx)
     done += _rewrite_env(container, fw, ctx)
     if _uses_hub_model(container, ctx) and _set_env(container, HF_OFFLINE, "1"):
