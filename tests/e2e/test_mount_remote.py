@@ -1,0 +1,130 @@
+"""The mount over remote sources: a real nginx, a slow nginx, a refusing server."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.layout import ModelDir
+from sidecar.modelsource import parse_model_arg
+from tests.fixtures.fuse import is_mounted, probe
+from tests.fixtures.modelgen import generate_model
+from tests.fixtures.servers import (
+    Faults,
+    fault_server,
+    nginx_available,
+    nginx_bytes_sent,
+    nginx_server,
+)
+
+pytestmark = [pytest.mark.fuse, pytest.mark.nginx]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_nginx_model_through_the_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, nginx_model, link_root: str
+) -> None:
+    mnt = tmp_path / "mnt"
+    before = nginx_bytes_sent(nginx_model.server)
+    m = sidecar_mount(
+        tmp_path / "cache", mnt, [f"llama={nginx_model.url}"], "--link-root", link_root
+    )
+    m.wait_ready(["llama"])
+    out = subprocess.run(
+        ["sha256sum", *(str(mnt / "llama" / p) for p in nginx_model.info.files)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    got = {
+        Path(line.split()[1]).relative_to(mnt / "llama").as_posix(): line.split()[0]
+        for line in out.splitlines()
+    }
+    assert got == {p: f.sha256 for p, f in nginx_model.info.files.items()}
+    # each byte crossed the network once, although sha256sum and the kernel read more
+    sent = nginx_bytes_sent(nginx_model.server) - before
+    assert sent == nginx_model.info.total_bytes
+
+
+@pytest.fixture
+def slow_model(tmp_path: Path):
+    if not nginx_available():
+        pytest.skip("nginx not installed (scripts/system-deps.sh installs nginx-light)")
+    info = generate_model(tmp_path / "root" / "slow", total_bytes=6 << 20, shards=2, seed=3)
+    with nginx_server(tmp_path / "root", limit_rate="3m") as server:
+        yield f"{server}slow/", info
+
+
+@pytest.mark.parametrize("link_root", ["cache", "none"])
+def test_open_of_an_incomplete_file_waits_for_the_complete_bytes(
+    fuse_available: None, sidecar_mount, tmp_path: Path, slow_model, link_root: str
+) -> None:
+    url, info = slow_model
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = f"slow={url}"
+    mdir = ModelDir(cache, parse_model_arg(arg).source.cache_key)
+    m = sidecar_mount(cache, mnt, [arg], "--link-root", link_root, "--parallel", "1")
+    m.wait_ready(["slow"])
+    rel = info.weight_files[0]
+    result: list[str | BaseException] = []
+
+    def reader() -> None:
+        try:
+            result.append(sha(mnt / "slow" / rel))
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    # while the download runs: bytes land in .partial/, never under data/, and the mount
+    # shows the listed size (a partial length would be a lie)
+    deadline = time.monotonic() + 60
+    seen_partial = False
+    while thread.is_alive() and time.monotonic() < deadline:
+        if mdir.partial_file(rel).exists():
+            seen_partial = True
+            assert not mdir.data_file(rel).exists()
+            if link_root == "none":
+                assert os.stat(mnt / "slow" / rel).st_size == info.files[rel].size
+        time.sleep(0.02)
+    thread.join(60)
+    assert seen_partial, "the download finished before it could be observed"
+    assert result == [info.files[rel].sha256]
+    assert sha(mdir.data_file(rel)) == info.files[rel].sha256
+
+
+def test_source_refusing_the_pod_stops_the_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, generated_model
+) -> None:
+    with fault_server(generated_model.root, Faults(deny=True)) as server:
+        mnt = tmp_path / "mnt"
+        m = sidecar_mount(tmp_path / "cache", mnt, [f"m={server}"])
+        assert m.wait() != 0
+        assert "access denied" in m.log
+        assert not is_mounted(mnt)
+
+
+def test_fetch_refused_after_start_is_an_error_for_the_app(
+    fuse_available: None, sidecar_mount, tmp_path: Path, generated_model
+) -> None:
+    with fault_server(generated_model.root) as server:
+        mnt = tmp_path / "mnt"
+        m = sidecar_mount(tmp_path / "cache", mnt, [f"m={server}"], "--link-root", "none")
+        m.wait_ready(["m"])
+        server.faults.deny = True  # credentials revoked while the pod runs
+        with pytest.raises(OSError) as err:
+            (mnt / "m" / "config.json").read_bytes()
+        assert err.value.errno == errno.EACCES
+        assert probe(mnt, ["m"]).returncode == 0  # the mount itself keeps serving
