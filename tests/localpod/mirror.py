@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import struct
@@ -191,7 +192,10 @@ class Mirror:
             f"{t}_temp_path {w}/tmp/{t};\n"
             for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
+        # as root, workers would drop to nobody and could not read a 0700 pytest tmp dir
+        user = "user root;" if os.geteuid() == 0 else ""
         return f"""
+{user}
 daemon off;
 master_process on;
 worker_processes 2;

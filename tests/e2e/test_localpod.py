@@ -1,0 +1,128 @@
+"""End to end on one machine: the vLLM example, injected by the real CLI, run as a local pod.
+
+Real parts only: ``python -m webhook inject``, the warm-up and FUSE sidecar (``python -m
+sidecar ...``) in their own mount namespaces, nginx as a hub mirror on loopback, and the
+stand-in server loading every tensor from the rewritten path. Checked: the app reads through
+the FUSE mount and answers ``/v1/models`` with the original model name, a second pod on the
+same node fetches no model bytes, the cold pod fetches each byte once (block and async), and
+nothing (mount, process, created mountpoint) is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.localpod.mirror import Mirror, generate_model, publish_hub_repo
+from tests.localpod.runner import REPO_ROOT, LocalPod, Node, mountpoints_under
+
+EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", REPO_ROOT / "examples" / "vllm.yaml"))
+HF_SECRET = "modelcache-hf-credentials"
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.nginx,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mount namespaces and FUSE"),
+    pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no /dev/fuse"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1)"),
+    pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="no nginx (nginx-light)"),
+]
+
+
+def _inject(mode: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    for doc in docs:
+        template = (doc or {}).get("spec", {}).get("template")
+        if template is not None:
+            template.setdefault("metadata", {}).setdefault("annotations", {})
+            template["metadata"]["annotations"]["modelcache.io/warmup"] = mode
+    proc = subprocess.run(
+        [sys.executable, "-m", "webhook", "inject", "-f", "-"],
+        input=yaml.safe_dump_all(docs),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = [d for d in yaml.safe_load_all(proc.stdout) if d and "template" in d.get("spec", {})]
+    assert out, "the example has no workload with a pod template"
+    return dict(out[0])
+
+
+def _status(injected: dict[str, Any]) -> dict[str, Any]:
+    ann = injected["spec"]["template"]["metadata"]["annotations"]
+    return dict(json.loads(ann["modelcache.io/status"]))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("localpod-model") / "model"
+    generate_model(path, 24 << 20, shards=3)
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Path, Mirror]]:
+    store = tmp_path / "store"
+    store.mkdir()
+    with Mirror(store, tmp_path / "mirror") as mirror:
+        yield store, mirror
+
+
+@pytest.mark.parametrize("mode", ["block", "async"])
+def test_injected_example_cold_then_warm_node(
+    mode: str, tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+) -> None:
+    store, mirror = hub
+    injected = _inject(mode)
+    status = _status(injected)
+    assert status["warmup"] == mode
+    uri = status["models"][0]["uri"]
+    assert uri.startswith("hf://"), f"the example should name a hub model, got {uri}"
+    repo = uri.removeprefix("hf://").split("@", 1)[0]
+    publish_hub_repo(store, repo, model_dir)
+    model_size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    init_names = [c["name"] for c in injected["spec"]["template"]["spec"]["initContainers"]]
+    assert ("modelcache-warmup" in init_names) == (mode == "block")
+
+    node = Node(tmp_path / "node")
+    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    created_before = {p for p in ("/models", "/var/run/modelcache") if Path(p).exists()}
+    pids: list[int] = []
+    fetched = []
+    for name in ("cold", "warm"):
+        before = mirror.bytes_sent("/resolve/")
+        with LocalPod(injected, node, name=name, secrets=secrets, ready_timeout=90) as lp:
+            run = lp.run()
+            # the app container reads through the FUSE mount the sidecar made in its own
+            # namespace: it reached the pod's emptyDir on the host by propagation
+            mnt = lp.dir / "emptydir" / "modelcache-mnt"
+            fstypes = [
+                line.split(" - ")[1].split()[0]
+                for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split()[4] == str(mnt)
+            ]
+            assert any(t.startswith("fuse") for t in fstypes), fstypes
+            assert run.served_models == [repo]
+            app = next(c for c in run.containers if c.kind == "app")
+            log = app.log.read_text()
+            assert "weights loaded" in log and "from /models/" in log, log
+            pids += [c.pid for c in run.containers if c.pid is not None]
+        fetched.append(mirror.bytes_sent("/resolve/") - before)
+    assert fetched[0] == model_size, "the cold node fetches every byte exactly once"
+    assert fetched[1] == 0, "the warm node fetches no model bytes"
+    assert mountpoints_under(node.root) == []
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"pid {pid} survived the pod"
+    for p in ("/models", "/var/run/modelcache"):
+        assert Path(p).exists() == (p in created_before), f"{p} left behind"
