@@ -80,7 +80,7 @@ class FileProvider(Protocol):
         """Block until the file is complete in the node cache; return its data path.
 
         Raise ``OSError`` with an errno for the app (``EIO`` when the fetch failed,
-        ``EACCES`` when the source refused, ``EINTR`` when shutting down).
+        ``EACCES`` when the source refused, ``ESHUTDOWN`` when shutting down).
         """
         ...
 

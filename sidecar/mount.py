@@ -15,9 +15,10 @@ Then the FUSE loop runs in a thread while the main thread waits for SIGTERM/SIGI
 asyncio loop in a background thread; FUSE worker threads submit to it and wait.
 
 Shutdown never leaves a dead mount (``Transport endpoint is not connected``) behind: on a
-signal, waiting fetches are cancelled first (callers get ``EINTR``), then the mountpoint is
-unmounted (lazily when busy). A previous instance killed with SIGKILL leaves a dead mount;
-the next start unmounts it lazily before mounting again.
+signal, waiting fetches are cancelled first (callers get ``ESHUTDOWN``, not ``EINTR``,
+which libc and Python would retry), then the mountpoint is unmounted (lazily when busy).
+A previous instance killed with SIGKILL leaves a dead mount; the next start unmounts it
+lazily before mounting again.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ class Provider:
             served.complete.add(relpath)
             return data
         if self.stopping.is_set():
-            raise OSError(errno.EINTR, "shutting down")
+            raise OSError(errno.ESHUTDOWN, "the mount is shutting down")
         key = (model, relpath)
         with self._lock:
             fut = self._inflight.get(key)
@@ -216,7 +217,7 @@ class Provider:
         deadline = time.monotonic() + self.timeout
         while True:
             if self.stopping.is_set():
-                raise OSError(errno.EINTR, "shutting down")
+                raise OSError(errno.ESHUTDOWN, "the mount is shutting down")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise OSError(errno.ETIMEDOUT, f"fetching {model}/{relpath} timed out")
@@ -226,7 +227,7 @@ class Provider:
             except concurrent.futures.TimeoutError:
                 continue
             except concurrent.futures.CancelledError as exc:
-                raise OSError(errno.EINTR, "fetch cancelled") from exc
+                raise OSError(errno.ESHUTDOWN, "fetch cancelled") from exc
             except SourceAccessError as exc:
                 log.error("fetching %s/%s: access denied: %s", model, relpath, exc)
                 raise OSError(errno.EACCES, str(exc)) from exc
@@ -443,7 +444,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         service.prepare()
         code = service.serve()
-    except MountError as exc:
+    except (MountError, CacheError) as exc:
+        print(f"mount: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except OSError as exc:
         print(f"mount: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:

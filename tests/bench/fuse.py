@@ -63,6 +63,7 @@ def ensure_model(size_gib: float, shards: int) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == want and src.is_dir():
         return src
     shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(BENCH_DIR / "cache", ignore_errors=True)  # same URI: the key would match
     print(f"generating a {size_gib} GiB model in {shards} shards at {src} ...", flush=True)
     generate_model(src, total_bytes=int(size_gib * (1 << 30)), shards=shards, seed=7)
     stamp.write_text(json.dumps(want))

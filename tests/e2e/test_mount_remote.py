@@ -128,3 +128,41 @@ def test_fetch_refused_after_start_is_an_error_for_the_app(
             (mnt / "m" / "config.json").read_bytes()
         assert err.value.errno == errno.EACCES
         assert probe(mnt, ["m"]).returncode == 0  # the mount itself keeps serving
+
+
+def test_sigterm_during_a_fetch_unmounts_and_fails_the_waiting_open(
+    fuse_available: None, sidecar_mount, tmp_path: Path
+) -> None:
+    if not nginx_available():
+        pytest.skip("nginx not installed (scripts/system-deps.sh installs nginx-light)")
+    info = generate_model(tmp_path / "root" / "slow", total_bytes=4 << 20, shards=1, seed=4)
+    with nginx_server(tmp_path / "root", limit_rate="256k") as server:
+        cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+        arg = f"slow={server}slow/"
+        mdir = ModelDir(cache, parse_model_arg(arg).source.cache_key)
+        m = sidecar_mount(cache, mnt, [arg], "--link-root", "cache", "--parallel", "1")
+        m.wait_ready(["slow"])
+        rel = info.weight_files[0]
+        result: list[object] = []
+        thread = threading.Thread(
+            target=lambda: result.append(_try_read(mnt / "slow" / rel)), daemon=True
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not mdir.partial_file(rel).exists():
+            assert time.monotonic() < deadline, m.log
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        assert m.stop(timeout=30) == 0, m.log
+        assert time.monotonic() - t0 < 20  # did not wait for the 16 s download
+        thread.join(30)
+        assert len(result) == 1 and isinstance(result[0], OSError), result
+        assert not is_mounted(mnt)
+        assert not mdir.data_file(rel).exists()  # the half download stays partial
+
+
+def _try_read(path: Path) -> object:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
