@@ -410,7 +410,8 @@ class AgentSettings:
     interval: float = 30.0
     #: None: no metrics server; 0: any free port (tests).
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    #: None: every interface, IPv4 and IPv6 (the DaemonSet); tests pass "127.0.0.1".
+    metrics_host: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: For the label removal made while holding a model's exclusive lock (kept short).
     eviction_retry: RetryPolicy = field(
