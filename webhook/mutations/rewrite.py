@@ -387,6 +387,15 @@ def rewrite_container(container: Container, ctx: Context) -> int:
     return done
 
 
+def _names_mount(container: Container, ctx: Context) -> bool:
+    """Whether the container already points at a model under the mount (set by the user)."""
+    values = container_tokens(container) + [
+        str(e.get("value")) for e in container.get("env") or [] if isinstance(e, dict)
+    ]
+    paths = [ctx.model_path(m) for m in ctx.named_models]
+    return any(p in v for v in values for p in paths)
+
+
 def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
     """Rewrite every target container; warn for one where no model reference was found."""
     if ctx.options.rewrite == "off":
@@ -396,7 +405,12 @@ def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
         if not isinstance(container, dict) or container.get("name") not in ctx.targets:
             continue
         done = rewrite_container(container, ctx)
-        if done == 0 and container.get("name") not in rewritten_before and not ctx.previous_added:
+        if (
+            done == 0
+            and container.get("name") not in rewritten_before
+            and not ctx.previous_added
+            and not _names_mount(container, ctx)
+        ):
             paths = ", ".join(ctx.model_path(m) for m in ctx.named_models)
             ctx.notes.warn(
                 f"container {container.get('name')}: no model reference found to rewrite; "
