@@ -210,7 +210,9 @@ async def warm_models(
     limiter = asyncio.Semaphore(max(1, parallel))
 
     def fail(m: NamedModel, exc: BaseException) -> None:
-        failures.append(f"model {m.name!r} ({m.source.uri}): {exc}")
+        msg = str(exc)
+        msg = msg.removeprefix(f"{m.source.uri}: ")  # source errors start with their URI
+        failures.append(f"model {m.name!r} ({m.source.uri}): {msg}")
 
     try:
         async with asyncio.timeout(timeout):
