@@ -139,8 +139,8 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
         ANN_MODEL,
         "model source, or a list `name=uri,...` (base model first, then LoRA/draft models)",
         "auto-detected from the app's args/env",
-        "hf://org/name[@rev], s3://bucket/prefix, http(s)://host/path/, pvc://claim/sub/path, "
-        "file:///path, or name=uri,name=uri",
+        "`hf://org/name[@rev]`, `s3://bucket/prefix`, `http(s)://host/path/`, "
+        "`pvc://claim/sub/path`, `file:///path`, or `name=uri,name=uri`",
         _parse_models,
     ),
     AnnotationSpec(
@@ -162,13 +162,13 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
         ANN_WARMUP_INCLUDE,
         "comma list of globs of the files to fetch",
         "all files",
-        "comma-separated globs, e.g. *.json,*.safetensors",
+        "comma-separated globs, e.g. `*.json,*.safetensors`",
         _parse_include,
     ),
     AnnotationSpec(
         ANN_AFFINITY,
         "steer the pod to nodes whose cache holds the model (node label "
-        "cache.modelcache.io/<cache-key>=ready)",
+        "`cache.modelcache.io/<cache-key>=ready`)",
         "prefer",
         "prefer, require, off",
         _choice("prefer", "require", "off"),
@@ -197,9 +197,10 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
     ),
     AnnotationSpec(
         ANN_MOUNT_PATH,
-        "where models appear in app containers (<mount-path>/<name>)",
+        "where models appear in app containers (`<mount-path>/<name>`)",
         "/models",
-        "an absolute path without '..', not under /proc, /sys, /dev, /etc, /var/run/modelcache",
+        "an absolute path without `..`, not under `/proc`, `/sys`, `/dev`, `/etc`, "
+        "`/var/run/modelcache`",
         _parse_mount_path,
     ),
 )
@@ -273,3 +274,11 @@ def parse_pod_options(annotations: object, config: Config) -> PodOptions:
         sidecar=parsed.get(ANN_SIDECAR, config.sidecar_mode),
         mount_path=parsed.get(ANN_MOUNT_PATH, config.default_mount_path),
     )
+
+
+def annotation_table_markdown() -> str:
+    """The annotation table of ``docs/annotations.md`` (a test keeps the doc equal to it)."""
+    rows = ["| key | meaning | default | accepted values |", "|---|---|---|---|"]
+    for s in ANNOTATIONS:
+        rows.append(f"| `{s.key}` | {s.meaning} | {s.default} | {s.accepted} |")
+    return "\n".join(rows) + "\n"
