@@ -204,7 +204,8 @@ def report(samples: list[Sample], args: argparse.Namespace, size: int) -> list[s
         f"{os.cpu_count()} CPUs",
         "",
         "| scenario | runs | time to ready (median, s) | min-max (s) | ratio to baseline "
-        "| model bytes fetched (GiB, median) | warm-up (s) | sidecar start (s) | app start to ready (s) |",
+        "| model bytes fetched (GiB, median) | warm-up (s) | sidecar start (s) "
+        "| app start to ready (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("baseline", "block", "async", "warm"):
