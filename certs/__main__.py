@@ -73,8 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _install(args: argparse.Namespace) -> int:
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
-    from certs.install import InstallError, install
+    from certs.install import InstallError, describe_api_error, install
 
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
@@ -101,6 +103,12 @@ def _install(args: argparse.Namespace) -> int:
             )
         except InstallError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except ApiException as exc:
+            print(f"error: Kubernetes API: {describe_api_error(exc)}", file=sys.stderr)
+            return 1
+        except (HTTPError, OSError) as exc:
+            print(f"error: cannot reach the Kubernetes API: {exc}", file=sys.stderr)
             return 1
     print(json.dumps({"secret": result.secret_action, "caBundlePatched": result.ca_bundle_patched}))
     return 0

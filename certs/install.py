@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 CA_KEY_KEY = "ca.key"
 CA_PREVIOUS_KEY = "ca-previous.crt"
 SECRET_TYPE = "kubernetes.io/tls"
+#: Seconds per API request: an init container must fail (and be retried) rather than hang.
+REQUEST_TIMEOUT = 30
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "modelcache-certs"
 
@@ -153,7 +156,9 @@ def ensure_secret(
             bundle = issue_bundle(service, namespace, dns=dns, days=days, now=now)
             stored = _Stored(bundle, None)
             try:
-                core.create_namespaced_secret(namespace, _secret_body(secret, stored))
+                core.create_namespaced_secret(
+                    namespace, _secret_body(secret, stored), _request_timeout=REQUEST_TIMEOUT
+                )
             except ApiException as exc:
                 if exc.status == 409:
                     lost_create = True  # another replica won: use its Secret
@@ -175,7 +180,9 @@ def ensure_secret(
         assert body.metadata is not None and current.metadata is not None
         body.metadata.resource_version = current.metadata.resource_version
         try:
-            core.replace_namespaced_secret(secret, namespace, body)
+            core.replace_namespaced_secret(
+                secret, namespace, body, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status == 409:
                 continue  # renewed concurrently: re-read and judge the winner's pair
@@ -238,7 +245,9 @@ def sync_ca_bundle(
     wanted = base64.b64encode(ca_bundle_pem).decode()
     for _ in range(attempts):
         try:
-            config = admission.read_mutating_webhook_configuration(name)
+            config = admission.read_mutating_webhook_configuration(
+                name, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status == 404:
                 raise InstallError(
@@ -266,13 +275,25 @@ def sync_ca_bundle(
         if len(ops) == 1:
             return False
         try:
-            admission.patch_mutating_webhook_configuration(name, ops)
+            admission.patch_mutating_webhook_configuration(
+                name, ops, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status in (409, 422):
                 continue  # edited concurrently: read again and recompute the patch
             raise
         return True
     raise InstallError(f"MutatingWebhookConfiguration {name!r} kept changing under us")
+
+
+def describe_api_error(exc: ApiException) -> str:
+    """One line for an API error: status, reason and the server's message, never the body."""
+    message = ""
+    try:
+        message = str(json.loads(exc.body or "{}").get("message", ""))
+    except (ValueError, AttributeError):
+        message = ""
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
 
 
 def _b64_text(value: bytes | str | None) -> str | None:
@@ -284,7 +305,7 @@ def _b64_text(value: bytes | str | None) -> str | None:
 
 def _read_secret(core: k8s.CoreV1Api, namespace: str, name: str) -> k8s.V1Secret | None:
     try:
-        return core.read_namespaced_secret(name, namespace)
+        return core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
     except ApiException as exc:
         if exc.status == 404:
             return None

@@ -249,21 +249,7 @@ def test_webhook_config_edited_during_patch_is_retried(kube_api, api):
 
 
 def test_install_cli_with_kubeconfig(kube_api, api, tmp_path: Path, monkeypatch, capsys):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": {"server": kube_api.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "local", "user": "u"}}],
-                "current-context": "c",
-            }
-        )
-    )
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    _kubeconfig(tmp_path, kube_api.url, monkeypatch)
     argv = ["install", "--service", SVC, "--namespace", NS, "--secret", SECRET]
     argv += ["--webhook-config", MWC, "--cert-dir", str(tmp_path / "tls")]
     assert main(argv) == 0
@@ -272,3 +258,70 @@ def test_install_cli_with_kubeconfig(kube_api, api, tmp_path: Path, monkeypatch,
     assert_converged(kube_api)
     assert main([*argv[:-4], "--webhook-config", "missing"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def _kubeconfig(tmp_path: Path, server: str, monkeypatch) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": {"server": server}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "local", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(path))
+
+
+CLI_ARGS = [
+    "install",
+    "--service",
+    SVC,
+    "--namespace",
+    NS,
+    "--secret",
+    SECRET,
+    "--webhook-config",
+    MWC,
+]
+
+
+def test_install_cli_forbidden_is_one_clear_line(kube_api, api, tmp_path, monkeypatch, capsys):
+    async def forbid_secrets(request: web.Request) -> web.StreamResponse | None:
+        if "/secrets" in request.path:
+            return web.json_response(
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "Forbidden",
+                    "code": 403,
+                    "message": 'secrets "modelcache-webhook-tls" is forbidden: no RBAC',
+                },
+                status=403,
+            )
+        return None
+
+    kube_api.add_hook(forbid_secrets)
+    _kubeconfig(tmp_path, kube_api.url, monkeypatch)
+    assert main(CLI_ARGS) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        'error: Kubernetes API: 403 Forbidden: secrets "modelcache-webhook-tls" is forbidden: '
+        "no RBAC"
+    )
+
+
+def test_install_cli_unreachable_api_fails_cleanly(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        _kubeconfig(tmp_path, f"http://127.0.0.1:{s.getsockname()[1]}", monkeypatch)
+        assert main(CLI_ARGS) == 1
+    assert "cannot reach the Kubernetes API" in capsys.readouterr().err
