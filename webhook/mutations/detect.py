@@ -170,12 +170,13 @@ def hub_repo_id(value: str) -> str:
 
 def model_uri(value: str) -> str | None:
     """The normalized source URI when a flag/env value names a fetchable model."""
-    if "://" in value:
-        try:
-            return parse_model_uri(value).uri
-        except ModelSourceError:
-            return None
-    return hub_id_to_uri(value)
+    uri = value if "://" in value else hub_id_to_uri(value)
+    if uri is None:
+        return None
+    try:
+        return parse_model_uri(uri).uri
+    except ModelSourceError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,12 @@ class _Argv:
     def __init__(self, container: Container) -> None:
         self.container = container
         self.pos: list[tuple[str, int]] = []
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self.pos = []
         for key in ("command", "args"):
-            value = container.get(key)
+            value = self.container.get(key)
             if isinstance(value, list):
                 self.pos += [(key, i) for i, v in enumerate(value) if isinstance(v, str)]
 
@@ -99,12 +103,14 @@ class _Argv:
     def insert_after(self, at: int, values: list[str]) -> None:
         key, i = self.pos[at]
         self.container[key][i + 1 : i + 1] = values
-        self.__init__(self.container)  # type: ignore[misc]
+        self._reindex()
 
-    def delete(self, at: int, count: int) -> None:
-        key, i = self.pos[at]
-        del self.container[key][i : i + count]
-        self.__init__(self.container)  # type: ignore[misc]
+    def delete(self, indices: list[int]) -> None:
+        """Remove the tokens at these positions (they may span command and args)."""
+        for at in sorted(indices, reverse=True):
+            key, i = self.pos[at]
+            del self.container[key][i]
+        self._reindex()
 
     def field(self, at: int) -> str:
         return self.pos[at][0]
@@ -221,26 +227,27 @@ def _rewrite_hub_repo(
         )
         return 0
     new = f"{m[1]}/{hf_file}"
-    file_span = 1 if tokens[file_at].startswith(("--hf-file=", "-hff=")) else 2
-    # delete --hf-file first (indices after it shift, the repo flag may come before it)
-    if file_at > i:
-        argv.delete(file_at, file_span)
-        argv.delete(i, 1 if at == i else 2)
+    # the repo flag becomes -m <path>/<file> in place; --hf-file goes (it needs --hf-repo)
+    if at == i:
+        argv.set(i, f"--model={new}")
     else:
-        argv.delete(i, 1 if at == i else 2)
-        argv.delete(file_at, file_span)
-        i -= file_span
-    extra = ["-m", new]
+        argv.set(i, "-m")
+        argv.set(at, new)
+    file_idx = [file_at] if "=" in tokens[file_at] else [file_at, file_at + 1]
     if not _has_flag(all_tokens, "--alias"):
-        extra += ["--alias", value]
-    key, idx = argv.pos[i - 1] if i > 0 else (argv.pos[0][0], -1)
-    argv.container[key][idx + 1 : idx + 1] = extra
-    argv.__init__(argv.container)  # type: ignore[misc]
+        extra = ["--alias", value]
+        argv.insert_after(at, extra)
+        file_idx = [j + len(extra) if j > at else j for j in file_idx]
+        ctx.notes.added.append(
+            {"container": name, "field": argv.field(at), "value": shlex.join(extra)}
+        )
+    argv.delete(file_idx)
+    field = argv.field(min(at, len(argv.pos) - 1))
     ctx.notes.rewrites.append(
-        {"container": name, "field": f"{key} {flag}", "original": value, "value": new}
+        {"container": name, "field": f"{field} {flag}", "original": value, "value": new}
     )
     ctx.notes.rewrites.append(
-        {"container": name, "field": f"{key} --hf-file", "original": hf_file, "value": new}
+        {"container": name, "field": f"{field} --hf-file", "original": hf_file, "value": new}
     )
     return 1
 
