@@ -375,9 +375,12 @@ class MountService:
         self.stop_requested = True
 
     def serve(self) -> int:
-        namespace = fusefs.Namespace(
-            {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()}
-        )
+        try:
+            namespace = fusefs.Namespace(
+                {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()}
+            )
+        except ValueError as exc:
+            raise MountError(f"cannot build the file tree: {exc}") from exc
         provider = Provider(
             self.cache, self.loop, self.served, self.args.parallel, self.args.timeout
         )

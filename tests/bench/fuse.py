@@ -21,8 +21,9 @@ random tensors (same seeded ranges for every path).
 Fairness: the page cache is NOT dropped (the machine is shared). Every data file is read once
 before measuring, so the direct baseline and the FUSE paths all start from the node cache's
 bytes in RAM; what differs is only the path to them. ``none/first`` is "cold" only for the
-FUSE mount's own page cache (a fresh mount every round). Each number is the median of
-``--rounds`` rounds; ratios are against ``direct`` measured in the same round.
+FUSE mount's own page cache (fresh mounts for every pattern and round). For each shard the
+direct read runs right before and right after its FUSE reads and the ratio is against their
+mean; the table shows medians over shards x rounds (the machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -168,62 +169,58 @@ def main(argv: list[str] | None = None) -> int:
     def add(key: str, value: float) -> None:
         results.setdefault(key, []).append(value)
 
+    orders = (("link", "first"), ("none", "first"), ("none", "second"), ("link", "second"))
     for rnd in range(args.rounds):
-        mnts = {mode: BENCH_DIR / f"mnt-{mode}" for mode in ("link", "none")}
-        procs = {
-            mode: start_mount(
-                cache,
-                arg,
-                m,
-                "cache" if mode == "link" else "none",
-                BENCH_DIR / f"mount-{mode}.log",
-            )
-            for mode, m in mnts.items()
-        }
-        try:
-
-            def through(mode: str, s: str, mnts: dict[str, Path] = mnts) -> Path:
-                return mnts[mode] / "bench" / s
-
-            for pattern in ("seq", "st"):
+        for pattern in ("seq", "st"):
+            # fresh mounts per pattern: "first" really is the first read through the mount
+            mnts = {mode: BENCH_DIR / f"mnt-{mode}" for mode in ("link", "none")}
+            procs = {
+                mode: start_mount(
+                    cache,
+                    arg,
+                    m,
+                    "cache" if mode == "link" else "none",
+                    BENCH_DIR / f"mount-{mode}.log",
+                )
+                for mode, m in mnts.items()
+            }
+            try:
 
                 def reader(p: Path, s: str, pattern: str = pattern) -> int:
                     return read_seq(p) if pattern == "seq" else read_ranges(p, plans[s])
 
-                direct = sum(timed(lambda s=s: reader(data / s, s)) for s in shards) / len(shards)
-                add(f"{pattern}/direct", direct)
-                for mode, order in (
-                    ("link", "first"),
-                    ("none", "first"),
-                    ("none", "second"),
-                    ("link", "second"),
-                ):
-                    if pattern == "st" and order == "first" and mode == "none":
-                        # the seq pass already filled the FUSE page cache of this mount:
-                        # measure st first-reads on a fresh none mount instead
-                        procs["none"].stop()
-                        procs["none"] = start_mount(
-                            cache, arg, mnts["none"], "none", BENCH_DIR / "mount-none.log"
+                for s in shards:
+                    # direct before and after the FUSE reads of the same shard: the ratio
+                    # compares runs seconds apart, which tames the neighbours' noise
+                    before = timed(lambda s=s: reader(data / s, s))
+                    speeds = {
+                        (mode, order): timed(lambda p=mnts[mode] / "bench" / s, s=s: reader(p, s))
+                        for mode, order in orders
+                    }
+                    direct = (before + timed(lambda s=s: reader(data / s, s))) / 2
+                    add(f"{pattern}/direct", direct)
+                    for (mode, order), speed in speeds.items():
+                        add(f"{pattern}/{mode}/{order}", speed)
+                        add(f"{pattern}/{mode}/{order}:ratio", speed / direct)
+                if pattern == "st":
+                    # per-open cost: path resolution through the mount (readlink crosses
+                    # the daemon in link mode; lookup is cached in none mode)
+                    for mode in ("direct", "link", "none"):
+                        paths = [
+                            data / s if mode == "direct" else mnts[mode] / "bench" / s
+                            for s in shards
+                        ]
+                        t0 = time.perf_counter()
+                        for _ in range(200):
+                            for p in paths:
+                                os.close(os.open(p, os.O_RDONLY))
+                        opens.setdefault(mode, []).append(
+                            (time.perf_counter() - t0) / (200 * len(paths)) * 1e6
                         )
-                    speed = sum(
-                        timed(lambda s=s, mode=mode: reader(through(mode, s), s)) for s in shards
-                    ) / len(shards)
-                    add(f"{pattern}/{mode}/{order}", speed)
-                    add(f"{pattern}/{mode}/{order}:ratio", speed / direct)
-            # per-open cost: path resolution through the mount (readlink crosses the daemon)
-            for mode in ("direct", "link", "none"):
-                paths = [data / s if mode == "direct" else through(mode, s) for s in shards]
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    for p in paths:
-                        os.close(os.open(p, os.O_RDONLY))
-                opens.setdefault(mode, []).append(
-                    (time.perf_counter() - t0) / (200 * len(paths)) * 1e6
-                )
-        finally:
-            for proc in procs.values():
-                proc.stop()
-                proc.cleanup()
+            finally:
+                for proc in procs.values():
+                    proc.stop()
+                    proc.cleanup()
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 
     print()
