@@ -233,6 +233,21 @@ def test_certs_install_init_container_matches_the_objects(rendered):
     )
     role = _one(objs, "Role")
     assert args["secret"] in role["rules"][0]["resourceNames"]
+    # only the init container holds API credentials; the network-facing server holds none
+    spec = _pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is False
+    token_volumes = {
+        v["name"]
+        for v in spec["volumes"]
+        if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))
+    }
+    assert token_volumes == {"kube-api-access"}
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert {"name": "kube-api-access", "mountPath": sa_dir, "readOnly": True} in init[0][
+        "volumeMounts"
+    ]
+    for c in spec["containers"]:
+        assert all(m["name"] not in token_volumes for m in c["volumeMounts"]), c["name"]
     cluster_role = _one(objs, "ClusterRole")
     assert cluster_role["rules"][0]["resourceNames"] == [args["webhook-config"]]
 
