@@ -78,7 +78,9 @@ class InstallResult:
 
 
 @dataclass(frozen=True)
-class _Stored:
+class StoredCerts:
+    """What the Secret holds: the CA and pair, and the previous CA while it is still trusted."""
+
     bundle: CertBundle
     previous_ca_pem: bytes | None
 
@@ -146,7 +148,7 @@ def ensure_secret(
     dns: Sequence[str] = (),
     now: dt.datetime | None = None,
     attempts: int = 8,
-) -> tuple[SecretAction, _Stored]:
+) -> tuple[SecretAction, StoredCerts]:
     """Create, reuse or renew the Secret; returns what was done and what it now holds."""
     names = [*service_dns_names(service, namespace), *dns]
     lost_create = False
@@ -154,7 +156,7 @@ def ensure_secret(
         current = _read_secret(core, namespace, secret)
         if current is None:
             bundle = issue_bundle(service, namespace, dns=dns, days=days, now=now)
-            stored = _Stored(bundle, None)
+            stored = StoredCerts(bundle, None)
             try:
                 core.create_namespaced_secret(
                     namespace, _secret_body(secret, stored), _request_timeout=REQUEST_TIMEOUT
@@ -192,17 +194,17 @@ def ensure_secret(
 
 
 def _plan(  # noqa: PLR0917 - private helper, called once with everything it judges
-    have: _Stored | None,
+    have: StoredCerts | None,
     service: str,
     namespace: str,
     names: Sequence[str],
     dns: Sequence[str],
     days: int,
     now: dt.datetime | None,
-) -> tuple[SecretAction, _Stored | None]:
+) -> tuple[SecretAction, StoredCerts | None]:
     """Decide from the stored pair alone what (if anything) must be written."""
     if have is None or not _consistent(have.bundle):
-        return "reissued", _Stored(
+        return "reissued", StoredCerts(
             issue_bundle(service, namespace, dns=dns, days=days, now=now), None
         )
     b = have.bundle
@@ -214,7 +216,7 @@ def _plan(  # noqa: PLR0917 - private helper, called once with everything it jud
         )
         cert, key = issue_leaf(ca_cert, ca_key, service, namespace, dns=dns, days=days, now=now)
         previous = b.ca_cert_pem if not _expired(b.ca_cert_pem, now) else None
-        return "renewed-ca", _Stored(CertBundle(ca_cert, ca_key, cert, key), previous)
+        return "renewed-ca", StoredCerts(CertBundle(ca_cert, ca_key, cert, key), previous)
     if needs_renewal(b.cert_pem, now=now) or not _covers(b.cert_pem, names):
         cert, key = issue_leaf(
             b.ca_cert_pem, b.ca_key_pem, service, namespace, dns=dns, days=days, now=now
@@ -222,11 +224,13 @@ def _plan(  # noqa: PLR0917 - private helper, called once with everything it jud
         previous = have.previous_ca_pem
         if previous is not None and _expired(previous, now):
             previous = None
-        return "renewed-leaf", _Stored(CertBundle(b.ca_cert_pem, b.ca_key_pem, cert, key), previous)
+        return "renewed-leaf", StoredCerts(
+            CertBundle(b.ca_cert_pem, b.ca_key_pem, cert, key), previous
+        )
     return "reused", None
 
 
-def trusted_bundle(stored: _Stored, *, now: dt.datetime | None = None) -> bytes:
+def trusted_bundle(stored: StoredCerts, *, now: dt.datetime | None = None) -> bytes:
     """The caBundle: the current CA, plus the previous one while it can still verify a leaf."""
     pem = stored.bundle.ca_cert_pem
     if stored.previous_ca_pem is not None and not _expired(stored.previous_ca_pem, now):
@@ -312,7 +316,7 @@ def _read_secret(core: k8s.CoreV1Api, namespace: str, name: str) -> k8s.V1Secret
         raise
 
 
-def _decode(secret: k8s.V1Secret) -> _Stored | None:
+def _decode(secret: k8s.V1Secret) -> StoredCerts | None:
     """The pair in the Secret, or None when any part is missing or not base64."""
     data = secret.data or {}
     try:
@@ -325,7 +329,7 @@ def _decode(secret: k8s.V1Secret) -> _Stored | None:
         )
     except (KeyError, ValueError):
         return None
-    return _Stored(bundle, raw.get(CA_PREVIOUS_KEY) or None)
+    return StoredCerts(bundle, raw.get(CA_PREVIOUS_KEY) or None)
 
 
 def _consistent(b: CertBundle) -> bool:
@@ -354,7 +358,7 @@ def _expired(cert_pem: bytes, now: dt.datetime | None) -> bool:
         return True
 
 
-def _secret_body(name: str, stored: _Stored) -> k8s.V1Secret:
+def _secret_body(name: str, stored: StoredCerts) -> k8s.V1Secret:
     b = stored.bundle
     data = {
         CA_CERT_FILE: b.ca_cert_pem,
