@@ -16,6 +16,7 @@ import jsonpatch
 from webhook.annotations import (
     ANN_CONTAINERS,
     ANN_MODEL,
+    ANN_MOUNT_PATH,
     AnnotationError,
     check_inject_label,
     parse_pod_options,
@@ -34,7 +35,6 @@ from webhook.mutations.detect import (
     container_tokens,
     detect_container,
     detect_models,
-    env_value,
     references,
 )
 from webhook.mutations.rewrite import rewrite_model_args
@@ -174,26 +174,24 @@ def _annotation_raw_uris(annotations: dict[str, Any]) -> list[str]:
     return out
 
 
-def mutate_pod(
-    pod: dict[str, Any], *, namespace: str | None, config: Config
-) -> tuple[dict[str, Any], AdmissionResult]:
-    """Return the mutated pod (a new object) and the admission result."""
-    work: Pod = copy.deepcopy(pod)
-    problem = shape_problem(work)
+def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | AdmissionResult:
+    """Gate, validate and detect: the Context the mutations run with, or the final result
+    (skipped or denied) when there is nothing to mutate. Reads ``pod`` only."""
+    problem = shape_problem(pod)
     if problem:
-        return work, _skip(f"not processed: {problem}")
-    meta = work.get("metadata") or {}
+        return _skip(f"not processed: {problem}")
+    meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     ns = namespace or meta.get("namespace") or None
     if ns in config.excluded_namespaces:
-        return work, _skip(f"namespace {ns} is excluded")
+        return _skip(f"namespace {ns} is excluded")
     try:
         if check_inject_label(meta.get("labels")) == "false":
-            return work, _skip("opted out by label modelcache.io/inject=false")
+            return _skip("opted out by label modelcache.io/inject=false")
         options = parse_pod_options(annotations, config)
     except AnnotationError as exc:
-        return work, _deny(exc)
-    spec: dict[str, Any] = work["spec"]
+        return _deny(exc)
+    spec: dict[str, Any] = pod["spec"]
     status = read_status(annotations)
     warnings: list[str] = []
     detected = [d for c in app_containers(spec) for d in detect_container(c)]
@@ -210,57 +208,67 @@ def mutate_pod(
                 f"set {ANN_MODEL} to choose the model explicitly"
             )
     if not models:
-        return work, _skip(
-            f"no model: no {ANN_MODEL} annotation and none detected in the app containers"
-        )
+        return _skip(f"no model: no {ANN_MODEL} annotation and none detected in the app containers")
     raw_values = [d.value for d in detected] + _annotation_raw_uris(annotations)
-    raw_values += [env_value(c, "MODEL_ID") or "" for c in app_containers(spec)]
     refs = tuple(ModelRef(m, references(m, raw_values)) for m in models)
     try:
         targets = _select_targets(
             spec, options.containers, status.containers if status else None, refs
         )
     except AnnotationError as exc:
-        return work, _deny(exc)
-    usable: list[str] = []
-    for c in app_containers(spec):
-        if c["name"] not in targets:
-            continue
-        ctx_probe = Context(config, options, refs, ())
-        conflict = mount_conflict(c, ctx_probe)
-        if conflict:
-            warnings.append(
-                f"container {c['name']}: {conflict}; models not mounted there (set "
-                f"modelcache.io/mount-path to another path)"
-            )
-        else:
-            usable.append(str(c["name"]))
-    if not usable:
-        return work, _skip("no app container can mount the models", warnings)
+        return _deny(exc)
     ctx = Context(
         config,
         options,
         refs,
-        tuple(usable),
+        (),
         previous_rewrites=status.rewrites if status else (),
         previous_added=status.added if status else (),
     )
+    usable: list[str] = []
+    for c in app_containers(spec):
+        if c["name"] not in targets:
+            continue
+        conflict = mount_conflict(c, ctx)
+        if conflict:
+            warnings.append(
+                f"container {c['name']}: {conflict}; models not mounted there (set "
+                f"{ANN_MOUNT_PATH} to another path)"
+            )
+        else:
+            usable.append(str(c["name"]))
+    if not usable:
+        return _skip("no app container can mount the models", warnings)
+    ctx.targets = tuple(usable)
+    ctx.notes.warnings.extend(warnings)
+    return ctx
+
+
+def mutate_pod(
+    pod: dict[str, Any], *, namespace: str | None, config: Config
+) -> tuple[dict[str, Any], AdmissionResult]:
+    """Return the mutated pod (a new object; ``pod`` is never changed) and the result."""
+    work: Pod = copy.deepcopy(pod)
+    plan = plan_pod(work, namespace=namespace, config=config)
+    if isinstance(plan, AdmissionResult):
+        return work, plan
+    ctx = plan
     applied: list[str] = []
     for name, mutation in MUTATIONS:
-        if (name == "rewrite" and options.rewrite == "off") or (
-            name == "affinity" and options.affinity == "off"
+        if (name == "rewrite" and ctx.options.rewrite == "off") or (
+            name == "affinity" and ctx.options.affinity == "off"
         ):
             continue
         work = mutation(work, ctx)
         applied.append(name)
-    warnings += ctx.notes.warnings
+    warnings = list(ctx.notes.warnings)
     patch: list[dict[str, Any]] = jsonpatch.make_patch(pod, work).patch
-    model_names = ",".join(m.name for m in models)
     if not patch:
         return work, AdmissionResult(True, [], warnings, None, "unchanged", "already injected", [])
+    opts = ctx.options
     reason = (
-        f"models {model_names} into {','.join(usable)} "
-        f"(warmup {options.warmup}, sidecar {options.sidecar})"
+        f"models {','.join(m.name for m in ctx.named_models)} into {','.join(ctx.targets)} "
+        f"(warmup {opts.warmup}, sidecar {opts.sidecar})"
     )
     return work, AdmissionResult(True, patch, warnings, None, "injected", reason, applied)
 

@@ -1,0 +1,521 @@
+"""Each mutation on its own: parametrized tables, and ``f(f(pod)) == f(pod)`` for every one."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.layout import APP_CACHE_ROOT, CONTAINER_CACHE_DIR
+from tests.fixtures.podcheck import assert_pod_ok
+from webhook.config import Config
+from webhook.mutations.affinity import add_affinity
+from webhook.mutations.containers import inject_containers
+from webhook.mutations.context import Context, Notes
+from webhook.mutations.rewrite import rewrite_model_args
+from webhook.mutations.status import read_status, write_status
+from webhook.mutations.volumes import add_volumes, mount_app_containers, pvc_volume_name
+from webhook.pipeline import MUTATIONS, mutate_pod, plan_pod
+
+CFG = Config()
+VLLM = "vllm/vllm-openai:v0.8.5"
+
+
+def pod(
+    *containers: dict[str, Any], init: list[dict[str, Any]] | None = None, **ann: str
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": list(containers)}
+    if init is not None:
+        spec["initContainers"] = init
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "p",
+            "annotations": {f"modelcache.io/{k.replace('_', '-')}": v for k, v in ann.items()},
+        },
+        "spec": spec,
+    }
+
+
+def vllm(model: str = "org/m", name: str = "vllm", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "image": VLLM, "command": ["vllm", "serve", model], **kw}
+
+
+def plan(p: dict[str, Any], config: Config = CFG) -> Context:
+    ctx = plan_pod(copy.deepcopy(p), namespace="ns", config=config)
+    assert isinstance(ctx, Context), ctx
+    return ctx
+
+
+def apply(fn: Any, p: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    return fn(copy.deepcopy(p), dataclasses.replace(ctx, notes=Notes()))  # type: ignore[no-any-return]
+
+
+POD_SHAPES = {
+    "vllm": pod(vllm()),
+    "classic-async": pod(vllm(), warmup="async", sidecar="classic"),
+    "off-pvc": pod(vllm(), warmup="off", model="pvc://claim/sub/dir"),
+    "list-s3": pod(vllm(), model="a=hf://org/m,b=s3://bkt/lora", warmup_include="*.json"),
+    "require": pod(vllm(), affinity="require"),
+    "mesh": pod(
+        vllm(), init=[{"name": "istio-init", "image": "i"}, {"name": "user", "image": "u"}]
+    ),
+    "sh-c": pod({"name": "s", "image": VLLM, "command": ["sh", "-c", "vllm serve org/m --port 1"]}),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[n for n, _ in MUTATIONS])
+@pytest.mark.parametrize("shape", POD_SHAPES, ids=list(POD_SHAPES))
+def test_every_mutation_is_idempotent(mutation: Any, shape: str) -> None:
+    _, fn = mutation
+    p = POD_SHAPES[shape]
+    ctx = plan(p)
+    once = apply(fn, p, ctx)
+    twice = apply(fn, once, ctx)
+    assert twice == once
+
+
+@pytest.mark.parametrize("shape", POD_SHAPES, ids=list(POD_SHAPES))
+def test_pipeline_output_valid_and_idempotent(shape: str) -> None:
+    p = POD_SHAPES[shape]
+    before = copy.deepcopy(p)
+    out, result = mutate_pod(p, namespace="ns", config=CFG)
+    assert p == before, "the input was changed"
+    assert result.decision == "injected"
+    assert result.patch
+    assert_pod_ok(out)
+    again, second = mutate_pod(out, namespace="ns", config=CFG)
+    assert second.decision == "unchanged"
+    assert second.patch == []
+    assert again == out
+
+
+# --- volumes ---------------------------------------------------------------------------------
+
+
+def test_volumes_and_app_mounts() -> None:
+    p = pod(vllm(), model="a=hf://org/m,c=pvc://claim/x")
+    ctx = plan(p)
+    out = mount_app_containers(add_volumes(copy.deepcopy(p), ctx), ctx)
+    vols = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert vols["modelcache-cache"]["hostPath"] == {
+        "path": "/var/lib/modelcache",
+        "type": "DirectoryOrCreate",
+    }
+    assert vols["modelcache-mnt"] == {"name": "modelcache-mnt", "emptyDir": {}}
+    assert vols["modelcache-pvc-claim"]["persistentVolumeClaim"] == {
+        "claimName": "claim",
+        "readOnly": True,
+    }
+    mounts = out["spec"]["containers"][0]["volumeMounts"]
+    assert mounts[0] == {
+        "name": "modelcache-mnt",
+        "mountPath": "/models",
+        "readOnly": True,
+        "mountPropagation": "HostToContainer",
+    }
+    keys = [m.source.cache_key for m in ctx.named_models]
+    assert mounts[1:] == [
+        {
+            "name": "modelcache-cache",
+            "mountPath": f"{APP_CACHE_ROOT}/{k}",
+            "subPath": f"models/{k}/data",
+            "readOnly": True,
+        }
+        for k in keys
+    ]
+
+
+def test_user_volume_with_our_name_is_kept() -> None:
+    p = pod(vllm())
+    p["spec"]["volumes"] = [{"name": "modelcache-cache", "hostPath": {"path": "/ssd/cache"}}]
+    out = add_volumes(copy.deepcopy(p), plan(p))
+    assert out["spec"]["volumes"][0] == {
+        "name": "modelcache-cache",
+        "hostPath": {"path": "/ssd/cache"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("claim", "length"), [("short", 20), ("c" * 60, 63), ("a.b-" + "x" * 240, 63)]
+)
+def test_pvc_volume_name_fits_63(claim: str, length: int) -> None:
+    name = pvc_volume_name(claim)
+    assert len(name) == length
+    assert name.startswith("modelcache-pvc-")
+    assert pvc_volume_name(claim) == name
+    if len(claim) > 48:
+        assert pvc_volume_name(claim + "y") != name
+
+
+# --- containers ------------------------------------------------------------------------------
+
+
+def _inject(p: dict[str, Any], config: Config = CFG) -> tuple[dict[str, Any], Context]:
+    ctx = plan(p, config)
+    return inject_containers(copy.deepcopy(p), ctx), ctx
+
+
+def test_warmup_and_native_sidecar_commands() -> None:
+    out, ctx = _inject(
+        pod(
+            vllm(),
+            model="m=pvc://claim/x",
+            warmup_include="*.json,*.safetensors",
+            warmup_timeout="90",
+        )
+    )
+    warm, side = out["spec"]["initContainers"]
+    assert warm["command"] == [
+        "python", "-m", "sidecar", "warmup", "--cache-dir", CONTAINER_CACHE_DIR,
+        "--model", "m=pvc://claim/x", "--timeout", "90",
+        "--include", "*.json,*.safetensors", "--pvc-root", "/var/run/modelcache/pvc",
+    ]  # fmt: skip
+    assert side["command"] == [
+        "python", "-m", "sidecar", "mount", "--cache-dir", CONTAINER_CACHE_DIR,
+        "--mountpoint", "/var/run/modelcache/mnt", "--link-root", APP_CACHE_ROOT,
+        "--model", "m=pvc://claim/x",
+        "--include", "*.json,*.safetensors", "--pvc-root", "/var/run/modelcache/pvc",
+    ]  # fmt: skip
+    assert side["restartPolicy"] == "Always"
+    assert side["securityContext"]["privileged"] is True
+    assert side["startupProbe"]["exec"]["command"] == [
+        "python", "-m", "sidecar", "probe", "--mountpoint", "/var/run/modelcache/mnt", "--model", "m",
+    ]  # fmt: skip
+    assert side["startupProbe"]["periodSeconds"] == 2
+    pvc_mount = {
+        "name": "modelcache-pvc-claim",
+        "mountPath": "/var/run/modelcache/pvc/claim",
+        "readOnly": True,
+    }
+    assert pvc_mount in warm["volumeMounts"]
+    assert pvc_mount in side["volumeMounts"]
+    assert any("privileged" in w for w in ctx.notes.warnings)
+
+
+def test_async_mode_has_no_warmup_and_a_long_startup_window() -> None:
+    out, _ = _inject(pod(vllm(), warmup="async", warmup_timeout="600"))
+    (side,) = out["spec"]["initContainers"]
+    assert side["name"] == "modelcache-sidecar"
+    assert side["command"][-3:] == ["--warmup", "--timeout", "600"]
+    probe = side["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+
+
+def test_classic_sidecar_is_first_regular_container_with_blocking_post_start() -> None:
+    out, ctx = _inject(pod(vllm(), sidecar="classic"))
+    first = out["spec"]["containers"][0]
+    assert first["name"] == "modelcache-sidecar"
+    assert "restartPolicy" not in first
+    hook = first["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[:4] == ["python", "-m", "sidecar", "probe"]
+    assert hook[-2] == "--wait"
+    assert [c["name"] for c in out["spec"]["initContainers"]] == ["modelcache-warmup"]
+
+
+def test_classic_sidecar_in_a_job_warns() -> None:
+    p = pod(vllm(), sidecar="classic")
+    p["spec"]["restartPolicy"] = "Never"
+    _, ctx = _inject(p)
+    assert any("never completes" in w for w in ctx.notes.warnings)
+
+
+@pytest.mark.parametrize(
+    ("init", "expected"),
+    [
+        ([], ["modelcache-warmup", "modelcache-sidecar"]),
+        ([{"name": "a"}, {"name": "b"}], ["modelcache-warmup", "modelcache-sidecar", "a", "b"]),
+        (
+            [
+                {"name": "istio-init"},
+                {"name": "a"},
+                {"name": "istio-proxy", "restartPolicy": "Always"},
+            ],
+            ["istio-init", "a", "istio-proxy", "modelcache-warmup", "modelcache-sidecar"],
+        ),
+        (
+            [{"name": "linkerd-init"}, {"name": "user-sidecar", "restartPolicy": "Always"}],
+            ["linkerd-init", "modelcache-warmup", "modelcache-sidecar", "user-sidecar"],
+        ),
+    ],
+)
+def test_init_container_order(init: list[dict[str, Any]], expected: list[str]) -> None:
+    init = [{"image": "x", **c} for c in init]
+    out, _ = _inject(pod(vllm(), init=init))
+    assert [c["name"] for c in out["spec"]["initContainers"]] == expected
+
+
+def test_user_override_keeps_fields_and_fills_missing() -> None:
+    override = {
+        "name": "modelcache-sidecar",
+        "image": "mine:1",
+        "restartPolicy": "Always",
+        "env": [{"name": "HF_TOKEN", "value": "from-user"}],
+        "securityContext": {"runAsUser": 5},
+    }
+    out, _ = _inject(pod(vllm(), init=[{"name": "x", "image": "x"}, override]))
+    names = [c["name"] for c in out["spec"]["initContainers"]]
+    assert names == ["modelcache-warmup", "modelcache-sidecar", "x"]
+    side = out["spec"]["initContainers"][1]
+    assert side["image"] == "mine:1"
+    assert side["env"][0] == {"name": "HF_TOKEN", "value": "from-user"}
+    assert [e["name"] for e in side["env"]] == ["HF_TOKEN", "HF_ENDPOINT"]
+    assert side["securityContext"] == {"runAsUser": 5, "privileged": True, "runAsNonRoot": False}
+    assert side["command"][3] == "mount"
+    assert "startupProbe" in side
+
+
+@pytest.mark.parametrize(
+    ("model", "env"),
+    [
+        ("hf://org/m", ["HF_TOKEN", "HF_ENDPOINT"]),
+        (
+            "s3://bkt/m",
+            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"],
+        ),
+        ("https://mirror.example/m/", ["MODELCACHE_HTTP_AUTHORIZATION"]),
+        ("pvc://claim", []),
+        (
+            "a=s3://bkt/a,b=s3://bkt/b",
+            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"],
+        ),
+    ],
+)
+def test_credentials_only_for_used_schemes_and_only_in_our_containers(
+    model: str, env: list[str]
+) -> None:
+    out, _ = _inject(pod(vllm(), model=model))
+    for c in out["spec"]["initContainers"]:
+        assert [e["name"] for e in c.get("env", [])] == env
+        for e in c.get("env", []):
+            assert "value" not in e
+            assert e["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "env" not in out["spec"]["containers"][0]
+
+
+def test_credentials_secret_name_from_config() -> None:
+    cfg = Config.model_validate(
+        {"credentials": {"hf": {"secretName": "team-hf", "keys": {"tok": "HF_TOKEN"}}}}
+    )
+    out, _ = _inject(pod(vllm()), cfg)
+    env = out["spec"]["initContainers"][0]["env"]
+    assert env == [
+        {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "team-hf", "key": "tok", "optional": True}},
+        }
+    ]
+
+
+def test_host_network_warns() -> None:
+    p = pod(vllm())
+    p["spec"]["hostNetwork"] = True
+    _, ctx = _inject(p)
+    assert any("hostNetwork" in w for w in ctx.notes.warnings)
+
+
+# --- rewrites --------------------------------------------------------------------------------
+
+REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
+    (
+        "vllm-serve",
+        vllm(),
+        {},
+        {"command": ["vllm", "serve", "/models/m", "--served-model-name", "org/m",
+                     "--safetensors-load-strategy", "prefetch"]},
+    ),
+    (
+        "vllm-args-only-entrypoint",
+        {"name": "v", "image": VLLM, "args": ["org/m", "--port", "1"]},
+        {},
+        {"args": ["/models/m", "--served-model-name", "org/m", "--safetensors-load-strategy",
+                  "prefetch", "--port", "1"]},
+    ),
+    (
+        "vllm-user-strategy-and-name",
+        {"name": "v", "image": VLLM, "args": ["--model", "org/m", "--served-model-name=x",
+                                               "--safetensors-load-strategy", "lazy"]},
+        {},
+        {"args": ["--model", "/models/m", "--served-model-name=x", "--safetensors-load-strategy", "lazy"]},
+    ),
+    (
+        "vllm-tokenizer-and-revisioned-annotation",
+        {"name": "v", "image": VLLM, "args": ["--model", "org/m", "--tokenizer", "org/m", "--load-format", "auto"]},
+        {"model": "hf://org/m@v1"},
+        {"args": ["--model", "/models/m", "--served-model-name", "org/m", "--tokenizer", "/models/m",
+                  "--load-format", "auto"]},
+    ),
+    (
+        "sglang",
+        {"name": "s", "image": "lmsysorg/sglang:1", "args": ["--model-path=org/m"]},
+        {},
+        {"args": ["--model-path=/models/m", "--served-model-name", "org/m"]},
+    ),
+    (
+        "tgi-env",
+        {"name": "t", "image": "ghcr.io/huggingface/text-generation-inference:3",
+         "env": [{"name": "MODEL_ID", "value": "org/m"}, {"name": "HF_HUB_OFFLINE", "value": "0"}]},
+        {},
+        {"env": [{"name": "MODEL_ID", "value": "/models/m"}, {"name": "HF_HUB_OFFLINE", "value": "0"}]},
+    ),
+    (
+        "llamacpp-hf-file-before-repo",
+        {"name": "l", "image": "x", "command": ["llama-server"],
+         "args": ["--hf-file", "q4.gguf", "--hf-repo", "org/m-GGUF:Q4", "--port", "1"]},
+        {},
+        {"args": ["-m", "/models/m-GGUF/q4.gguf", "--alias", "org/m-GGUF:Q4", "--port", "1"]},
+    ),
+    (
+        "llamacpp-inline-repo",
+        {"name": "l", "image": "x", "command": ["llama-server", "--hf-repo=org/m-GGUF", "--hf-file=f.gguf"]},
+        {},
+        {"command": ["llama-server", "--model=/models/m-GGUF/f.gguf", "--alias", "org/m-GGUF"]},
+    ),
+    (
+        "s3-subpath-generic",
+        {"name": "g", "image": "my/server", "args": ["--model", "s3://bkt/m/weights"]},
+        {"model": "s3://bkt/m"},
+        {"args": ["--model", "/models/m/weights"]},
+    ),
+    (
+        "sh-c-served-name-untouched",
+        {"name": "s", "image": VLLM, "command": ["sh", "-c"],
+         "args": ["vllm serve org/m --served-model-name org/m && echo done"]},
+        {},
+        {"args": ["vllm serve /models/m --safetensors-load-strategy prefetch --served-model-name org/m && echo done"]},
+    ),
+    (
+        "nim",
+        {"name": "n", "image": "nvcr.io/nim/x:1", "env": [{"name": "NIM_MODEL_PATH", "value": "s3://bkt/m"}]},
+        {},
+        {"env": [{"name": "NIM_MODEL_PATH", "value": "/models/m"},
+                 {"name": "NIM_SERVED_MODEL_NAME", "value": "s3://bkt/m"}]},
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("container", "ann", "expected"), [r[1:] for r in REWRITES], ids=[r[0] for r in REWRITES]
+)
+def test_rewrites(container: dict[str, Any], ann: dict[str, str], expected: dict[str, Any]) -> None:
+    p = pod(container, **ann)
+    ctx = plan(p)
+    out = rewrite_model_args(copy.deepcopy(p), ctx)["spec"]["containers"][0]
+    for key, value in expected.items():
+        if (
+            key == "env"
+            and any(e["name"] == "HF_HUB_OFFLINE" for e in out["env"])
+            and not any(e["name"] == "HF_HUB_OFFLINE" for e in value)
+        ):
+            value = [*value, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+        assert out[key] == value
+    assert ctx.notes.rewrites, "no rewrite recorded"
+    assert all(r["original"] != r["value"] for r in ctx.notes.rewrites)
+
+
+def test_hub_model_gets_offline_mode_unless_set() -> None:
+    out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in out["spec"]["containers"][0]["env"]
+    p = pod(vllm(env=[{"name": "HF_HUB_OFFLINE", "value": "0"}]))
+    out, _ = mutate_pod(p, namespace="ns", config=CFG)
+    assert out["spec"]["containers"][0]["env"] == [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+
+
+def test_rewrite_off_changes_no_app_args() -> None:
+    p = pod(vllm(), rewrite="off")
+    out, _ = mutate_pod(p, namespace="ns", config=CFG)
+    assert out["spec"]["containers"][0]["command"] == ["vllm", "serve", "org/m"]
+    assert "env" not in out["spec"]["containers"][0]
+
+
+def test_status_records_every_rewrite_and_round_trips() -> None:
+    out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
+    raw = out["metadata"]["annotations"]["modelcache.io/status"]
+    data = json.loads(raw)
+    assert data["rewrites"] == [
+        {"container": "vllm", "field": "command serve", "original": "org/m", "value": "/models/m"}
+    ]
+    assert data["models"][0]["cacheKey"] == data["models"][0]["cacheKey"].lower()
+    status = read_status(out["metadata"]["annotations"])
+    assert status is not None
+    assert [m.to_arg() for m in status.models] == ["m=hf://org/m@main"]
+    assert status.containers == ("vllm",)
+    assert out["metadata"]["labels"]["modelcache.io/injected"] == "true"
+
+
+@pytest.mark.parametrize(
+    "raw", ["not json", "[]", '{"version": 99}', '{"version": 1, "models": [{"name": "x"}]}']
+)
+def test_unreadable_status_is_ignored(raw: str) -> None:
+    assert read_status({"modelcache.io/status": raw}) is None
+
+
+def test_write_status_creates_null_maps() -> None:
+    p = pod(vllm())
+    p["metadata"]["annotations"] = None
+    ctx = plan(pod(vllm()))
+    out = write_status(copy.deepcopy(p), ctx)
+    assert "modelcache.io/status" in out["metadata"]["annotations"]
+
+
+# --- affinity --------------------------------------------------------------------------------
+
+
+def test_prefer_adds_one_term_per_model() -> None:
+    p = pod(vllm(), model="a=hf://org/a,b=hf://org/b")
+    ctx = plan(p)
+    out = add_affinity(copy.deepcopy(p), ctx)
+    terms = out["spec"]["affinity"]["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert [t["weight"] for t in terms] == [100, 20]
+    keys = [m.source.cache_key for m in ctx.named_models]
+    assert [t["preference"]["matchExpressions"][0]["key"] for t in terms] == [
+        f"cache.modelcache.io/{k}" for k in keys
+    ]
+    assert terms[0]["preference"]["matchExpressions"][0]["values"] == ["ready"]
+
+
+def test_require_is_anded_into_every_term() -> None:
+    p = pod(vllm(), affinity="require")
+    p["spec"]["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}]},
+                ]
+            }
+        },
+        "podAntiAffinity": {"x": 1},
+    }
+    p["spec"]["nodeSelector"] = {"zone": "a"}
+    ctx = plan(p)
+    out = add_affinity(copy.deepcopy(p), ctx)
+    terms = out["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    key = f"cache.modelcache.io/{ctx.named_models[0].source.cache_key}"
+    assert len(terms) == 2
+    assert terms[0]["matchExpressions"][0] == {"key": "gpu", "operator": "Exists"}
+    assert terms[0]["matchExpressions"][1]["key"] == key
+    assert terms[1]["matchFields"][0]["key"] == "metadata.name"
+    assert terms[1]["matchExpressions"][0]["key"] == key
+    assert out["spec"]["affinity"]["podAntiAffinity"] == {"x": 1}
+    assert out["spec"]["nodeSelector"] == {"zone": "a"}
+    assert any("node agent" in w for w in ctx.notes.warnings)
+
+
+def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
+    p = pod(vllm(), affinity="require")
+    ctx = plan(p, Config(agent_enabled=True))
+    out = add_affinity(copy.deepcopy(p), ctx)
+    terms = out["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert len(terms) == 1
+    assert not any("node agent" in w for w in ctx.notes.warnings)
