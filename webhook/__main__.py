@@ -31,6 +31,10 @@ DEFAULT_PORT = 8443
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
+class ServeError(Exception):
+    """The server cannot start (e.g. the address is taken); the message says why."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m webhook", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
         help="make a throw-away CA and cert for localhost; prints the CA path",
     )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--offload-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tuning: admit request bodies of N bytes or more off the event loop "
+        "(default: see docs/webhook-server.md)",
+    )
+    serve.add_argument(
+        "--workers",
+        choices=("process", "thread"),
+        default="process",
+        help="tuning: where large pods are admitted (default process)",
+    )
 
     inject = sub.add_parser("inject", help="mutate the pods in YAML documents offline")
     inject.add_argument(
@@ -73,20 +91,30 @@ def _dev_certs() -> tuple[Path, Path, Path]:
     return out / CA_CERT_FILE, out / TLS_CERT_FILE, out / TLS_KEY_FILE
 
 
-async def _serve(config: Config, host: str, port: int, cert: Path, key: Path) -> None:
+async def _serve(
+    config: Config, args: argparse.Namespace, host: str, cert: Path, key: Path
+) -> None:
     from aiohttp import web
 
     from webhook.app import build_app
+    from webhook.state import DEFAULT_OFFLOAD_BYTES
     from webhook.tls import CertReloader
 
+    port: int = args.port
     reloader = CertReloader(cert, key)
-    app = build_app(config, reloader=reloader)
+    offload = DEFAULT_OFFLOAD_BYTES if args.offload_bytes is None else args.offload_bytes
+    app = build_app(config, reloader=reloader, offload_bytes=offload, workers=args.workers)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        await runner.cleanup()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     site = web.SockSite(
         runner, sock, ssl_context=reloader.context, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
     )
@@ -115,6 +143,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("serve needs --tls-cert and --tls-key (or --dev)")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
+    if args.offload_bytes is not None and args.offload_bytes < 0:
+        parser.error(f"--offload-bytes must be >= 0, got {args.offload_bytes}")
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
@@ -130,12 +160,12 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from webhook.tls import TLSError
 
     try:
-        asyncio.run(_serve(config, host, args.port, cert, key))
+        asyncio.run(_serve(config, args, host, cert, key))
     except TLSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: cannot listen on {host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

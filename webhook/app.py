@@ -1,6 +1,6 @@
 """``build_app(config)``: the composition root of the admission server.
 
-Routes, typed application state and the start/stop of background work (worker threads,
+Routes, typed application state and the start/stop of background work (admission workers,
 pipeline warm-up, certificate watcher) are wired here and nowhere else; ``handlers.py`` only
 speaks HTTP, ``review.py`` only the envelope, ``pipeline.py`` only the mutation.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -20,7 +20,15 @@ from webhook.config import Config
 from webhook.metrics import Metrics
 from webhook.pipeline import admit_pod
 from webhook.review import Pod
-from webhook.state import DEFAULT_OFFLOAD_BYTES, STATE, AdmitFn, Admitter, ServerState
+from webhook.state import (
+    DEFAULT_OFFLOAD_BYTES,
+    DEFAULT_WORKERS,
+    STATE,
+    AdmitFn,
+    Admitter,
+    ServerState,
+    Workers,
+)
 from webhook.tls import CertReloader
 
 log = logging.getLogger(__name__)
@@ -42,19 +50,10 @@ _WARMUP_POD: Pod = {
 }
 
 
-async def _worker_threads(app: web.Application) -> AsyncIterator[None]:
-    admitter = app[STATE].admitter
-    # Two threads: the machine this runs on has few cores, and the GIL makes more useless.
-    admitter.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admit")
-    yield
-    admitter.executor.shutdown(wait=True, cancel_futures=True)
-    admitter.executor = None
-
-
-async def _warm_pipeline(app: web.Application) -> AsyncIterator[None]:
+async def _admission_workers(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     try:
-        await state.admitter(dict(_WARMUP_POD), namespace="default", size=0)
+        await state.admitter.start(copy.deepcopy(_WARMUP_POD))
     except Exception:
         # Still become ready: every review then follows onError, which is what the cluster
         # gets with the webhook down anyway, and the error is in the log and metrics.
@@ -62,6 +61,7 @@ async def _warm_pipeline(app: web.Application) -> AsyncIterator[None]:
         log.exception("pipeline warm-up failed")
     state.warmed = True
     yield
+    state.admitter.stop()
 
 
 async def _watch_certs(app: web.Application) -> AsyncIterator[None]:
@@ -83,6 +83,7 @@ def build_app(
     metrics: Metrics | None = None,
     admit: AdmitFn = admit_pod,
     offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> web.Application:
     """The admission server application.
 
@@ -102,10 +103,10 @@ def build_app(
     app[STATE] = ServerState(
         config=config,
         metrics=metrics,
-        admitter=Admitter(admit, config, offload_bytes=offload_bytes),
+        admitter=Admitter(admit, config, offload_bytes=offload_bytes, workers=workers),
         reloader=reloader,
     )
-    app.cleanup_ctx.extend([_worker_threads, _warm_pipeline, _watch_certs])
+    app.cleanup_ctx.extend([_admission_workers, _watch_certs])
     app.router.add_post("/mutate", handlers.mutate)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 
@@ -16,22 +21,31 @@ from webhook.pipeline import AdmissionResult
 from webhook.review import Pod
 from webhook.tls import CertReloader
 
-AdmitFn = Callable[..., AdmissionResult]
+log = logging.getLogger(__name__)
 
-# Requests with bodies at least this large are admitted in a worker thread; smaller ones inline.
-# Measured on this 2-core machine (docs/bench-admission.md): admitting a typical model pod
-# takes about 1 ms of CPU, less than the cost of a thread hop plus GIL hand-off (which also
-# raises p99 under load), so small pods run inline. The pipeline's cost grows with the pod (a
-# huge managedFields or hundreds of containers: tens of ms for a multi-MiB body), and a
-# handler that holds the loop that long stalls every other connection, including /healthz;
-# those go to a thread so the loop keeps serving (the GIL still switches every 5 ms). A
-# process pool would buy real parallelism but costs a pickle round trip of the pod per
-# request, more than the mutation itself for the common case.
+AdmitFn = Callable[..., AdmissionResult]
+Workers = Literal["process", "thread"]
+
+# Where the pipeline runs, decided by measurement (docs/bench-admission.md, 2 shared cores):
+#
+# - ``admit_pod`` costs ~1.4 ms for a typical model pod but grows with the pod: 52 ms with
+#   250 KB of managedFields, 330 ms at 1.2 MB (deep copy + diff of the whole object).
+# - Small pods inline: under load, inline served 450-800 model pods/s against 180-230/s when
+#   every pod went to a worker thread (GIL hand-offs between the loop and the worker cost more
+#   than the 1.4 ms of work), and 230-320/s through a process (pickling both ways). Holding
+#   the loop for ~1 ms is harmless.
+# - Large pods in a worker *process*: while 250 KB pods were being admitted, /healthz on the
+#   same server answered at p50 0.25 ms with a process pool, 18-55 ms with a thread pool (the
+#   worker holds the GIL; the loop gets it back only every switch interval) and ~500 ms inline
+#   (the loop is simply stuck). Large-pod throughput was within noise between thread and
+#   process, so the process pool's only cost is its memory (two spawned interpreters).
 DEFAULT_OFFLOAD_BYTES = 64 * 1024
+DEFAULT_WORKERS: Workers = "process"
+MAX_WORKERS = 2  # the machines this runs on have few cores; more workers only queue
 
 
 class Admitter:
-    """Runs the (pure, CPU-bound) pipeline inline or in a worker thread by request size."""
+    """Runs the (pure, CPU-bound) pipeline inline or in a worker pool by request size."""
 
     def __init__(
         self,
@@ -39,19 +53,57 @@ class Admitter:
         config: Config,
         *,
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        workers: Workers = DEFAULT_WORKERS,
     ) -> None:
         self._admit = admit
         self._config = config
         self.offload_bytes = offload_bytes
-        self.executor: ThreadPoolExecutor | None = None
+        self.workers = workers
+        self.executor: Executor | None = None
+
+    def _new_executor(self) -> Executor:
+        if self.workers == "process":
+            # spawn, not fork: forking a process that already runs threads (asyncio's default
+            # executor, the cert watcher) can copy a held lock into the child.
+            return ProcessPoolExecutor(MAX_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+        return ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="admit")
+
+    async def start(self, warm_pod: Pod) -> None:
+        """Create the pool and admit ``warm_pod`` inline and in every worker, so imports and
+        caches are hot before the server says it is ready."""
+        if self.executor is None:
+            self.executor = self._new_executor()
+        self._admit(warm_pod, namespace="default", config=self._config)
+        await asyncio.gather(
+            *(self._offload(dict(warm_pod), "default") for _ in range(MAX_WORKERS))
+        )
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+    async def _offload(self, pod: Pod, namespace: str | None) -> AdmissionResult:
+        assert self.executor is not None
+        loop = asyncio.get_running_loop()
+        # A partial (not a lambda) so a process pool can pickle the call.
+        call = functools.partial(self._admit, pod, namespace=namespace, config=self._config)
+        executor = self.executor
+        try:
+            return await loop.run_in_executor(executor, call)
+        except BrokenProcessPool:
+            # A worker died (OOM kill, segfault): this request follows onError, later ones
+            # get a fresh pool instead of failing forever.
+            if self.executor is executor:
+                log.error("admission worker pool broke; starting a new one")
+                self.executor = self._new_executor()
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise
 
     async def __call__(self, pod: Pod, *, namespace: str | None, size: int) -> AdmissionResult:
         if size < self.offload_bytes or self.executor is None:
             return self._admit(pod, namespace=namespace, config=self._config)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, lambda: self._admit(pod, namespace=namespace, config=self._config)
-        )
+        return await self._offload(pod, namespace)
 
 
 @dataclass

@@ -90,7 +90,13 @@ class CertReloader:
         self.key_file = Path(key_file)
         self._paths = (self.cert_file, self.key_file)
         self.on_result = on_result
-        self._seen = _signature(self._paths)
+        # Signature first: a change landing between the two steps is then seen next poll.
+        try:
+            self._seen = _signature(self._paths)
+        except OSError as e:
+            raise TLSError(
+                f"cannot load TLS pair cert={self.cert_file} key={self.key_file}: {e}"
+            ) from None
         self.context = build_server_context(self.cert_file, self.key_file)
         self.reloads = 0
 

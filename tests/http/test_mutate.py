@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,9 +14,9 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from tests.fixtures.webhook_server import make_review, model_pod
-from webhook.app import build_app
+from tests.fixtures.webhook_server import make_app, make_review, model_pod
 from webhook.config import Config
+from webhook.state import STATE
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -29,6 +30,21 @@ def _patched(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
     assert response["patchType"] == "JSONPatch"
     patch = json.loads(base64.b64decode(response["patch"]))
     return jsonpatch.apply_patch(copy.deepcopy(pod), patch)
+
+
+def _large_pod() -> dict[str, Any]:
+    pod = model_pod()
+    pod["metadata"]["managedFields"] = [
+        {
+            "manager": f"m{i}",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:labels": {"f:app": {}}}},
+        }
+        for i in range(200)
+    ]
+    return pod
 
 
 def check_pod(pod: dict[str, Any]) -> None:
@@ -83,7 +99,7 @@ async def test_pod_create_with_non_object_is_400(webhook_client: Any) -> None:
 
 
 async def test_body_over_limit_is_413_by_content_length(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_app(Config(max_request_bytes=4096)))
+    client = await aiohttp_client(make_app(Config(max_request_bytes=4096)))
     pod = model_pod()
     pod["metadata"]["annotations"]["big"] = "x" * 5000
     status, payload = await _post(client, make_review(pod))
@@ -95,7 +111,7 @@ async def test_body_over_limit_is_413_by_content_length(aiohttp_client: Any) -> 
 
 
 async def test_chunked_body_over_limit_is_413(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_app(Config(max_request_bytes=4096)))
+    client = await aiohttp_client(make_app(Config(max_request_bytes=4096)))
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked encoding
         for _ in range(10):
@@ -220,12 +236,38 @@ async def test_soft_problems_are_warnings(webhook_client: Any) -> None:
     assert any("hostNetwork" in w for w in response["warnings"])
 
 
-async def test_large_pod_runs_in_a_worker_thread(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_app(Config(), offload_bytes=0))
-    pod = model_pod()
-    status, body = await _post(client, make_review(pod))
+@pytest.mark.parametrize("workers", ["process", "thread"])
+async def test_large_pods_are_admitted_off_the_loop(aiohttp_client: Any, workers: str) -> None:
+    app = make_app(Config(), offload_bytes=1024, workers=workers)
+    client = await aiohttp_client(app)
+    assert app[STATE].admitter.executor is not None
+    for pod in (model_pod(), _large_pod()):
+        status, body = await _post(client, make_review(pod))
+        assert status == 200
+        check_pod(_patched(pod, body["response"]))
+
+
+def _die_in_worker(pod: dict[str, Any], *, namespace: str | None, config: Config) -> Any:
+    from webhook.pipeline import admit_pod
+
+    if (pod.get("metadata") or {}).get("name") == "kill-the-worker":
+        os._exit(3)  # what an OOM kill looks like to the pool
+    return admit_pod(pod, namespace=namespace, config=config)
+
+
+async def test_a_dead_worker_process_costs_one_request(aiohttp_client: Any) -> None:
+    app = make_app(
+        Config(on_error="allow"), offload_bytes=0, admit=_die_in_worker, workers="process"
+    )
+    client = await aiohttp_client(app)
+    status, body = await _post(client, make_review(model_pod(name="kill-the-worker"), uid="k"))
     assert status == 200
-    check_pod(_patched(pod, body["response"]))
+    assert body["response"]["allowed"] is True
+    assert "internal error" in body["response"]["warnings"][0]
+    # The pool was replaced: the next pod is mutated normally.
+    status, body = await _post(client, make_review(model_pod()))
+    assert status == 200
+    assert "patch" in body["response"]
 
 
 # --- internal errors follow onError ----------------------------------------------------------
@@ -241,7 +283,7 @@ def _exploding_admit(pod: dict[str, Any], *, namespace: str | None, config: Conf
 async def test_internal_error_follows_on_error(
     aiohttp_client: Any, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
-    app = build_app(Config(on_error=policy), admit=_exploding_admit)
+    app = make_app(Config(on_error=policy), admit=_exploding_admit)
     client = await aiohttp_client(app)
     with caplog.at_level(logging.INFO):
         status, body = await _post(client, make_review(model_pod(), uid="uid-err-1"))
@@ -274,7 +316,7 @@ def _nan_admit(pod: dict[str, Any], *, namespace: str | None, config: Config) ->
 
 
 async def test_unencodable_result_follows_on_error(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_app(Config(on_error="deny"), admit=_nan_admit))
+    client = await aiohttp_client(make_app(Config(on_error="deny"), admit=_nan_admit))
     status, body = await _post(client, make_review(model_pod(), uid="nan"))
     assert status == 200
     assert body["response"]["allowed"] is False
@@ -321,7 +363,7 @@ async def test_health_and_readiness(webhook_client: Any) -> None:
 async def test_not_ready_before_warm_up() -> None:
     from webhook.state import STATE
 
-    app = build_app(Config())
+    app = make_app(Config())
     assert app[STATE].ready is False  # cleanup contexts (warm-up) have not run
 
 

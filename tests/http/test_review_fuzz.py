@@ -24,8 +24,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.webhook_server import make_review, model_pod
-from webhook.app import build_app
+from tests.fixtures.webhook_server import make_app, make_review, model_pod
 from webhook.config import Config
 
 MAX_BYTES = 256 * 1024
@@ -57,7 +56,7 @@ class ThreadServer:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ThreadServer]:
-    srv = ThreadServer(build_app(Config(max_request_bytes=MAX_BYTES)))
+    srv = ThreadServer(make_app(Config(max_request_bytes=MAX_BYTES)))
     yield srv
     srv.close()
 
