@@ -325,3 +325,31 @@ def test_install_cli_unreachable_api_fails_cleanly(tmp_path, monkeypatch, capsys
         _kubeconfig(tmp_path, f"http://127.0.0.1:{s.getsockname()[1]}", monkeypatch)
         assert main(CLI_ARGS) == 1
     assert "cannot reach the Kubernetes API" in capsys.readouterr().err
+
+
+def test_two_install_processes_racing_end_with_one_secret(kube_api, api, tmp_path, monkeypatch):
+    """Two replicas' init containers are two processes: same outcome as with threads."""
+    import subprocess
+    import sys
+
+    _kubeconfig(tmp_path, kube_api.url, monkeypatch)
+    kube_api.rendezvous("POST", SECRETS_PATH, parties=2)
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "certs", *CLI_ARGS, "--cert-dir", str(tmp_path / f"tls{i}")],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(yaml.safe_load(out)["secret"] for out, _ in outs) == ["adopted", "created"]
+    assert kube_api.count("POST", SECRETS_PATH) == 2
+    data = assert_converged(kube_api)
+    for i in range(2):
+        assert (tmp_path / f"tls{i}" / "tls.crt").read_bytes() == data["tls.crt"]
+        assert (tmp_path / f"tls{i}" / "tls.key").read_bytes() == data["tls.key"]

@@ -542,3 +542,75 @@ def test_cert_manager_objects_are_well_formed(rendered):
         assert spec["privateKey"]["algorithm"] == "ECDSA"
         hours = [int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")]
         assert hours[1] * 3 == hours[0]  # renew at a third left, like `certs install`
+
+
+# ---- the renderer refuses what it does not implement ----------------------------------------
+def _kustomization(tmp_path: Path, body: dict[str, Any], files: dict[str, Any]) -> Path:
+    for name, content in files.items():
+        (tmp_path / name).write_text(
+            yaml.safe_dump_all(content) if isinstance(content, list) else yaml.safe_dump(content)
+        )
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(body))
+    return tmp_path
+
+
+CM = {
+    "apiVersion": "v1",
+    "kind": "ConfigMap",
+    "metadata": {"name": "c", "namespace": "n"},
+    "data": {"a": "1"},
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"resources": ["cm.yaml"], "namespace": "x"}, "unsupported fields \\['namespace'\\]"),
+        (
+            {
+                "resources": ["cm.yaml"],
+                "patches": [{"target": {"kind": "ConfigMap"}, "patch": "data:\n  a: '2'\n"}],
+            },
+            "only JSON 6902",
+        ),
+        (
+            {"resources": ["cm.yaml"], "patches": [{"target": {"kind": "Secret"}, "patch": "[]"}]},
+            "matches no resource",
+        ),
+        (
+            {
+                "resources": ["cm.yaml"],
+                "patches": [
+                    {
+                        "target": {"kind": "ConfigMap"},
+                        "patch": "- {op: test, path: /data/a, value: '9'}",
+                    }
+                ],
+            },
+            "failed",
+        ),
+        ({"resources": ["cm.yaml", "cm.yaml"]}, "defined twice"),
+        ({"resources": ["missing.yaml"]}, "does not exist"),
+    ],
+)
+def test_renderer_refuses_what_it_does_not_implement(tmp_path, body, message):
+    from tests.fixtures.kustomize import KustomizeError
+
+    with pytest.raises(KustomizeError, match=message):
+        render(_kustomization(tmp_path, body, {"cm.yaml": CM}))
+
+
+def test_renderer_applies_json_patches_to_the_target_only(tmp_path):
+    other = copy.deepcopy(CM)
+    other["metadata"]["name"] = "d"
+    body = {
+        "resources": ["cm.yaml"],
+        "patches": [
+            {
+                "target": {"kind": "ConfigMap", "name": "c"},
+                "patch": "- {op: replace, path: /data/a, value: '2'}",
+            }
+        ],
+    }
+    objs = render(_kustomization(tmp_path, body, {"cm.yaml": [CM, other]}))
+    assert [o["data"]["a"] for o in objs] == ["2", "1"]
