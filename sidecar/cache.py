@@ -434,6 +434,9 @@ class NodeCache:
             ready[i].set()
         local_path = getattr(job.source, "local_path", None)
 
+        written: set[int] = set()
+        wake = asyncio.Event()
+
         async def fetch(i: int) -> None:
             start, end = i * part, min((i + 1) * part, f.size)
             async with job.sem:
@@ -442,12 +445,23 @@ class NodeCache:
                     job.add_bytes(end - start)
                 else:
                     await self._fetch_range(job, start, end)
-                # data first, then the record that it is there: a crash in between only
-                # costs a re-fetch of this part, never a hole marked as done
-                await asyncio.to_thread(os.fdatasync, job.fd)
-            job.done.add(i)
-            await asyncio.to_thread(job.save_state)
-            ready[i].set()
+            written.add(i)
+            wake.set()
+            ready[i].set()  # hashing reads the page cache: it need not wait for the disk
+
+        async def checkpoint() -> None:
+            # data first, then the record that it is there: a crash only ever costs a
+            # re-fetch of parts not recorded yet, never a hole marked as done. One fdatasync
+            # covers every part written meanwhile, and it runs beside the downloads instead
+            # of holding a download slot while the disk catches up.
+            while len(job.done) < n_parts:
+                await wake.wait()
+                wake.clear()
+                batch = written - job.done
+                if batch:
+                    await asyncio.to_thread(os.fdatasync, job.fd)
+                    job.done |= batch
+                    await asyncio.to_thread(job.save_state)
 
         async def verify() -> None:
             h = hashlib.sha256()
@@ -463,6 +477,7 @@ class NodeCache:
                 )
 
         tasks = [asyncio.create_task(fetch(i)) for i in range(n_parts) if i not in job.done]
+        tasks.append(asyncio.create_task(checkpoint()))
         if f.sha256:
             tasks.append(asyncio.create_task(verify()))
         try:

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from sidecar.cache import PART_SIZE, CacheError, NodeCache
@@ -285,17 +286,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"warmup failed: MODELCACHE_PART_SIZE: {exc}", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(
-            warm_models(
-                cache,
-                models,
-                include=include,
-                parallel=args.parallel,
-                timeout=args.timeout,
-                pvc_root=args.pvc_root,
-            )
+
+    async def main() -> None:
+        # every ranged read writes through a thread, plus hashing and fdatasync: the default
+        # pool (cores + 4) would queue writes behind a slow fdatasync on a 2-core node
+        pool = ThreadPoolExecutor(max_workers=args.parallel + 4, thread_name_prefix="cache-io")
+        asyncio.get_running_loop().set_default_executor(pool)
+        await warm_models(
+            cache,
+            models,
+            include=include,
+            parallel=args.parallel,
+            timeout=args.timeout,
+            pvc_root=args.pvc_root,
         )
+
+    try:
+        asyncio.run(main())
     except WarmupError as exc:
         for line in exc.failures:
             print(f"warmup failed: {line}", file=sys.stderr)
