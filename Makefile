@@ -13,7 +13,7 @@ help:
 	@echo "make run        inject the examples and run the local demo (no cluster needed)"
 	@echo "make test       the whole test suite (lint, types, unit, golden, http, e2e)"
 	@echo "make bench      benchmarks (tests/bench), results to compare with BENCHMARKS.md"
-	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
+	@echo "make lock       re-resolve requirements.lock from pyproject.toml (make lock-runtime: the images' lock)"
 	@echo "make golden     regenerate golden files (MODELCACHE_UPDATE_GOLDEN=1)"
 	@echo "make images     build the container images (needs a container engine)"
 
@@ -69,6 +69,9 @@ bench-fuse: $(STAMP) system-deps
 
 bench-coldstart: $(STAMP) system-deps
 	$(BIN)/python -m tests.bench.coldstart
+
+lock-runtime:
+	sh scripts/build-images.sh lock-runtime
 
 images:
 	sh scripts/build-images.sh
