@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import sys
 import tempfile
@@ -141,6 +142,15 @@ async def _run_variant(url: str, ca: Path, args: argparse.Namespace) -> list[Res
                 session, _poster(url, _no_model_pod()), name="mutate no-model pod", **common
             )
         )
+        results.append(
+            await _drive(
+                session,
+                _poster(url, model_pod()),
+                concurrency=1,
+                duration=args.duration,
+                name="mutate model pod, 1 client",
+            )
+        )
         large = _large_pod()
         results.append(
             await _drive(session, _poster(url, large), name="mutate 250KB pod", **common)
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m tests.bench.admission --duration {args.duration:g} --concurrency "
         f"{args.concurrency}{' --compare' if args.compare else ''}; Python {sys.version.split()[0]}"
     )
+    print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.1f}")
     failed = 0
     for variant, extra in variants.items():
         wp = start_webhook_process(
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             wp.stop()
         _report(variant, results)
         failed += sum(r.failures for r in results)
-    print(f"\nfailed requests: {failed}")
+    print(f"\nfailed requests: {failed}; load average after: {os.getloadavg()[0]:.1f}")
     return 1 if failed else 0
 
 
