@@ -420,6 +420,16 @@ class MountService:
         provider.stopping.set()
         if self.warmup is not None:
             self.warmup.cancel()
+        # a signal right at start may come before libfuse has mounted: let the mount appear
+        # first, else it would appear after our unmount and die with the process
+        deadline = time.monotonic() + UNMOUNT_GRACE
+        while (
+            not announced
+            and fuse_thread.is_alive()
+            and not is_fuse(find_mount(self.mountpoint))
+            and time.monotonic() < deadline
+        ):
+            fuse_thread.join(0.05)
         if not unmount(self.mountpoint):
             unmount(self.mountpoint, lazy=True)
         fuse_thread.join(UNMOUNT_GRACE)

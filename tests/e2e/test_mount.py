@@ -367,3 +367,56 @@ def test_complete_model_is_served_from_its_manifest(
         if model_src.with_name("gone").exists():
             model_src.with_name("gone").rename(model_src)
         model_src.chmod(0o755)
+
+
+def test_probe_wait_returns_once_the_mount_serves(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    """The classic sidecar's postStart: ``probe --wait`` blocks until the mount is ready."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "probe",
+            "--mountpoint",
+            str(mnt),
+            "--model",
+            "tiny",
+            "--wait",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert waiting.poll() is None  # nothing mounted yet: still waiting
+        m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)])
+        assert waiting.wait(90) == 0, waiting.stderr.read() if waiting.stderr else ""
+        assert probe(mnt, ["tiny"]).returncode == 0
+        assert m.stop() == 0
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if waiting.stderr:
+            waiting.stderr.close()
+    expired = probe(mnt, ["tiny"], wait=0.5)
+    assert expired.returncode == 1 and "nothing is mounted" in expired.stderr
+
+
+def test_sigterm_right_after_start_leaves_no_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)])
+    deadline = time.monotonic() + 60
+    while "model tiny:" not in m.log:  # signal handlers are installed after the listing
+        assert m.proc.poll() is None and time.monotonic() < deadline, m.log
+        time.sleep(0.01)
+    rc = m.stop()
+    assert rc in (0, -signal.SIGTERM), m.log
+    assert not is_mounted(mnt)

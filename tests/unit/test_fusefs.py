@@ -9,10 +9,14 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-import mfusepy
 import pytest
 
-from sidecar.fusefs import FileEntry, ModelFS, Namespace
+try:
+    import mfusepy
+
+    from sidecar.fusefs import FileEntry, ModelFS, Namespace
+except OSError as exc:  # the binding loads libfuse3 at import
+    pytest.skip(f"libfuse3 not installed: {exc}", allow_module_level=True)
 
 
 class DirProvider:
