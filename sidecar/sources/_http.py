@@ -15,7 +15,6 @@ import aiohttp
 
 from sidecar.sources import SourceAccessError, SourceError, SourceUnavailableError
 
-_CHUNK = 1 << 20
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -121,7 +120,9 @@ class HttpClient:
                     )
                 if on_response is not None:
                     on_response(resp)
-                async for raw in resp.content.iter_chunked(_CHUNK):
+                # iter_chunks hands over the received buffers as they are (iter_chunked and
+                # iter_any join or slice them: one more copy of every byte)
+                async for raw, _ in resp.content.iter_chunks():
                     chunk = raw[: want - got] if got + len(raw) > want else raw
                     got += len(chunk)
                     yield chunk

@@ -56,6 +56,18 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
+def _fsync_all(target: Path, files: list[tuple[str, int]]) -> float:
+    """Make another tool's download as durable as ours (we fsync before the rename)."""
+    t = time.monotonic()
+    for path, _ in files:
+        fd = os.open(target / path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.monotonic() - t
+
+
 def _check(target: Path, files: list[tuple[str, int]]) -> None:
     for path, size in files:
         got = (target / path).stat().st_size
@@ -77,6 +89,7 @@ def main() -> None:
     total = sum(size for _, size in files)
     target = BENCH / "target"
     results: dict[str, list[float]] = {"ours": [], "aria2c": [], "curl": []}
+    durable: dict[str, list[float]] = {"aria2c+fsync": [], "curl+fsync": []}
     with nginx_server(src) as server:
         base = f"{server}bench-model/"
         model_arg = f"bench={base}"
@@ -130,13 +143,20 @@ def main() -> None:
                     secs = _timed(cmd)
                     _check(target, files)
                 results[tool].append(total / secs / 1e6)
-                print(f"round {rnd + 1} {tool:7s} {total / secs / 1e6:8.1f} MB/s ({secs:.2f}s)")
+                line = f"round {rnd + 1} {tool:7s} {total / secs / 1e6:8.1f} MB/s ({secs:.2f}s)"
+                if tool != "ours":
+                    synced = secs + _fsync_all(target, files)
+                    durable[f"{tool}+fsync"].append(total / synced / 1e6)
+                    line += f", with fsync {total / synced / 1e6:.1f} MB/s ({synced:.2f}s)"
+                print(line)
         shutil.rmtree(target, ignore_errors=True)
+    results.update(durable)
     med = {tool: statistics.median(v) for tool, v in results.items()}
     print(
         f"\nmodel: {total / 1e9:.2f} GB in {len(files)} files ({args.shards} shards), "
         f"{args.rounds} rounds, --parallel {args.parallel}, nginx on loopback"
     )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| tool | median MB/s | runs MB/s | vs aria2c |")
     print("|---|---|---|---|")
     for tool, v in results.items():
