@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.cache import NodeCache
 from sidecar.layout import ModelDir
 from sidecar.modelsource import parse_model_arg
 from tests.fixtures.fuse import is_mounted, probe
@@ -166,3 +167,30 @@ def _try_read(path: Path) -> object:
         return path.read_bytes()
     except OSError as exc:
         return exc
+
+
+def test_async_warmup_serves_at_once_and_fetches_opened_files_first(
+    fuse_available: None, sidecar_mount, tmp_path: Path
+) -> None:
+    """``--warmup`` (async mode): the mount serves while the background fill runs, and a
+    file the app opens is fetched next to it, not after it; no byte is fetched twice."""
+    if not nginx_available():
+        pytest.skip("nginx not installed (scripts/system-deps.sh installs nginx-light)")
+    info = generate_model(tmp_path / "root" / "m", total_bytes=6 << 20, shards=3, seed=5)
+    with nginx_server(tmp_path / "root", limit_rate="1m") as server:
+        cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+        arg = f"m={server}m/"
+        model = parse_model_arg(arg)
+        m = sidecar_mount(cache, mnt, [arg], "--link-root", "cache", "--warmup", "--parallel", "1")
+        m.wait_ready(["m"])
+        last = info.weight_files[-1]  # the warm-up plan reaches it last
+        assert sha(mnt / "m" / last) == info.files[last].sha256
+        # read on demand while the ~6 s background fill is still on an earlier shard
+        assert not NodeCache(cache).is_complete(model)
+        deadline = time.monotonic() + 90
+        while not NodeCache(cache).is_complete(model):
+            assert time.monotonic() < deadline, m.log
+            time.sleep(0.05)
+        assert m.stop() == 0
+        assert "background warm-up complete" in m.log
+        assert nginx_bytes_sent(server) == info.total_bytes
