@@ -628,3 +628,17 @@ def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
     ]["nodeSelectorTerms"]
     assert len(terms) == 1
     assert not any("node agent" in w for w in ctx.notes.warnings)
+
+
+@pytest.mark.parametrize(
+    ("init", "warned"),
+    [
+        ([{"name": "istio-init"}], True),
+        ([{"name": "istio-init"}, {"name": "istio-proxy", "restartPolicy": "Always"}], False),
+        ([{"name": "linkerd-init"}], True),
+        ([{"name": "other-init"}], False),
+    ],
+)
+def test_mesh_without_native_proxy_warns(init: list[dict[str, Any]], warned: bool) -> None:
+    _, ctx = _inject(pod(vllm(), init=[{"image": "x", **c} for c in init]))
+    assert any("cannot reach the model source" in w for w in ctx.notes.warnings) == warned

@@ -234,6 +234,16 @@ def _init_insert_index(inits: list[Any]) -> int:
     return idx
 
 
+def _mesh_without_native_proxy(spec: dict[str, Any]) -> str | None:
+    """The mesh init container (istio-init, linkerd-init) whose proxy is not a native sidecar."""
+    inits = [c for c in spec.get("initContainers") or [] if isinstance(c, dict)]
+    native = {c.get("name") for c in inits if c.get("restartPolicy") == "Always"}
+    for init, proxy in (("istio-init", "istio-proxy"), ("linkerd-init", "linkerd-proxy")):
+        if any(c.get("name") == init for c in inits) and proxy not in native:
+            return init
+    return None
+
+
 def inject_containers(pod: Pod, ctx: Context) -> Pod:
     """Place the warm-up (block mode) and the sidecar (native: init, classic: first regular).
 
@@ -261,6 +271,14 @@ def inject_containers(pod: Pod, ctx: Context) -> Pod:
         at = _init_insert_index(inits)
         inits[at:at] = ours
     ctx.notes.warn(PRIVILEGED_WARNING)
+    mesh = _mesh_without_native_proxy(spec)
+    if mesh:
+        ctx.notes.warn(
+            f"{mesh} redirects outbound traffic to the mesh proxy, but the proxy is a regular "
+            f"container that starts after {WARMUP_NAME} and {SIDECAR_NAME}: they cannot reach "
+            "the model source; use the mesh's native sidecar mode or exclude modelcache's "
+            "traffic from the mesh"
+        )
     if spec.get("hostNetwork") is True:
         ctx.notes.warn(
             "pod uses hostNetwork: the warm-up and sidecar share the node's network namespace "
