@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import AsyncIterator
 
@@ -51,16 +50,28 @@ _WARMUP_POD: Pod = {
 
 
 async def _admission_workers(app: web.Application) -> AsyncIterator[None]:
+    """Start the worker pool, and warm the pipeline in the background: the port opens at
+    once (liveness answers, early reviews are served, just slower) and /readyz turns ready
+    when the warm-up is done."""
     state = app[STATE]
-    try:
-        await state.admitter.start(copy.deepcopy(_WARMUP_POD))
-    except Exception:
-        # Still become ready: every review then follows onError, which is what the cluster
-        # gets with the webhook down anyway, and the error is in the log and metrics.
-        state.metrics.errors.labels("warmup").inc()
-        log.exception("pipeline warm-up failed")
-    state.warmed = True
+    state.admitter.start()
+
+    async def warm() -> None:
+        try:
+            await state.admitter.warm(_WARMUP_POD)
+        except Exception:
+            # Still become ready: every review then follows onError, which is what the
+            # cluster gets with the webhook down anyway, and the error is logged and counted.
+            state.metrics.errors.labels("warmup").inc()
+            log.exception("pipeline warm-up failed")
+        state.warmed = True
+
+    task = asyncio.create_task(warm(), name="pipeline-warm-up")
     yield
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     state.admitter.stop()
 
 

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -44,6 +46,12 @@ DEFAULT_WORKERS: Workers = "process"
 MAX_WORKERS = 2  # the machines this runs on have few cores; more workers only queue
 
 
+def _ignore_interrupts() -> None:
+    """Worker-process setup: Ctrl-C reaches the whole process group, but only the server
+    decides when workers stop (it shuts the pool down on its way out)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Admitter:
     """Runs the (pure, CPU-bound) pipeline inline or in a worker pool by request size."""
 
@@ -65,18 +73,29 @@ class Admitter:
         if self.workers == "process":
             # spawn, not fork: forking a process that already runs threads (asyncio's default
             # executor, the cert watcher) can copy a held lock into the child.
-            return ProcessPoolExecutor(MAX_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            return ProcessPoolExecutor(
+                MAX_WORKERS,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_interrupts,
+            )
         return ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="admit")
 
-    async def start(self, warm_pod: Pod) -> None:
-        """Create the pool and admit ``warm_pod`` inline and in every worker, so imports and
-        caches are hot before the server says it is ready."""
+    def start(self) -> None:
+        """Create the worker pool (its workers start on first use or in ``warm``)."""
         if self.executor is None:
             self.executor = self._new_executor()
-        self._admit(warm_pod, namespace="default", config=self._config)
-        await asyncio.gather(
-            *(self._offload(dict(warm_pod), "default") for _ in range(MAX_WORKERS))
+
+    async def warm(self, warm_pod: Pod) -> None:
+        """Admit ``warm_pod`` in this process (in a thread, the loop keeps serving) and in
+        every worker, so imports, compiled patterns and caches are hot before /readyz says
+        yes and the first real review costs what every later one costs."""
+        await asyncio.to_thread(
+            self._admit, copy.deepcopy(warm_pod), namespace="default", config=self._config
         )
+        if self.executor is not None:
+            await asyncio.gather(
+                *(self._offload(copy.deepcopy(warm_pod), "default") for _ in range(MAX_WORKERS))
+            )
 
     def stop(self) -> None:
         if self.executor is not None:

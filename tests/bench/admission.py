@@ -130,6 +130,11 @@ async def _run_variant(url: str, ca: Path, args: argparse.Namespace) -> list[Res
     timeout = aiohttp.ClientTimeout(total=60)
     results: list[Result] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for _ in range(3000):  # the port opens before the pipeline warm-up ends
+            async with session.get(f"{url}/readyz") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.02)
         # Warm the connections (TLS handshakes) so every scenario measures keep-alive requests.
         await _drive(session, _getter(url), concurrency=args.concurrency, duration=1, name="warm")
         common = {"concurrency": args.concurrency, "duration": args.duration}

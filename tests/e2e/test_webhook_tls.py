@@ -62,6 +62,18 @@ async def _peer_cert(port: int, ctx: ssl.SSLContext) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+async def _until_ready(session: aiohttp.ClientSession, url: str) -> None:
+    """/readyz turns 200 once the pipeline is warm (the port opens before that)."""
+    deadline = time.monotonic() + 60
+    for _ in range(3000):
+        async with session.get(f"{url}/readyz") as resp:
+            if resp.status == 200:
+                return
+            assert resp.status == 503
+        assert time.monotonic() < deadline, "server not ready in time"
+        await asyncio.sleep(0.02)  # polling a condition with a deadline
+
+
 async def _admit(session: aiohttp.ClientSession, url: str, uid: str) -> dict[str, Any]:
     doc = make_review(model_pod(), uid=uid)
     async with session.post(f"{url}/mutate", json=doc) as resp:
@@ -80,8 +92,7 @@ async def test_admission_over_https_with_only_the_ca_trusted(
     wp = webhook_process(["--tls-cert", str(vol.cert), "--tls-key", str(vol.key)])
     ctx = _client_ctx(bundle_a.ca_cert_pem)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
-        async with session.get(f"{wp.url}/readyz") as resp:
-            assert resp.status == 200
+        await _until_ready(session, wp.url)
         pod = model_pod()
         body = await _admit(session, wp.url, "tls-1")
         patch = json.loads(base64.b64decode(body["response"]["patch"]))

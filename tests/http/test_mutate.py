@@ -8,13 +8,20 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonpatch
 import pytest
 
-from tests.fixtures.webhook_server import make_app, make_review, model_pod
+from tests.fixtures.webhook_server import (
+    make_app,
+    make_review,
+    model_pod,
+    ready_client,
+    wait_ready,
+)
 from webhook.config import Config
 from webhook.state import STATE
 
@@ -99,7 +106,7 @@ async def test_pod_create_with_non_object_is_400(webhook_client: Any) -> None:
 
 
 async def test_body_over_limit_is_413_by_content_length(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(make_app(Config(max_request_bytes=4096)))
+    client = await ready_client(aiohttp_client, make_app(Config(max_request_bytes=4096)))
     pod = model_pod()
     pod["metadata"]["annotations"]["big"] = "x" * 5000
     status, payload = await _post(client, make_review(pod))
@@ -111,7 +118,7 @@ async def test_body_over_limit_is_413_by_content_length(aiohttp_client: Any) -> 
 
 
 async def test_chunked_body_over_limit_is_413(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(make_app(Config(max_request_bytes=4096)))
+    client = await ready_client(aiohttp_client, make_app(Config(max_request_bytes=4096)))
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked encoding
         for _ in range(10):
@@ -239,7 +246,7 @@ async def test_soft_problems_are_warnings(webhook_client: Any) -> None:
 @pytest.mark.parametrize("workers", ["process", "thread"])
 async def test_large_pods_are_admitted_off_the_loop(aiohttp_client: Any, workers: str) -> None:
     app = make_app(Config(), offload_bytes=1024, workers=workers)
-    client = await aiohttp_client(app)
+    client = await ready_client(aiohttp_client, app)
     assert app[STATE].admitter.executor is not None
     for pod in (model_pod(), _large_pod()):
         status, body = await _post(client, make_review(pod))
@@ -259,7 +266,7 @@ async def test_a_dead_worker_process_costs_one_request(aiohttp_client: Any) -> N
     app = make_app(
         Config(on_error="allow"), offload_bytes=0, admit=_die_in_worker, workers="process"
     )
-    client = await aiohttp_client(app)
+    client = await ready_client(aiohttp_client, app)
     status, body = await _post(client, make_review(model_pod(name="kill-the-worker"), uid="k"))
     assert status == 200
     assert body["response"]["allowed"] is True
@@ -284,7 +291,7 @@ async def test_internal_error_follows_on_error(
     aiohttp_client: Any, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
     app = make_app(Config(on_error=policy), admit=_exploding_admit)
-    client = await aiohttp_client(app)
+    client = await ready_client(aiohttp_client, app)
     with caplog.at_level(logging.INFO):
         status, body = await _post(client, make_review(model_pod(), uid="uid-err-1"))
     assert status == 200
@@ -316,7 +323,7 @@ def _nan_admit(pod: dict[str, Any], *, namespace: str | None, config: Config) ->
 
 
 async def test_unencodable_result_follows_on_error(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(make_app(Config(on_error="deny"), admit=_nan_admit))
+    client = await ready_client(aiohttp_client, make_app(Config(on_error="deny"), admit=_nan_admit))
     status, body = await _post(client, make_review(model_pod(), uid="nan"))
     assert status == 200
     assert body["response"]["allowed"] is False
@@ -360,11 +367,28 @@ async def test_health_and_readiness(webhook_client: Any) -> None:
     assert (await resp.json())["status"] == "ready"
 
 
-async def test_not_ready_before_warm_up() -> None:
-    from webhook.state import STATE
+async def test_not_ready_until_warmed_but_already_serving(aiohttp_client: Any) -> None:
+    release = threading.Event()
 
-    app = make_app(Config())
-    assert app[STATE].ready is False  # cleanup contexts (warm-up) have not run
+    def slow_warm_up(pod: dict[str, Any], *, namespace: str | None, config: Config) -> Any:
+        from webhook.pipeline import admit_pod
+
+        if (pod.get("metadata") or {}).get("generateName") == "modelcache-warmup-":
+            assert release.wait(timeout=60)
+        return admit_pod(pod, namespace=namespace, config=config)
+
+    client = await aiohttp_client(make_app(admit=slow_warm_up))
+    try:
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["status"] == "starting"
+        assert (await client.get("/healthz")).status == 200
+        status, body = await _post(client, make_review(model_pod()))  # served meanwhile
+        assert status == 200
+        assert "patch" in body["response"]
+    finally:
+        release.set()
+    await wait_ready(client)
 
 
 async def test_metrics_count_decisions_and_latency(webhook_client: Any) -> None:
