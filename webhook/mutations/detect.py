@@ -152,14 +152,17 @@ def flag_value(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, 
     return None
 
 
-def serve_positional_index(tokens: list[str]) -> int | None:
-    """Index of ``X`` in ``vllm serve X`` (or, for the vLLM image's ``vllm serve`` entrypoint,
-    the first token when argv holds args only and it is not a flag)."""
+def serve_positional_index(container: Container, fw: Framework, tokens: list[str]) -> int | None:
+    """Index of ``X`` in ``vllm serve X``; or 0 when the container gives args only (the vLLM
+    image's entrypoint is ``vllm serve``) and the first one names a model."""
+    if not fw.serve_positional:
+        return None
     for i, token in enumerate(tokens[:-1]):
         if basename(token) == "vllm" and tokens[i + 1] == "serve":
-            if i + 2 < len(tokens) and not tokens[i + 2].startswith("-"):
-                return i + 2
-            return None
+            j = i + 2
+            return j if j < len(tokens) and not tokens[j].startswith("-") else None
+    if not container.get("command") and tokens and model_uri(tokens[0]):
+        return 0
     return None
 
 
@@ -191,14 +194,9 @@ class Detected:
 def model_values(container: Container, fw: Framework, tokens: list[str]) -> list[str]:
     """Raw values naming the model in argv tokens and env of one container, in order."""
     found: list[str] = []
-    if fw.serve_positional:
-        idx = serve_positional_index(tokens)
-        if idx is not None:
-            found.append(tokens[idx])
-        elif fw is VLLM and not container.get("command"):
-            args = [a for a in container.get("args") or [] if isinstance(a, str)]
-            if args and not args[0].startswith("-") and model_uri(args[0]):
-                found.append(args[0])
+    idx = serve_positional_index(container, fw, tokens)
+    if idx is not None:
+        found.append(tokens[idx])
     for i in range(len(tokens)):
         hit = flag_value(tokens, i, fw.model_flags)
         if hit:

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
 from typing import Final
 
-from sidecar.modelsource import NamedModel
 from webhook.mutations.context import Container, Context, ModelRef, Pod
 from webhook.mutations.detect import (
     GENERIC,
     LLAMACPP,
     VLLM,
     Framework,
-    basename,
     container_tokens,
     hub_repo_id,
     identify_framework,
     script_index,
+    serve_positional_index,
     split_script,
 )
 
@@ -44,13 +42,6 @@ _TOKEN_START: Final = r"(?<![^\s\"'=])"
 _SCRIPT_MODEL_POS: Final = re.compile(
     r"(?:\bserve|--model|--model-path|--model-id|-m|--hf-repo|-hfr|-hf)[\s=]+$"
 )
-
-
-@dataclass
-class _Hit:
-    model: NamedModel
-    new_value: str
-    is_model: bool  # the model flag itself (not tokenizer): gets the served-name extras
 
 
 def _match(value: str, ctx: Context) -> tuple[ModelRef, str] | None:
@@ -127,18 +118,6 @@ def _flag_at(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, st
     return None
 
 
-def _serve_positional(tokens: list[str], container: Container, fw: Framework) -> int | None:
-    if not fw.serve_positional:
-        return None
-    for i, token in enumerate(tokens[:-1]):
-        if basename(token) == "vllm" and tokens[i + 1] == "serve":
-            j = i + 2
-            return j if j < len(tokens) and not tokens[j].startswith("-") else None
-    if fw is VLLM and not container.get("command") and tokens and not tokens[0].startswith("-"):
-        return 0  # the vLLM image's entrypoint is ``vllm serve``
-    return None
-
-
 def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens: list[str]) -> int:
     """Rewrite the plain argv (not sh -c scripts); returns the number of model rewrites."""
     name = str(container.get("name"))
@@ -154,7 +133,7 @@ def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens:
             i += 1
             continue
         target: tuple[int, str, str, bool] | None = None  # value idx, value, where, is_model
-        if i == _serve_positional(tokens, container, fw):
+        if i == serve_positional_index(container, fw, tokens):
             target = (i, tokens[i], "serve", True)
         elif hit := _flag_at(tokens, i, fw.model_flags):
             target = (hit[0], hit[1], hit[2], True)
