@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import gzip
 import json
 import logging
 import os
@@ -406,3 +408,44 @@ async def test_metrics_count_decisions_and_latency(webhook_client: Any) -> None:
     assert sum(float(v) for v in decisions.values()) == 2.0
     assert "modelcache_webhook_admission_duration_seconds_count 2.0" in text
     assert 'modelcache_webhook_errors_total{stage="parse"} 1.0' in text
+
+
+async def test_compressed_body_is_bounded_after_decompression(aiohttp_client: Any) -> None:
+    client = await ready_client(aiohttp_client, make_app(Config(max_request_bytes=64 * 1024)))
+    bomb = gzip.compress(b" " * (8 * 1024 * 1024))  # 8 KB on the wire, 8 MiB inflated
+    headers = {**JSON_HEADERS, "Content-Encoding": "gzip"}
+    resp = await client.post("/mutate", data=bomb, headers=headers)
+    assert resp.status == 413
+    small = gzip.compress(json.dumps(make_review(model_pod(), uid="gz")).encode())
+    resp = await client.post("/mutate", data=small, headers=headers)
+    assert resp.status == 200
+    assert (await resp.json())["response"]["uid"] == "gz"
+
+
+async def test_the_loop_keeps_serving_while_a_large_pod_is_admitted(aiohttp_client: Any) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_for_large(pod: dict[str, Any], *, namespace: str | None, config: Config) -> Any:
+        from webhook.pipeline import admit_pod
+
+        if (pod.get("metadata") or {}).get("managedFields"):
+            entered.set()
+            assert release.wait(timeout=60)
+        return admit_pod(pod, namespace=namespace, config=config)
+
+    app = make_app(Config(), offload_bytes=16 * 1024, admit=slow_for_large)
+    client = await ready_client(aiohttp_client, app)
+    large = asyncio.create_task(_post(client, make_review(_large_pod(), uid="large")))
+    try:
+        assert await asyncio.to_thread(entered.wait, 60)
+        # The large admission is in progress in a worker; the loop still answers everything.
+        assert (await client.get("/healthz")).status == 200
+        status, body = await _post(client, make_review(model_pod(), uid="small"))
+        assert status == 200
+        assert "patch" in body["response"]
+        assert not large.done()
+    finally:
+        release.set()
+    status, body = await large
+    assert status == 200
+    assert body["response"]["uid"] == "large"
