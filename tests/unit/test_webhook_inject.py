@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.podcheck import api_server_violations, validate_pod_strict
 from webhook.config import Config
 from webhook.inject import run_inject
 from webhook.workloads import pod_slots
@@ -38,6 +39,11 @@ def template_doc(kind: str, api: str = "apps/v1") -> dict[str, object]:
         return {"apiVersion": "v1", "kind": kind, "metadata": {"name": "t"}, "template": template}
     else:
         spec = {"selector": {"matchLabels": {"a": "b"}}, "template": template}
+        if kind == "StatefulSet":
+            spec["serviceName"] = "w"
+        if kind == "Job":
+            template["spec"] = {**SPEC, "restartPolicy": "Never"}
+            del spec["selector"]
     return {"apiVersion": api, "kind": kind, "metadata": {"name": "w"}, "spec": spec}
 
 
@@ -67,6 +73,8 @@ def test_every_workload_kind_is_injected(doc: dict[str, object], path: list[str]
         "modelcache-sidecar",
     ]
     assert f"{doc['kind']}/" in err
+    validate_pod_strict(result)
+    assert api_server_violations(node) == []
 
 
 def test_other_kinds_and_lists_pass_through_or_recurse() -> None:

@@ -524,6 +524,12 @@ def test_rewrites(container: dict[str, Any], ann: dict[str, str], expected: dict
         assert out[key] == value
     assert ctx.notes.rewrites, "no rewrite recorded"
     assert all(r["original"] != r["value"] for r in ctx.notes.rewrites)
+    full, _ = mutate_pod(p, namespace="ns", config=CFG)
+    assert full["spec"]["containers"][0] == {
+        **out,
+        "volumeMounts": full["spec"]["containers"][0]["volumeMounts"],
+    }
+    assert_pod_ok(full)
 
 
 def test_hub_model_gets_offline_mode_unless_set() -> None:
