@@ -456,6 +456,7 @@ class Agent:
         api_client: Any,
         metrics: AgentMetrics | None = None,
         warm: WarmFn | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or AgentMetrics()
@@ -463,6 +464,7 @@ class Agent:
             api_client, settings.node, settings.retry, on_error=self.metrics.label_errors.inc
         )
         self._warm = warm
+        self._clock = clock or (lambda: datetime.now(UTC))  # UTC wall clock for schedules
         self.cache = NodeCache(settings.cache_dir)
         self._config = PrewarmConfig()
         self._config_stamp: tuple[float, int] | None = None
@@ -626,7 +628,7 @@ class Agent:
 
     # -- pre-warm ------------------------------------------------------------------------
     def _schedule_prewarm(self, entries: list[PrewarmEntry], models: list[ModelState]) -> list[str]:
-        now = datetime.now(UTC)
+        now = self._clock()
         ready = {m.key for m in models if m.ready}
         started = []
         for entry in entries:

@@ -408,3 +408,34 @@ async def test_eviction_deletes_nothing_when_the_label_cannot_go(
     with agent.cache.hold(old.key, exclusive=True, blocking=False) as got:
         assert got is True
     await agent.close()
+
+
+async def test_scheduled_prewarm_runs_when_the_cron_minute_passes(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    from datetime import UTC, datetime
+
+    kube_nodes.add_node(NODE)
+    warm = FakeWarm(tmp_path / "cache")
+    cfg = tmp_path / "prewarm.yaml"
+    cfg.write_text(f"models: [{{model: '{A}', schedule: '*/5 * * * *'}}]")
+    now = [datetime(2026, 11, 27, 10, 1, tzinfo=UTC)]
+    settings = AgentSettings(
+        cache_dir=tmp_path / "cache", node=NODE, prewarm_config=cfg, retry=FAST
+    )
+    agent = Agent(settings, kube_nodes.api_client(), warm=warm, clock=lambda: now[0])
+    # a scheduled entry waits for its minute, even when the model is missing
+    assert (await agent.run_pass()).started_prewarm == []
+    now[0] = datetime(2026, 11, 27, 10, 4, 59, tzinfo=UTC)
+    assert (await agent.run_pass()).started_prewarm == []
+    now[0] = datetime(2026, 11, 27, 10, 5, 30, tzinfo=UTC)
+    assert (await agent.run_pass()).started_prewarm == [A]
+    assert await agent.wait_prewarm()
+    # the same minute does not fire twice; the next one does, even with the model present
+    now[0] = datetime(2026, 11, 27, 10, 9, tzinfo=UTC)
+    assert (await agent.run_pass()).started_prewarm == []
+    now[0] = datetime(2026, 11, 27, 10, 10, tzinfo=UTC)
+    assert (await agent.run_pass()).started_prewarm == [A]
+    assert await agent.wait_prewarm()
+    assert len(warm.calls) == 2
+    await agent.close()
