@@ -94,6 +94,7 @@ async def mutate(request: web.Request) -> web.Response:
 
     req = review.request
     namespace = req.namespace or None
+    uid = req.uid[:128]  # for logs only: the response echoes the uid whole
     verdict: Verdict
     mutations: list[str] = []
     if pod is None:
@@ -104,8 +105,8 @@ async def mutate(request: web.Request) -> web.Response:
             result = await state.admitter(pod, namespace=namespace, size=len(body))
         except Exception:
             metrics.errors.labels("admit").inc()
-            log.exception("admission failed", extra={"uid": req.uid, "namespace": namespace})
-            verdict = _on_error_verdict(state, req.uid)
+            log.exception("admission failed", extra={"uid": uid, "namespace": namespace})
+            verdict = _on_error_verdict(state, uid)
             decision, reason = "error", f"internal error, onError={state.config.on_error}"
         else:
             verdict = result
@@ -116,8 +117,8 @@ async def mutate(request: web.Request) -> web.Response:
     except (TypeError, ValueError):
         # e.g. a NaN the pipeline copied into the patch: not encodable as JSON.
         metrics.errors.labels("respond").inc()
-        log.exception("response encoding failed", extra={"uid": req.uid, "namespace": namespace})
-        document = build_response(review, _on_error_verdict(state, req.uid))
+        log.exception("response encoding failed", extra={"uid": uid, "namespace": namespace})
+        document = build_response(review, _on_error_verdict(state, uid))
         decision, reason, mutations = "error", "response not encodable", []
 
     duration = time.perf_counter() - started
@@ -126,7 +127,7 @@ async def mutate(request: web.Request) -> web.Response:
     log.info(
         "admission review",
         extra={
-            "uid": req.uid,
+            "uid": uid,
             "namespace": namespace,
             "operation": req.operation[:32],
             "dry_run": bool(req.dryRun),
