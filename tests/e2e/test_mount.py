@@ -7,6 +7,7 @@ an app would use: ``sha256sum``, ``find -L``, ``safetensors.safe_open``, plain `
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -420,3 +421,23 @@ def test_sigterm_right_after_start_leaves_no_mount(
     rc = m.stop()
     assert rc in (0, -signal.SIGTERM), m.log
     assert not is_mounted(mnt)
+
+
+def test_mount_holds_the_model_against_eviction_and_marks_it_used(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    arg = model_arg(model_src)
+    mdir = ModelDir(cache, parse_model_arg(arg).source.cache_key)
+    m = sidecar_mount(cache, mnt, [arg])
+    m.wait_ready(["tiny"])
+    assert mdir.last_used.exists()
+    fd = os.open(mdir.model_lock, os.O_RDWR)
+    try:
+        # what the node agent tries before evicting: refused while the mount serves
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert m.stop() == 0
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at exit
+    finally:
+        os.close(fd)
