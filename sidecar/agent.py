@@ -526,8 +526,7 @@ class Agent:
         try:
             if self.settings.max_bytes > 0:
                 labels = await self._evict(models, labels, result)
-                if result.evicted:
-                    models = await asyncio.to_thread(scan_cache, cache_dir)
+                models = [m for m in models if m.key not in result.evicted]  # no rescan needed
             patch = label_patch(labels, [m.key for m in models if m.ready])
             if patch:
                 labels = await self.api.patch_labels(patch)
@@ -538,6 +537,7 @@ class Agent:
             log.error("%s", exc)
             result.ok = False
             result.error = str(exc)
+        models = [m for m in models if m.key not in result.evicted]
 
         result.started_prewarm = self._schedule_prewarm(entries, models)
         self._observe(models)
