@@ -156,7 +156,9 @@ def scan_cache(cache_dir: Path) -> list[ModelState]:
     """Every model directory of the node cache, sorted by key."""
     states = []
     try:
-        entries = sorted(p for p in models_root(cache_dir).iterdir() if p.is_dir())
+        entries = sorted(
+            p for p in models_root(cache_dir).iterdir() if p.is_dir() and not p.is_symlink()
+        )
     except FileNotFoundError:
         return []
     for root in entries:

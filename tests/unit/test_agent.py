@@ -439,3 +439,15 @@ async def test_scheduled_prewarm_runs_when_the_cron_minute_passes(
     assert await agent.wait_prewarm()
     assert len(warm.calls) == 2
     await agent.close()
+
+
+@pytest.mark.parametrize("uri", [A, "s3://bucket/models/llama-3/", "http://10.0.0.1:8080/m/x/"])
+def test_the_label_set_is_the_label_the_webhook_asks_for(uri: str) -> None:
+    """The agent's label and the webhook's affinity expression must never drift apart."""
+    from webhook.mutations.affinity import expression
+
+    key = key_of(uri)
+    patch = label_patch({}, [key])
+    required = expression(key)
+    assert required["operator"] == "In"
+    assert patch == {required["key"]: required["values"][0]}
