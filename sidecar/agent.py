@@ -574,6 +574,13 @@ class Agent:
                         {model.label: None}, retry=self.settings.eviction_retry
                     )
                     self.metrics.label_patches.inc()
+                if model.key in self._prewarm_keys:
+                    log.warning(
+                        "evicting pre-warmed model %s: the models pre-warmed on this node do "
+                        "not fit in --max-bytes %d with those in use; it will be fetched again",
+                        model.key,
+                        self.settings.max_bytes,
+                    )
                 trash = trash_root(self.settings.cache_dir)
                 trash.mkdir(parents=True, exist_ok=True)
                 target = trash / f"{model.key}-{secrets.token_hex(4)}"
