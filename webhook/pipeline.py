@@ -204,8 +204,8 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
         models = tuple(found)
         for d in detected:
             warnings.append(
-                f"detected model {d.uri} in container {d.container} ({d.framework} {d.value}); "
-                f"set {ANN_MODEL} to choose the model explicitly"
+                f"detected model {d.uri} in container {d.container} ({d.framework}); "
+                f"set {ANN_MODEL} to override"
             )
     if not models:
         return _skip(f"no model: no {ANN_MODEL} annotation and none detected in the app containers")
@@ -232,8 +232,7 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
         conflict = mount_conflict(c, ctx)
         if conflict:
             warnings.append(
-                f"container {c['name']}: {conflict}; models not mounted there (set "
-                f"{ANN_MOUNT_PATH} to another path)"
+                f"container {c['name']}: {conflict}; not mounted there (set {ANN_MOUNT_PATH})"
             )
         else:
             usable.append(str(c["name"]))

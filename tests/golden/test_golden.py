@@ -92,3 +92,11 @@ def test_no_unused_golden_files() -> None:
     # every case has exactly one outcome file
     for case in CASES:
         assert (case.denied is None) == bool(case.expected), case.name
+
+
+def test_warnings_fit_the_admission_response_limit() -> None:
+    """The API server may truncate warnings over 256 characters: ours stay well under."""
+    for case in CASES:
+        for line in case.warnings.splitlines():
+            message = line.split(": ", 2)[2]
+            assert len(message) <= 200, (case.name, message)

@@ -622,7 +622,7 @@ def test_require_is_anded_into_every_term() -> None:
     assert terms[1]["matchExpressions"][0]["key"] == key
     assert out["spec"]["affinity"]["podAntiAffinity"] == {"x": 1}
     assert out["spec"]["nodeSelector"] == {"zone": "a"}
-    assert any("node agent" in w for w in ctx.notes.warnings)
+    assert any("agentEnabled" in w for w in ctx.notes.warnings)
 
 
 def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
@@ -633,7 +633,7 @@ def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
         "requiredDuringSchedulingIgnoredDuringExecution"
     ]["nodeSelectorTerms"]
     assert len(terms) == 1
-    assert not any("node agent" in w for w in ctx.notes.warnings)
+    assert not any("agentEnabled" in w for w in ctx.notes.warnings)
 
 
 @pytest.mark.parametrize(

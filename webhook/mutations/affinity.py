@@ -73,8 +73,7 @@ def add_affinity(pod: Pod, ctx: Context) -> Pod:
                 exprs.append(expression(key))
     if not ctx.config.agent_enabled:
         ctx.notes.warn(
-            "modelcache.io/affinity is require but the cluster config says no node agent runs "
-            "(agentEnabled: false): no node carries cache.modelcache.io/* labels, so the pod "
-            "stays Pending until one does"
+            "modelcache.io/affinity=require but agentEnabled is false: no node gets "
+            "cache.modelcache.io/* labels, so the pod stays Pending"
         )
     return pod

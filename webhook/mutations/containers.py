@@ -34,8 +34,7 @@ PROBE_PERIOD: Final = 2
 #: block/off mode: the mount serves from a complete cache (or lists the source) quickly
 PROBE_WINDOW: Final = 300
 PRIVILEGED_WARNING: Final = (
-    f"{SIDECAR_NAME} runs privileged: the FUSE mount reaches the app containers through "
-    "mountPropagation Bidirectional, which Kubernetes allows only for privileged containers"
+    f"{SIDECAR_NAME} runs privileged (Bidirectional mount propagation of its FUSE mount needs it)"
 )
 
 
@@ -274,20 +273,17 @@ def inject_containers(pod: Pod, ctx: Context) -> Pod:
     mesh = _mesh_without_native_proxy(spec)
     if mesh:
         ctx.notes.warn(
-            f"{mesh} redirects outbound traffic to the mesh proxy, but the proxy is a regular "
-            f"container that starts after {WARMUP_NAME} and {SIDECAR_NAME}: they cannot reach "
-            "the model source; use the mesh's native sidecar mode or exclude modelcache's "
-            "traffic from the mesh"
+            f"{mesh} redirects traffic to a proxy that starts after {WARMUP_NAME} and "
+            f"{SIDECAR_NAME}: they cannot reach the model source; use native mesh sidecars"
         )
     if spec.get("hostNetwork") is True:
         ctx.notes.warn(
-            "pod uses hostNetwork: the warm-up and sidecar share the node's network namespace "
-            "(their fetches come from the node's address)"
+            f"hostNetwork pod: {WARMUP_NAME} and {SIDECAR_NAME} fetch from the node's network "
+            "namespace"
         )
     if ctx.options.sidecar == "classic" and spec.get("restartPolicy") in ("Never", "OnFailure"):
         ctx.notes.warn(
-            f"classic sidecar in a pod with restartPolicy {spec['restartPolicy']}: "
-            f"{SIDECAR_NAME} never exits, so the pod never completes; use "
-            "modelcache.io/sidecar: native (Kubernetes >= 1.29)"
+            f"classic {SIDECAR_NAME} never exits, so a pod with restartPolicy "
+            f"{spec['restartPolicy']} never completes; use modelcache.io/sidecar: native"
         )
     return pod

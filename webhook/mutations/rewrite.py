@@ -201,8 +201,8 @@ def _rewrite_hub_repo(
             break
     if hf_file is None or file_at is None:
         ctx.notes.warn(
-            f"container {name}: llama.cpp {flag} {value} without --hf-file: cannot tell which "
-            "GGUF file to load from the mount, not rewritten"
+            f"container {name}: llama.cpp {flag} without --hf-file names no GGUF file; "
+            "not rewritten"
         )
         return 0
     new = f"{m[1]}/{hf_file}"
@@ -397,9 +397,8 @@ def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
             and not ctx.previous_added
             and not _names_mount(container, ctx)
         ):
-            paths = ", ".join(ctx.model_path(m) for m in ctx.named_models)
             ctx.notes.warn(
-                f"container {container.get('name')}: no model reference found to rewrite; "
-                f"the models are mounted at {paths}"
+                f"container {container.get('name')}: no model reference to rewrite; models are "
+                f"under {ctx.options.mount_path}/"
             )
     return pod
