@@ -33,6 +33,7 @@ is unmounted and the mountpoint directories the runner had to create on the host
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -40,7 +41,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -248,10 +248,82 @@ def mountpoints_under(prefix: Path) -> list[str]:
     return sorted(points, key=lambda p: p.count("/"), reverse=True)
 
 
-# Mountpoint directories created on the host, shared by every LocalPod of this process: a
-# directory is removed only when no running pod of ours still uses it.
-_created_lock = threading.Lock()
-_created_refs: dict[Path, int] = {}
+class HostMountpoints:
+    """Mountpoint paths (``/models``, ``/var/cache/modelcache``, ...) the runner had to create
+    on the host, shared by every runner *process* on the machine.
+
+    A path is removed only when no runner is left: removing a directory that is a mountpoint
+    in another mount namespace detaches that mount there (Linux >= 3.18), which would pull
+    ``/models`` out from under a pod another test run is starting. State lives in
+    ``/run/modelcache-localpod`` under an flock: ``runners/<pid>-<n>`` and ``created.json``.
+    """
+
+    def __init__(self, root: Path = Path("/run/modelcache-localpod")) -> None:
+        self.root = root
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        (self.root / "runners").mkdir(parents=True, exist_ok=True)
+        with open(self.root / "lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _created(self) -> list[str]:
+        try:
+            return list(json.loads((self.root / "created.json").read_text()))
+        except (OSError, ValueError):
+            return []
+
+    def others_running(self, token: str | None = None) -> bool:
+        """Is a runner other than ``token`` alive (in any process) right now?"""
+        with self._locked():
+            for entry in (self.root / "runners").iterdir():
+                pid = entry.name.split("-", 1)[0]
+                if entry.name != token and pid.isdigit() and Path(f"/proc/{pid}").exists():
+                    return True
+            return False
+
+    def register(self, token: str) -> None:
+        with self._locked():
+            (self.root / "runners" / token).touch()
+
+    def ensure(self, target: Path, is_file: bool) -> bool:
+        """Create ``target`` (and missing parents) if absent; True when something was made."""
+        with self._locked():
+            if target.exists() or target.is_symlink():
+                return False
+            new = [target]
+            while not new[0].parent.exists():
+                new.insert(0, new[0].parent)
+            if is_file:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch()
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+            created = self._created() + [str(p) for p in new]
+            (self.root / "created.json").write_text(json.dumps(created))
+            return True
+
+    def release(self, token: str) -> None:
+        with self._locked():
+            (self.root / "runners" / token).unlink(missing_ok=True)
+            for entry in (self.root / "runners").iterdir():
+                pid = entry.name.split("-", 1)[0]
+                if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                    entry.unlink(missing_ok=True)  # a runner that died without cleanup
+            if any((self.root / "runners").iterdir()):
+                return
+            for raw in sorted(self._created(), key=lambda p: p.count("/"), reverse=True):
+                path = Path(raw)
+                with contextlib.suppress(OSError):
+                    if path.is_dir() and not path.is_symlink():
+                        path.rmdir()  # only if empty: never deletes content
+                    elif path.is_file() and path.stat().st_size == 0:
+                        path.unlink()
+            (self.root / "created.json").write_text("[]")
+
+
+HOST_MOUNTPOINTS = HostMountpoints()
 
 
 class LocalPod:
@@ -286,7 +358,8 @@ class LocalPod:
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
         self.run_info = PodRun(self.name, time.monotonic())
         self._procs: list[tuple[ContainerRun, subprocess.Popen[bytes]]] = []
-        self._created: list[Path] = []
+        self._token = f"{os.getpid()}-{id(self)}"
+        self._registered = False
         self._shared: list[Path] = []
         self._logs: list[Any] = []
 
@@ -306,6 +379,8 @@ class LocalPod:
         for sub in ("emptydir", "logs", "state", "bin", "spec"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.run_info = PodRun(self.name, time.monotonic())
+        HOST_MOUNTPOINTS.register(self._token)
+        self._registered = True
         try:
             self._prepare_bidirectional()
             for c in self.spec.get("initContainers") or []:
@@ -334,14 +409,9 @@ class LocalPod:
         for f in self._logs:
             f.close()
         self._logs.clear()
-        with _created_lock:
-            for path in reversed(self._created):
-                _created_refs[path] -= 1
-                if _created_refs[path] == 0:
-                    del _created_refs[path]
-                    with contextlib.suppress(OSError):
-                        path.rmdir()
-        self._created.clear()
+        if self._registered:
+            HOST_MOUNTPOINTS.release(self._token)
+            self._registered = False
         empty = self.dir / "emptydir"
         if empty.exists() and not mountpoints_under(self.dir):
             shutil.rmtree(empty, ignore_errors=True)
@@ -556,27 +626,11 @@ class LocalPod:
         return mounts
 
     def _ensure_target(self, target: Path, is_file: bool) -> None:
-        """Create a mountPath on the host if missing, remembering the topmost new directory."""
-        if target.exists():
-            return
-        top = target
-        while not top.parent.exists():
-            top = top.parent
-        if is_file:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-        self.progress(f"{self.name}: created mountpoint {target} on the host (removed at the end)")
-        created = [target]
-        p = target.parent
-        while p != top.parent:
-            created.insert(0, p)
-            p = p.parent
-        with _created_lock:
-            for path in created:
-                _created_refs[path] = _created_refs.get(path, 0) + 1
-                self._created.append(path)
+        """Create a mountPath on the host if missing (removed when the last runner stops)."""
+        if HOST_MOUNTPOINTS.ensure(target, is_file):
+            self.progress(
+                f"{self.name}: created mountpoint {target} on the host (removed at the end)"
+            )
 
     def _prepare_bidirectional(self) -> None:
         """Make the source of every Bidirectional mount a shared mount in the host namespace,
