@@ -84,14 +84,6 @@ def containers_of(spec: dict[str, Any], kind: str) -> list[Container]:
     return value
 
 
-def find_container(spec: dict[str, Any], name: str) -> tuple[str, int] | None:
-    for kind in ("initContainers", "containers"):
-        for i, c in enumerate(spec.get(kind) or []):
-            if isinstance(c, dict) and c.get("name") == name:
-                return kind, i
-    return None
-
-
 def app_containers(spec: dict[str, Any]) -> list[Container]:
     """Regular containers that are neither ours nor a service mesh's."""
     return [
