@@ -451,3 +451,29 @@ def test_the_label_set_is_the_label_the_webhook_asks_for(uri: str) -> None:
     required = expression(key)
     assert required["operator"] == "In"
     assert patch == {required["key"]: required["values"][0]}
+
+
+def test_the_api_stand_in_speaks_each_patch_type(kube_nodes: FakeNodeAPI) -> None:
+    """The stand-in behaves like the API server where the agent depends on it."""
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    kube_nodes.add_node(NODE, {"a": "1", "b": "2"})
+    api = CoreV1Api(kube_nodes.api_client())
+    smp = "application/strategic-merge-patch+json"
+    api.patch_node(NODE, {"metadata": {"labels": {"a": None, "c": "3"}}}, _content_type=smp)
+    assert kube_nodes.labels(NODE) == {"b": "2", "c": "3"}
+    api.patch_node(NODE, [{"op": "remove", "path": "/metadata/labels/b"}])  # json-patch
+    assert kube_nodes.labels(NODE) == {"c": "3"}
+    with pytest.raises(ApiException) as bad:
+        api.patch_node(
+            NODE, {"metadata": {"labels": {"x/y/z": "v"}}}, _content_type=MERGE_PATCH_TYPE
+        )
+    assert bad.value.status == 422
+    with pytest.raises(ApiException) as missing:
+        api.read_node("no-such-node")
+    assert missing.value.status == 404
+    assert [r.status for r in kube_nodes.recorded()] == [200, 200, 422, 404]
+
+
+MERGE_PATCH_TYPE = "application/merge-patch+json"
