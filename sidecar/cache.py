@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.layout import ModelDir
+from sidecar.layout import ModelDir, file_id
 from sidecar.modelsource import NamedModel
 from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
 
@@ -136,6 +136,11 @@ def _hash_range(fd: int, h: Any, start: int, end: int) -> None:
         pos += len(chunk)
 
 
+def _version_of(source: Source, path: str) -> str | None:
+    version_of = getattr(source, "version", None)
+    return version_of(path) if callable(version_of) else None
+
+
 def _is_space_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS
 
@@ -208,6 +213,30 @@ class NodeCache:
             return self.model_dir(model).data_file(f.path).stat().st_size == f.size
         except OSError:
             return False
+
+    @staticmethod
+    def _meta_path(md: ModelDir, relpath: str) -> Path:
+        # what the file in data/ was downloaded as: lets a later listing spot a file that
+        # changed at the source but kept its size (same-size edits, a moved hub branch)
+        return md.locks_dir / f"{file_id(relpath)}.meta"
+
+    def _is_current(self, md: ModelDir, f: RemoteFile, version: str | None) -> bool:
+        try:
+            if md.data_file(f.path).stat().st_size != f.size:
+                return False
+        except OSError:
+            return False
+        try:
+            meta = json.loads(self._meta_path(md, f.path).read_bytes())
+        except (OSError, ValueError):
+            return True  # complete, and nothing recorded to compare with
+        if not isinstance(meta, dict):
+            return True
+        if f.sha256 and meta.get("sha256"):
+            return bool(meta["sha256"] == f.sha256)
+        if version and meta.get("version"):
+            return bool(meta["version"] == version)
+        return True
 
     def write_manifest(self, model: NamedModel, files: list[RemoteFile]) -> None:
         """Atomically mark the model complete; every file must already be in ``data/``."""
@@ -298,7 +327,7 @@ class NodeCache:
         """
         md = self.prepare_model(model)
         dest = md.data_file(f.path)
-        if self.is_file_complete(model, f):
+        if self._is_current(md, f, _version_of(source, f.path)):
             return dest
         key = (str(md.root), f.path)
         running = self._inflight.get(key)
@@ -337,7 +366,9 @@ class NodeCache:
                     # stuck in flock (which could not be cancelled on timeout)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.2)
-            if not self.is_file_complete(job.md.key, job.f):
+            if not self._is_current(job.md, job.f, _version_of(job.source, job.f.path)):
+                # stale or missing: fetch it and rename over any old copy (readers that
+                # have the old one open keep reading it; new opens get the new one)
                 await self._download(job)
             return job.dest
         finally:
@@ -355,8 +386,7 @@ class NodeCache:
         f, md = job.f, job.md
         part_path = md.partial_file(f.path)
         state_path = md.partial_state(f.path)
-        version_of = getattr(job.source, "version", None)
-        version = version_of(f.path) if callable(version_of) else None
+        version = _version_of(job.source, f.path)
         n_parts = -(-f.size // self.part_size)
         identity = {"path": f.path, "size": f.size, "sha256": f.sha256, "version": version}
         state = self._load_state(state_path)
@@ -414,6 +444,7 @@ class NodeCache:
             job.dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(part_path, job.dest)
             _fsync_dir(job.dest.parent)
+            atomic_write_json(self._meta_path(md, f.path), identity, durable=False)
         except OSError as exc:
             raise self._disk_error(f, exc) from None
         with contextlib.suppress(FileNotFoundError):

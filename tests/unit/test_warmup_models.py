@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,24 @@ def test_progress_line_reports_bytes_rate_eta_files() -> None:
     line = p.line()
     assert line.startswith("150.0 MiB / 400.0 MiB (38%), files 2/4, 10.5 MB/s, ETA ")
     assert line.endswith("ETA 25s")
+
+
+async def test_same_size_change_at_the_source_is_fetched_again(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "m"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text('{"v": 1}')
+    (src / "w.bin").write_bytes(b"a" * 1000)
+    cache = NodeCache(tmp_path / "cache")
+    with fault_server(tmp_path / "src") as server:
+        m = parse_model_arg(f"m={server}m/")
+        await warm_models(cache, [m])
+        data = cache.model_dir(m).data
+        assert (data / "config.json").read_text() == '{"v": 1}'
+        sent = server.stats.bytes_sent
+        await warm_models(cache, [m])  # unchanged: nothing fetched
+        assert server.stats.bytes_sent == sent
+        (src / "config.json").write_text('{"v": 2}')
+        os.utime(src / "config.json", (2_000_000_000, 2_000_000_000))
+        await warm_models(cache, [m])
+        assert (data / "config.json").read_text() == '{"v": 2}'
+        assert server.stats.bytes_sent == sent + 8  # only the changed file
