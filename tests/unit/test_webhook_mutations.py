@@ -648,3 +648,11 @@ def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
 def test_mesh_without_native_proxy_warns(init: list[dict[str, Any]], warned: bool) -> None:
     _, ctx = _inject(pod(vllm(), init=[{"image": "x", **c} for c in init]))
     assert any("cannot reach the model source" in w for w in ctx.notes.warnings) == warned
+
+
+def test_offline_mode_only_for_hub_models_even_with_prefix_names() -> None:
+    c = {"name": "g", "image": "my/server", "args": ["--model", "s3://bkt/m-2"]}
+    out, _ = mutate_pod(pod(c, model="m=hf://org/m,m-2=s3://bkt/m-2"), namespace="ns", config=CFG)
+    app = out["spec"]["containers"][0]
+    assert app["args"] == ["--model", "/models/m-2"]
+    assert "env" not in app

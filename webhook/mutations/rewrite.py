@@ -348,13 +348,15 @@ def _rewrite_env(container: Container, fw: Framework, ctx: Context) -> int:
     return done
 
 
+def _under(value: str, path: str) -> bool:
+    return value == path or value.startswith(path + "/")
+
+
 def _uses_hub_model(container: Container, ctx: Context) -> bool:
+    """Whether a value of this container was rewritten to a Hub model in this admission."""
+    hub_paths = [ctx.model_path(r.model) for r in ctx.models if r.model.source.is_hub]
     return any(
-        r["container"] == container.get("name")
-        and any(
-            ref.model.source.is_hub and r["value"].startswith(ctx.model_path(ref.model))
-            for ref in ctx.models
-        )
+        r["container"] == container.get("name") and any(_under(r["value"], p) for p in hub_paths)
         for r in ctx.notes.rewrites
     )
 
