@@ -46,6 +46,8 @@ class HttpClient:
                 ),
                 connector=aiohttp.TCPConnector(limit=64, limit_per_host=32),
                 auto_decompress=False,
+                # HTTP(S)_PROXY / NO_PROXY: clusters often reach hubs and S3 through a proxy
+                trust_env=True,
                 # the default 64 KiB buffer caps one connection well below disk speed
                 read_bufsize=1 << 22,
             )

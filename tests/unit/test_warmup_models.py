@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -224,3 +225,23 @@ async def test_same_size_change_at_the_source_is_fetched_again(tmp_path: Path) -
         await warm_models(cache, [m])
         assert (data / "config.json").read_text() == '{"v": 2}'
         assert server.stats.bytes_sent == sent + 8  # only the changed file
+
+
+async def test_progress_reports_periodically_then_a_final_line() -> None:
+    lines: list[str] = []
+    two = asyncio.Event()
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        if len(lines) >= 2:
+            two.set()
+
+    p = Progress(interval=0.01, emit=emit)
+    p.add_total(1, 10)
+    p.start()
+    await asyncio.wait_for(two.wait(), 10)
+    assert all(ln.startswith("warmup: 0 B / 10 B (0%), files 0/1") for ln in lines)
+    p.add_fetched(10)
+    p.file_done(10, 10)
+    await p.stop("complete")
+    assert lines[-1].startswith("warmup complete: 10 B / 10 B (100%), files 1/1")
