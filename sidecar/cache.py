@@ -364,6 +364,8 @@ class NodeCache:
                 except BlockingIOError:
                     # another process is fetching this file: wait for it without a thread
                     # stuck in flock (which could not be cancelled on timeout)
+                    if delay == 0.01:
+                        log.info("%s: another process on this node is fetching it", job.f.path)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.2)
             if not self._is_current(job.md, job.f, _version_of(job.source, job.f.path)):
