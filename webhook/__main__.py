@@ -1,11 +1,11 @@
 """``python -m webhook serve|inject``: the admission server and the offline injector.
 
 ``serve`` binds its socket itself so ``--port 0`` works (tests and benchmarks take a free port
-from the kernel) and prints the address it really listens on as the first stdout line:
-``serving on https://HOST:PORT``. ``--dev`` writes a throw-away CA and serving pair for
-``localhost``/``127.0.0.1`` to a temporary directory and prints the CA path, so a laptop with
-no cluster can ``curl --cacert`` it.
-"""
+from the kernel) and prints the address it really listens on, ``serving on
+https://HOST:PORT``, once the pipeline is warm (``/readyz`` is 200 by then). ``--dev`` first
+writes a throw-away CA and serving pair for ``localhost``/``127.0.0.1`` to a temporary
+directory and prints ``dev CA certificate: PATH``, so a laptop with no cluster can ``curl
+--cacert`` it."""
 
 from __future__ import annotations
 
@@ -119,6 +119,11 @@ async def _serve(
         runner, sock, ssl_context=reloader.context, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
     )
     await site.start()
+    # The port is open (liveness answers, early reviews are served); announce the address
+    # once the pipeline is warm, so whoever waits for this line gets a ready server.
+    from webhook.state import STATE
+
+    await app[STATE].warmed_event.wait()
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving on https://{shown}:{bound}", flush=True)

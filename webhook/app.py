@@ -64,7 +64,7 @@ async def _admission_workers(app: web.Application) -> AsyncIterator[None]:
             # cluster gets with the webhook down anyway, and the error is logged and counted.
             state.metrics.errors.labels("warmup").inc()
             log.exception("pipeline warm-up failed")
-        state.warmed = True
+        state.warmed_event.set()
 
     task = asyncio.create_task(warm(), name="pipeline-warm-up")
     yield

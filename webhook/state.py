@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import web
@@ -133,7 +133,12 @@ class ServerState:
     metrics: Metrics
     admitter: Admitter
     reloader: CertReloader | None = None
-    warmed: bool = False
+    #: Set once the pipeline warm-up has finished (successfully or not).
+    warmed_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def warmed(self) -> bool:
+        return self.warmed_event.is_set()
 
     @property
     def ready(self) -> bool:
