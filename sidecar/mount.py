@@ -253,13 +253,30 @@ def _manifest_files(manifest: dict[str, Any]) -> list[RemoteFile]:
     ]
 
 
+async def _list_with_retries(cache: NodeCache, source: Source) -> list[RemoteFile]:
+    """List the source, retrying transient failures with the cache's backoff policy."""
+    attempt = 0
+    while True:
+        try:
+            return await source.list_files()
+        except SourceUnavailableError as exc:
+            attempt += 1
+            if attempt > cache.retries:
+                raise
+            delay = cache.backoff * 2 ** (attempt - 1)
+            log.warning(
+                "listing failed (%s); retry %d/%d in %.1fs", exc, attempt, cache.retries, delay
+            )
+            await asyncio.sleep(delay)
+
+
 async def _prepare_model(
     cache: NodeCache, model: NamedModel, source: Source, include: list[str]
 ) -> dict[str, RemoteFile]:
     """The file list to serve; raises MountError when the pod may not read the source."""
     complete = cache.is_complete(model)
     try:
-        listing = await source.list_files()
+        listing = await _list_with_retries(cache, source)
     except SourceAccessError as exc:
         raise MountError(f"model {model.name} ({model.source.uri}): access denied: {exc}") from exc
     except SourceUnavailableError as exc:
@@ -269,12 +286,23 @@ async def _prepare_model(
             raise MountError(
                 f"model {model.name} ({model.source.uri}): source unavailable: {exc}"
             ) from exc
-        log.warning("model %s: source unavailable (%s); serving the complete cache", model, exc)
+        log.warning(
+            "model %s: source unavailable (%s); serving the complete cache", model.name, exc
+        )
         listing = None
     except SourceError as exc:
         raise MountError(f"model {model.name} ({model.source.uri}): {exc}") from exc
     manifest = cache.read_manifest(model) if complete else None
-    files = _manifest_files(manifest) if manifest is not None else listing or []
+    files = listing or []
+    if manifest is not None:
+        try:
+            files = _manifest_files(manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            if listing is None:
+                raise MountError(f"model {model.name}: unreadable manifest.json: {exc}") from exc
+            log.warning(
+                "model %s: unreadable manifest.json (%s); using the listing", model.name, exc
+            )
     if not include:
         return {f.path: f for f in files}
     from sidecar.warmup import plan_files
