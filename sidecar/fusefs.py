@@ -60,6 +60,7 @@ _FUSE_BUF_FD_RETRY = 1 << 3
 _FUSE_CAP_ASYNC_READ = 1 << 0
 _FUSE_CAP_SPLICE_WRITE = 1 << 7
 _FUSE_CAP_SPLICE_MOVE = 1 << 8
+_FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 
 
 class _BufVec1(ctypes.Structure):
@@ -153,7 +154,9 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
         if conn is not None:
             conn.max_readahead = MAX_READ
             conn.max_read = MAX_READ  # must equal the max_read mount option
-            want = _FUSE_CAP_ASYNC_READ
+            # A link target is answered only once its file is complete and never changes
+            # after that, so the kernel may keep it: later opens skip the daemon entirely.
+            want = _FUSE_CAP_ASYNC_READ | _FUSE_CAP_CACHE_SYMLINKS
             if conn.capable & _FUSE_CAP_SPLICE_WRITE:
                 want |= _FUSE_CAP_SPLICE_WRITE
             if conn.capable & _FUSE_CAP_SPLICE_MOVE:
