@@ -116,6 +116,9 @@ def shape_problem(pod: object) -> str | None:
         problem = _container_shape(c)
         if problem:
             return problem
+    names = [c["name"] for c in [*containers, *(spec.get("initContainers") or [])]]
+    if len(set(names)) != len(names):
+        return "duplicate container names (the API server rejects the pod)"
     for v in spec.get("volumes") or []:
         if not isinstance(v, dict) or not isinstance(v.get("name"), str):
             return "a volume is not an object with a name"
@@ -172,6 +175,32 @@ def _annotation_raw_uris(annotations: dict[str, Any]) -> list[str]:
         head = entry.split("://", 1)[0]
         out.append(entry.split("=", 1)[1].strip() if "=" in head else entry.strip())
     return out
+
+
+#: The only parts of a pod the mutations change (see ``_working_copy``).
+_META_KEYS: Final = ("annotations", "labels")
+
+
+def _working_copy(pod: Pod) -> Pod:
+    """Deep copies of spec and metadata labels/annotations, the rest shared: a pod with huge
+    ``managedFields`` costs no copy and no diff."""
+    work = dict(pod)
+    meta = pod.get("metadata")
+    if isinstance(meta, dict):
+        work["metadata"] = {k: copy.deepcopy(v) if k in _META_KEYS else v for k, v in meta.items()}
+    work["spec"] = copy.deepcopy(pod["spec"])
+    return work
+
+
+def _mutable_view(pod: Pod) -> Pod:
+    """The mutable parts at their real paths, so the patch of the views is the pod's patch."""
+    view: Pod = {"spec": pod["spec"]}
+    if "metadata" in pod:
+        meta = pod["metadata"]
+        view["metadata"] = (
+            {k: meta[k] for k in _META_KEYS if k in meta} if isinstance(meta, dict) else meta
+        )
+    return view
 
 
 def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | AdmissionResult:
@@ -246,12 +275,16 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
 def mutate_pod(
     pod: dict[str, Any], *, namespace: str | None, config: Config
 ) -> tuple[dict[str, Any], AdmissionResult]:
-    """Return the mutated pod (a new object; ``pod`` is never changed) and the result."""
-    work: Pod = copy.deepcopy(pod)
-    plan = plan_pod(work, namespace=namespace, config=config)
+    """Return the mutated pod and the result; ``pod`` is never changed.
+
+    The mutated pod shares the parts no mutation touches (``managedFields``, ``status``, ...)
+    with the input: treat both as read-only. When nothing is mutated it is ``pod`` itself.
+    """
+    plan = plan_pod(pod, namespace=namespace, config=config)
     if isinstance(plan, AdmissionResult):
-        return work, plan
+        return pod, plan
     ctx = plan
+    work = _working_copy(pod)
     applied: list[str] = []
     for name, mutation in MUTATIONS:
         if (name == "rewrite" and ctx.options.rewrite == "off") or (
@@ -261,7 +294,9 @@ def mutate_pod(
         work = mutation(work, ctx)
         applied.append(name)
     warnings = list(ctx.notes.warnings)
-    patch: list[dict[str, Any]] = jsonpatch.make_patch(pod, work).patch
+    patch: list[dict[str, Any]] = jsonpatch.make_patch(
+        _mutable_view(pod), _mutable_view(work)
+    ).patch
     if not patch:
         return work, AdmissionResult(True, [], warnings, None, "unchanged", "already injected", [])
     opts = ctx.options

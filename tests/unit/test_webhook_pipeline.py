@@ -60,6 +60,11 @@ def test_injected_patch_applies_to_the_mutated_pod() -> None:
         ({"spec": {"containers": [{"name": "a", "args": "x"}]}}, "ns", "args is not a list"),
         ({"metadata": {"labels": {"a": 1}}, "spec": {"containers": []}}, "ns", "string maps"),
         ({"metadata": [], "spec": {}}, "ns", "metadata is not an object"),
+        (
+            {"spec": {"containers": [{"name": "a"}], "initContainers": [{"name": "a"}]}},
+            "ns",
+            "duplicate container names",
+        ),
     ],
 )
 def test_skipped_with_a_reason(pod: dict[str, Any], namespace: str | None, reason: str) -> None:
@@ -68,6 +73,21 @@ def test_skipped_with_a_reason(pod: dict[str, Any], namespace: str | None, reaso
     assert result.decision == "skipped"
     assert result.patch == []
     assert reason in result.reason
+
+
+@pytest.mark.parametrize(
+    "meta", [None, {"annotations": None, "labels": None}, {"name": "x", "managedFields": [{}]}]
+)
+def test_patch_applies_whatever_the_metadata_shape(meta: Any) -> None:
+    pod = vllm_pod()
+    if meta is None:
+        pod["metadata"] = None
+    else:
+        pod["metadata"] = meta
+    mutated, result = mutate_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "injected"
+    assert jsonpatch.apply_patch(pod, result.patch) == mutated
+    assert mutated["metadata"]["labels"]["modelcache.io/injected"] == "true"
 
 
 def test_excluded_namespaces_come_from_config() -> None:

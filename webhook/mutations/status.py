@@ -94,7 +94,9 @@ def status_json(ctx: Context) -> str:
 
 
 def write_status(pod: Pod, ctx: Context) -> Pod:
-    meta = pod.setdefault("metadata", {})
+    if not isinstance(pod.get("metadata"), dict):
+        pod["metadata"] = {}
+    meta = pod["metadata"]
     if not isinstance(meta.get("annotations"), dict):
         meta["annotations"] = {}
     if not isinstance(meta.get("labels"), dict):
