@@ -59,7 +59,13 @@ class SecretEnv(_Model):
 
 
 def _s3() -> SecretEnv:
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+    keys = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+    )
     return SecretEnv(secret_name="modelcache-s3-credentials", keys={k: k for k in keys})
 
 
@@ -69,10 +75,9 @@ def _hf() -> SecretEnv:
 
 
 def _http() -> SecretEnv:
-    return SecretEnv(
-        secret_name="modelcache-http-credentials",
-        keys={"authorization": "MODELCACHE_HTTP_AUTHORIZATION"},
-    )
+    # the sidecar's http(s) source sends no credentials (internal mirrors, presigned paths):
+    # nothing to inject unless a cluster configures a Secret for its own image
+    return SecretEnv(secret_name=None)
 
 
 class Credentials(_Model):

@@ -22,6 +22,13 @@ from webhook.pipeline import MUTATIONS, mutate_pod, plan_pod
 
 CFG = Config()
 VLLM = "vllm/vllm-openai:v0.8.5"
+S3_ENV = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+]
 
 
 def pod(
@@ -305,13 +312,13 @@ def test_user_override_keeps_fields_and_fills_missing() -> None:
         ("hf://org/m", ["HF_TOKEN", "HF_ENDPOINT"]),
         (
             "s3://bkt/m",
-            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"],
+            S3_ENV,
         ),
-        ("https://mirror.example/m/", ["MODELCACHE_HTTP_AUTHORIZATION"]),
+        ("https://mirror.example/m/", []),
         ("pvc://claim", []),
         (
             "a=s3://bkt/a,b=s3://bkt/b",
-            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"],
+            S3_ENV,
         ),
     ],
 )
