@@ -171,7 +171,12 @@ def run_pod(scenario: str, pod: dict[str, Any], node: Node, name: str, mirror: M
     secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
     before = mirror.bytes_sent("/resolve/")
     with LocalPod(pod, node, name=name, secrets=secrets, ready_timeout=1800) as lp, Ticker(mirror):
-        run = lp.run()
+        try:
+            run = lp.run()
+        finally:  # keep the container logs: cold nodes are deleted after each run
+            logs = node.root.parent.parent / "logs" / name
+            shutil.rmtree(logs, ignore_errors=True)
+            shutil.copytree(lp.dir / "logs", logs)
     sample = _sample(scenario, run, mirror.bytes_sent("/resolve/") - before)
     say(
         f"  {scenario:8} {name}: time to ready {sample.time_to_ready:6.2f}s, "
