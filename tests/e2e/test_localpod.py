@@ -38,8 +38,8 @@ pytestmark = [
 ]
 
 
-def _inject(mode: str) -> dict[str, Any]:
-    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+def _inject(mode: str, example: Path = EXAMPLE) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all(example.read_text()))
     for doc in docs:
         template = (doc or {}).get("spec", {}).get("template")
         if template is not None:
@@ -127,3 +127,26 @@ def test_injected_example_cold_then_warm_node(
     if not HOST_MOUNTPOINTS.others_running():  # else they are still in use elsewhere
         for p in ("/models", "/var/run/modelcache"):
             assert Path(p).exists() == (p in created_before), f"{p} left behind"
+
+
+def test_tgi_example_loads_through_the_mount(
+    tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+) -> None:
+    """The TGI example sets no command: the image's entrypoint (text-generation-launcher)
+    runs with the rewritten ``--model-id``."""
+    store, mirror = hub
+    injected = _inject("block", REPO_ROOT / "examples" / "tgi.yaml")
+    repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
+    publish_hub_repo(store, repo, model_dir)
+    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    node = Node(tmp_path / "node")
+    with LocalPod(injected, node, name="tgi", secrets=secrets, ready_timeout=90) as lp:
+        run = lp.run()
+        app = next(c for c in run.containers if c.kind == "app")
+        assert app.argv[0] == "text-generation-launcher"
+        assert "--model-id" in app.argv
+        model_path = app.argv[app.argv.index("--model-id") + 1]
+        assert model_path.startswith("/models/")
+        assert f"from {model_path}" in app.log.read_text()
+        assert run.served_models == [model_path]  # TGI names the model by its --model-id
+    assert mountpoints_under(node.root) == []
