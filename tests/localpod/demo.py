@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / ".demo")
     parser.add_argument("--model-mib", type=int, default=256, help="size of the generated model")
     parser.add_argument("--example", type=Path, default=EXAMPLE)
+    parser.add_argument(
+        "--rate",
+        default="16m",
+        help="nginx limit_rate per connection, like a mirror's per-stream limit ('' = none)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup as on Ctrl-C
     if os.geteuid() != 0:
@@ -207,14 +212,20 @@ def _demo(args: argparse.Namespace) -> int:
         if mountpoints_under(node.root):
             raise DemoError(f"{node.root} still has mounts from an interrupted run; unmount them")
         shutil.rmtree(node.root)
-    with Mirror(store, work / "mirror") as mirror:
-        say(f"hub mirror (nginx) at {mirror.url}; HF_ENDPOINT comes from Secret {HF_SECRET}")
+    with Mirror(store, work / "mirror", limit_rate=args.rate or None) as mirror:
+        say(
+            f"hub mirror (nginx, limit_rate {args.rate or 'none'} per connection) at "
+            f"{mirror.url}; HF_ENDPOINT comes from Secret {HF_SECRET}"
+        )
         say("cold node: starting the injected pod")
         cold, cold_model, cold_all = run_pod(after, node, "vllm-cold", mirror)
         say("warm node: starting a second pod on the same node")
         warm, warm_model, warm_all = run_pod(after, node, "vllm-warm", mirror)
     print()
-    print(f"model: {repo} ({size / 2**20:.0f} MiB), source: loopback hub mirror (nginx)")
+    print(
+        f"model: {repo} ({size / 2**20:.0f} MiB), source: loopback hub mirror "
+        f"(nginx, limit_rate {args.rate or 'none'} per connection)"
+    )
     print(f"cold node: time to ready {cold.time_to_ready:.2f}")
     print(f"cold node: bytes fetched {cold_model} model bytes ({cold_all} with listings)")
     print(f"warm node: time to ready {warm.time_to_ready:.2f}")
