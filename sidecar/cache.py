@@ -330,9 +330,14 @@ class NodeCache:
         if self._is_current(md, f, _version_of(source, f.path)):
             return dest
         key = (str(md.root), f.path)
-        running = self._inflight.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
+        while (running := self._inflight.get(key)) is not None:
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we were cancelled ourselves
+                # the call doing the fetch was cancelled (e.g. its timeout): take over
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

@@ -327,3 +327,38 @@ async def test_full_disk_is_a_clear_error_and_leaves_nothing(
     md = cache.model_dir(m)
     assert _visible(cache, m) == []
     assert list(md.partial_dir.iterdir()) == []
+
+
+async def test_waiter_takes_over_when_the_fetching_call_is_cancelled(
+    tmp_path: Path, faulty_model: ServedModel
+) -> None:
+    faulty_model.server.faults.delay = 0.05
+    m = _model(faulty_model)
+    f = _shard(faulty_model.info)
+    src = open_source(m)
+    cache = NodeCache(tmp_path, part_size=PART)
+    try:
+        await src.list_files()
+        owner = asyncio.create_task(cache.ensure_file(m, src, f))
+        await asyncio.sleep(0)  # let the owner register as the in-flight fetch
+        waiter = asyncio.create_task(cache.ensure_file(m, src, f))
+        await asyncio.sleep(0)
+        owner.cancel()
+        faulty_model.server.faults.delay = 0
+        path = await asyncio.wait_for(waiter, 60)
+    finally:
+        await src.aclose()
+    assert owner.cancelled()
+    assert _sha(path) == f.sha256
+
+
+async def test_empty_file_is_cached(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "empty.txt").write_bytes(b"")
+    m = parse_model_arg(f"m=file://{tmp_path / 'src'}")
+    src = open_source(m)
+    cache = NodeCache(tmp_path / "cache")
+    [f] = await src.list_files()
+    path = await cache.ensure_file(m, src, RemoteFile(f.path, 0, hashlib.sha256().hexdigest()))
+    assert path.read_bytes() == b""
+    assert cache.is_file_complete(m, f)
