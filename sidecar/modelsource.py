@@ -114,8 +114,7 @@ def parse_model_uri(uri: str) -> ModelSource:
         raise ModelSourceError(f"model URI {raw!r} contains whitespace or control characters")
     if "://" not in raw:
         raise ModelSourceError(
-            f"model URI {raw!r} has no scheme; accepted: "
-            + ", ".join(f"{s}://" for s in SCHEMES)
+            f"model URI {raw!r} has no scheme; accepted: " + ", ".join(f"{s}://" for s in SCHEMES)
         )
     scheme, rest = raw.split("://", 1)
     scheme = scheme.lower()
@@ -146,7 +145,9 @@ def parse_model_uri(uri: str) -> ModelSource:
         if not split.hostname:
             raise ModelSourceError(f"model URI {raw!r}: no host")
         if split.query or split.fragment:
-            raise ModelSourceError(f"model URI {raw!r}: query strings and fragments are not allowed")
+            raise ModelSourceError(
+                f"model URI {raw!r}: query strings and fragments are not allowed"
+            )
         host = split.hostname.lower()
         if ":" in host:
             host = f"[{host}]"
