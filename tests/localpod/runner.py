@@ -24,7 +24,9 @@ when every app container answers its readiness check: the ``httpGet`` of its rea
 else ``GET /v1/models``, polled every 50 ms (finer than a kubelet would, since this measures
 time to ready rather than reacting to it).
 
-Needs root (``unshare``, ``mount``). Cleanup (also on failure and Ctrl-C): SIGTERM to the app
+Needs root (``unshare``, ``mount``); there is no path-rewriting fallback: without root,
+``LocalPod`` raises ``RunnerError`` saying so, the tests skip with that reason and the demo
+exits 2 with an explanation. Cleanup (also on failure and Ctrl-C): SIGTERM to the app
 containers, then the sidecars in reverse order (the sidecar unmounts its FUSE filesystem),
 SIGKILL to whatever is left after the grace period, then every mount under the pod directory
 is unmounted and the mountpoint directories the runner had to create on the host are removed.
@@ -354,7 +356,8 @@ class LocalPod:
         self.configmaps = configmaps or {}
         self.progress = progress or (lambda _msg: None)
         self.ready_timeout = ready_timeout
-        self.grace = grace
+        # the pod's own grace period, capped so a test never waits minutes on a stuck process
+        self.grace = min(float(self.spec.get("terminationGracePeriodSeconds", 30)), grace)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
         self.run_info = PodRun(self.name, time.monotonic())
         self._procs: list[tuple[ContainerRun, subprocess.Popen[bytes]]] = []
