@@ -62,7 +62,7 @@ T = TypeVar("T")
 #: Seconds between touches of ``.last-used`` (the agent's LRU clock).
 TOUCH_INTERVAL = 300.0
 #: Seconds to wait for the FUSE loop to end after unmounting.
-UNMOUNT_GRACE = 10.0
+UNMOUNT_GRACE = 5.0
 
 
 class MountError(Exception):
@@ -338,6 +338,7 @@ class MountService:
         self.stop_requested = False
         self.warmup: concurrent.futures.Future[Any] | None = None
         self.fuse_error: BaseException | None = None
+        self.fuse_stuck = False
         self._touch_stop = threading.Event()
 
     # -- start ------------------------------------------------------------------------------
@@ -462,8 +463,19 @@ class MountService:
             unmount(self.mountpoint, lazy=True)
         fuse_thread.join(UNMOUNT_GRACE)
         if fuse_thread.is_alive():
-            log.error("FUSE loop did not end after unmount; exiting anyway")
-            return 1
+            # Our mount is gone but the FUSE connection lives on: a copy of the mount in
+            # another mount namespace (propagated to a container, busy there) keeps it open.
+            # Exiting closes /dev/fuse, which aborts the connection, so those copies fail
+            # fast with ENOTCONN instead of hanging.
+            self.fuse_stuck = True
+            if is_fuse(find_mount(self.mountpoint)):
+                log.error("%s is still mounted after unmount; exiting anyway", self.mountpoint)
+                return 1
+            log.warning(
+                "%s unmounted, but the FUSE connection is still referenced elsewhere "
+                "(another mount namespace); closing it by exiting",
+                self.mountpoint,
+            )
         return 0
 
     def close(self) -> None:
@@ -493,8 +505,8 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         service.close()
-    if code != 0:
-        # a FUSE worker stuck in a fetch must not keep a dying process (and its mount) alive
+    if code != 0 or service.fuse_stuck:
+        # a FUSE loop still running must not keep a dying process (and its mount) alive
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

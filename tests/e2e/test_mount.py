@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -441,3 +442,47 @@ def test_mount_holds_the_model_against_eviction_and_marks_it_used(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at exit
     finally:
         os.close(fd)
+
+
+def test_sigterm_exits_when_another_namespace_still_uses_the_mount(
+    fuse_available: None, sidecar_mount, tmp_path: Path, model_src: Path
+) -> None:
+    """Like an app container whose copy of the mount is busy: our unmount cannot end the
+    FUSE connection. The sidecar still exits 0, and the copy fails fast (no hang)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to make a second mount namespace")
+    mnt = tmp_path / "mnt"
+    m = sidecar_mount(tmp_path / "cache", mnt, [model_arg(model_src)], "--link-root", "none")
+    m.wait_ready(["tiny"])
+    # a private copy of the mount table, busy on the mount (cwd inside it)
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'cd "$1" && echo ready && read _ && cat config.json; echo "rc=$?"',
+            "sh",
+            str(mnt / "tiny"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        assert m.stop() == 0, m.log
+        assert time.monotonic() - t0 < 30
+        assert not is_mounted(mnt)
+        assert "referenced elsewhere" in m.log
+        out, _ = holder.communicate("go\n", timeout=30)
+        assert "rc=1" in out  # the copy is dead (ENOTCONN), not hanging
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
