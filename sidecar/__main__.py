@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "symlinks there so data reads bypass the FUSE daemon; 'none' serves bytes via FUSE",
     )
     m.add_argument("--warmup", action="store_true", help="also fill the cache in the background")
-    m.add_argument("--timeout", type=float, default=1800.0, help="warm-up timeout (--warmup)")
+    m.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds for the background warm-up (--warmup) and for each on-demand fetch",
+    )
 
     p = sub.add_parser("probe", help="exit 0 when the mount serves the models")
     p.add_argument("--mountpoint", required=True)
