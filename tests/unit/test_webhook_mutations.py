@@ -663,3 +663,24 @@ def test_offline_mode_only_for_hub_models_even_with_prefix_names() -> None:
     app = out["spec"]["containers"][0]
     assert app["args"] == ["--model", "/models/m-2"]
     assert "env" not in app
+
+
+def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
+    """Inserting --served-model-name shifts the sh -c script; the flag after it is still found.
+
+    Found by the property test: the script's position was computed once before the inserts.
+    """
+    from webhook.config import Config
+    from webhook.pipeline import mutate_pod
+
+    cmd = ["--model=org/m", "sh", "-c", "--model", "--model=org/m"]
+    pod = {
+        "metadata": {},
+        "spec": {"containers": [{"name": "vllm", "image": "vllm/x", "command": cmd}]},
+    }
+    mutated, _ = mutate_pod(pod, namespace="ns", config=Config())
+    command = mutated["spec"]["containers"][-1]["command"]
+    assert command[0] == "--model=/models/m"
+    assert command[-1] == "--model=/models/m"
+    _, again = mutate_pod(mutated, namespace="ns", config=Config())
+    assert again.patch == []

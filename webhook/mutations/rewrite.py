@@ -122,14 +122,13 @@ def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens:
     """Rewrite the plain argv (not sh -c scripts); returns the number of model rewrites."""
     name = str(container.get("name"))
     argv = _Argv(container)
-    tokens = argv.tokens()
-    script_at = script_index(tokens)
     done = 0
     extras_done = False
     i = 0
     while i < len(argv.pos):
         tokens = argv.tokens()
-        if i == script_at:
+        # recomputed each step: inserting the extra flags shifts the script's position
+        if i == script_index(tokens):
             i += 1
             continue
         target: tuple[int, str, str, bool] | None = None  # value idx, value, where, is_model
