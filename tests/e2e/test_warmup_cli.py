@@ -31,6 +31,7 @@ from tests.fixtures.servers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.nginx
 
 
 def _warmup_cmd(cache: Path, *models: str, extra: tuple[str, ...] = ()) -> list[str]:
