@@ -46,7 +46,14 @@ from typing import Any
 import yaml
 
 from tests.localpod.mirror import Mirror, generate_model, publish_hub_repo
-from tests.localpod.runner import REPO_ROOT, LocalPod, Node, PodRun, mountpoints_under
+from tests.localpod.runner import (
+    REPO_ROOT,
+    LocalPod,
+    Node,
+    PodRun,
+    clean_leftovers,
+    mountpoints_under,
+)
 
 EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
 HF_SECRET = "modelcache-hf-credentials"
@@ -193,6 +200,7 @@ def _fmt(v: float | None) -> str:
 
 def fresh_node(root: Path) -> Node:
     if root.exists():
+        clean_leftovers(root)  # leftovers of an interrupted run
         if mountpoints_under(root):
             raise SystemExit(f"{root} still has mounts from an interrupted run")
         shutil.rmtree(root)

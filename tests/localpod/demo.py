@@ -39,6 +39,7 @@ from tests.localpod.runner import (
     PodFailed,
     PodRun,
     RunnerError,
+    clean_leftovers,
     mountpoints_under,
     pod_from_manifest,
 )
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DemoError, RunnerError, MirrorError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted; every container was stopped and unmounted", file=sys.stderr)
+        return 130
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -209,8 +213,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     node = Node(work / "node")
     if node.root.exists():
+        for what in clean_leftovers(node.root):
+            say(f"cleaned up {what}, left over from an interrupted run")
         if mountpoints_under(node.root):
-            raise DemoError(f"{node.root} still has mounts from an interrupted run; unmount them")
+            raise DemoError(f"{node.root} still has mounts from an interrupted run")
         shutil.rmtree(node.root)
     with Mirror(store, work / "mirror", limit_rate=args.rate or None) as mirror:
         say(

@@ -13,10 +13,12 @@ access log (``$body_bytes_sent``), which is how the runner's callers report byte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -220,7 +222,16 @@ http {{
 }}
 """
 
+    def _stop_leftover(self) -> None:
+        """An nginx of an earlier run killed before it could stop this one (same config)."""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.workdir / "nginx.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # nginx rewrites its argv
+            if str(self.workdir / "nginx.conf").encode() in cmdline:
+                os.kill(pid, signal.SIGTERM)
+
     def start(self) -> Mirror:
+        self._stop_leftover()
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         for _attempt in range(5):
             self.port = _free_port()

@@ -250,6 +250,36 @@ def mountpoints_under(prefix: Path) -> list[str]:
     return sorted(points, key=lambda p: p.count("/"), reverse=True)
 
 
+def clean_leftovers(prefix: Path) -> list[str]:
+    """Undo what a runner killed before its cleanup left under ``prefix`` (a node
+    directory): SIGKILL every process whose mount namespace bind-mounts something from
+    there (its containers), then lazily unmount what is mounted there. Returns what was
+    killed and unmounted, for the caller to report."""
+    base = os.path.realpath(prefix).rstrip("/") + "/"
+    done = []
+    for point in dict.fromkeys(mountpoints_under(prefix)):  # stacked mounts: once each
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        done.append(f"mount {point}")
+    # Only processes in *other* mount namespaces are container processes: a leftover bind in
+    # this namespace would show in every host process's mountinfo (never kill those).
+    own_ns = os.readlink("/proc/self/ns/mnt")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "ns" / "mnt") == own_ns:
+                continue
+            lines = (proc / "mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        # field 4 is the mount's root inside its filesystem: for our binds, a node path
+        if any(len(f := line.split()) > 4 and f[3].startswith(base) for line in lines):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                done.append(f"process {proc.name}")
+    return done
+
+
 class HostMountpoints:
     """Mountpoint paths (``/models``, ``/var/cache/modelcache``, ...) the runner had to create
     on the host, shared by every runner *process* on the machine.
