@@ -101,8 +101,14 @@ def test_injected_example_cold_then_warm_node(
     pids: list[int] = []
     fetched = []
     for name in ("cold", "warm"):
-        before = mirror.bytes_sent("/resolve/")
-        with LocalPod(injected, node, name=name, secrets=secrets, ready_timeout=90) as lp:
+        with LocalPod(
+            injected,
+            node,
+            name=name,
+            secrets=secrets,
+            ready_timeout=90,
+            source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+        ) as lp:
             run = lp.run()
             # the app container reads through the FUSE mount the sidecar made in its own
             # namespace: it reached the pod's emptyDir on the host by propagation
@@ -118,7 +124,7 @@ def test_injected_example_cold_then_warm_node(
             log = app.log.read_text()
             assert "weights loaded" in log and "from /models/" in log, log
             pids += [c.pid for c in run.containers if c.pid is not None]
-        fetched.append(mirror.bytes_sent("/resolve/") - before)
+        fetched.append(run.bytes_fetched)
     assert fetched[0] == model_size, "the cold node fetches every byte exactly once"
     assert fetched[1] == 0, "the warm node fetches no model bytes"
     assert mountpoints_under(node.root) == []

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tests.localpod.runner import (
     Node,
     PodFailed,
     RunnerError,
+    clean_leftovers,
     expand_vars,
     mountpoints_under,
     pod_from_manifest,
@@ -231,3 +234,43 @@ def test_missing_secret_is_a_clear_error(tmp_path: Path) -> None:
     with LocalPod(_pod(), node) as lp, pytest.raises(RunnerError, match="creds/token"):
         lp.run()
     assert mountpoints_under(node.root) == []
+
+
+@ROOT_ONLY
+def test_clean_leftovers_kills_only_container_processes(tmp_path: Path) -> None:
+    """After a runner was killed: its host binds and its containers' processes go; processes
+    of this mount namespace (which see the same host binds) are never touched."""
+    empty = tmp_path / "node" / "pods" / "p" / "emptydir" / "v"
+    empty.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(empty), str(empty)], check=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    container = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            f"mount --bind {empty} {target} && exec sleep 120",
+        ]
+    )
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        deadline = time.monotonic() + 10
+        while str(empty) not in Path(f"/proc/{container.pid}/mountinfo").read_text():
+            assert time.monotonic() < deadline, "the container never mounted"
+            assert container.poll() is None
+            time.sleep(0.02)
+        done = clean_leftovers(tmp_path / "node")
+        assert f"process {container.pid}" in done
+        assert container.wait(timeout=10) == -9
+        assert bystander.poll() is None
+        assert mountpoints_under(tmp_path / "node") == []
+    finally:
+        for p in (container, bystander):
+            p.kill()
+            p.wait()
+        subprocess.run(["umount", "-l", str(empty)], capture_output=True, check=False)

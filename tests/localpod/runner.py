@@ -110,6 +110,7 @@ class PodRun:
     ready_at: float | None = None
     failed: str | None = None
     served_models: list[str] = field(default_factory=list)
+    bytes_fetched: int | None = None  # from the source, pod start to ready (source_bytes)
     app_ports: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -371,6 +372,7 @@ class LocalPod:
         configmaps: Mapping[str, Mapping[str, str]] | None = None,
         progress: Progress | None = None,
         ready_timeout: float = 600.0,
+        source_bytes: Callable[[], int] | None = None,
         grace: float = 15.0,
     ) -> None:
         if os.geteuid() != 0 or shutil.which("unshare") is None:
@@ -386,6 +388,9 @@ class LocalPod:
         self.configmaps = configmaps or {}
         self.progress = progress or (lambda _msg: None)
         self.ready_timeout = ready_timeout
+        # a counter of bytes the model source has sent (e.g. the mirror's access log)
+        self.source_bytes = source_bytes
+        self._bytes_at_start = 0
         # the pod's own grace period, capped so a test never waits minutes on a stuck process
         self.grace = min(float(self.spec.get("terminationGracePeriodSeconds", 30)), grace)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
@@ -412,6 +417,8 @@ class LocalPod:
         for sub in ("emptydir", "logs", "state", "bin", "spec"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.run_info = PodRun(self.name, time.monotonic())
+        if self.source_bytes is not None:
+            self._bytes_at_start = self.source_bytes()
         HOST_MOUNTPOINTS.register(self._token)
         self._registered = True
         try:
@@ -768,6 +775,8 @@ class LocalPod:
                 raise PodFailed(f"not ready after {self.ready_timeout}s: {sorted(pending)}")
             time.sleep(READY_POLL)
         self.run_info.ready_at = time.monotonic()
+        if self.source_bytes is not None:
+            self.run_info.bytes_fetched = self.source_bytes() - self._bytes_at_start
         self.progress(f"{self.name}: ready after {self.run_info.time_to_ready:.2f}s")
 
     def _ready(self, run: ContainerRun, c: Mapping[str, Any]) -> bool:
