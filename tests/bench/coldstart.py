@@ -39,13 +39,20 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.localpod.mirror import Mirror, generate_model, publish_hub_repo
+from tests.localpod.mirror import (
+    Mirror,
+    NicLimit,
+    generate_model,
+    parse_rate,
+    publish_hub_repo,
+)
 from tests.localpod.runner import (
     REPO_ROOT,
     LocalPod,
@@ -174,8 +181,10 @@ class Ticker:
         self.thread.join()
 
 
-def run_pod(scenario: str, pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> Sample:
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+def run_pod(
+    scenario: str, pod: dict[str, Any], node: Node, name: str, mirror: Mirror, *, endpoint: str
+) -> Sample:
+    secrets = {HF_SECRET: {"HF_ENDPOINT": endpoint.rstrip("/")}}
     before = mirror.bytes_sent("/resolve/")
     with LocalPod(pod, node, name=name, secrets=secrets, ready_timeout=1800) as lp, Ticker(mirror):
         try:
@@ -212,8 +221,9 @@ def report(samples: list[Sample], args: argparse.Namespace, size: int) -> list[s
     for s in samples:
         by.setdefault(s.scenario, []).append(s)
     base = statistics.median(s.time_to_ready for s in by["baseline"])
+    nic = f", node NIC cap {args.nic_rate}" if args.nic_rate else ", no node NIC cap"
     lines = [
-        f"model {size / 2**30:.2f} GiB, limit_rate {args.rate} per connection, "
+        f"model {size / 2**30:.2f} GiB, limit_rate {args.rate} per connection{nic}, "
         f"{os.cpu_count()} CPUs",
         "",
         "| scenario | runs | time to ready (median, s) | min-max (s) | ratio to baseline "
@@ -250,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gib", type=float, default=4.0)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--rate", default="32m", help="nginx limit_rate per connection")
+    parser.add_argument(
+        "--nic-rate",
+        default="",
+        help="also cap the sum of all connections (a node NIC), e.g. 64m; default: no cap",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each cold scenario")
     parser.add_argument("--warm-repeats", type=int, default=3)
     parser.add_argument("--scenarios", default="baseline,block,async,warm")
@@ -269,8 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     say("publishing it on the hub mirror (sha256 of every shard, cached)")
     publish_hub_repo(store, repo, model_dir)
     samples: list[Sample] = []
-    with Mirror(store, work / "mirror", limit_rate=args.rate) as mirror:
+    with Mirror(store, work / "mirror", limit_rate=args.rate) as mirror, ExitStack() as stack:
         say(f"mirror {mirror.url}, limit_rate {args.rate} per connection")
+        endpoint = mirror.url
+        if args.nic_rate:
+            nic = stack.enter_context(NicLimit(mirror.port, parse_rate(args.nic_rate)))
+            endpoint = nic.url
+            say(f"node NIC cap {args.nic_rate}: every pod reaches the mirror through {endpoint}")
         # the mirror reads its files once so every scenario finds them in its page cache
         for p in sorted(model_dir.rglob("*")):
             if p.is_file():
@@ -283,29 +303,36 @@ def main(argv: list[str] | None = None) -> int:
                 samples.append(
                     run_pod(
                         "baseline",
-                        baseline_pod(mirror.url.rstrip("/")),
+                        baseline_pod(endpoint.rstrip("/")),
                         node,
                         f"baseline-{i}",
                         mirror,
+                        endpoint=endpoint,
                     )
                 )
                 shutil.rmtree(node.root)
             if "block" in scenarios:
                 node = fresh_node(work / "nodes" / f"block-{i}")
-                samples.append(run_pod("block", block_pod, node, f"block-{i}", mirror))
+                samples.append(
+                    run_pod("block", block_pod, node, f"block-{i}", mirror, endpoint=endpoint)
+                )
                 if i > 0 or "warm" not in scenarios:
                     shutil.rmtree(node.root)
             if "async" in scenarios:
                 node = fresh_node(work / "nodes" / "async")
-                samples.append(run_pod("async", async_pod, node, f"async-{i}", mirror))
+                samples.append(
+                    run_pod("async", async_pod, node, f"async-{i}", mirror, endpoint=endpoint)
+                )
                 shutil.rmtree(node.root)
         if "warm" in scenarios:
             warm_node = Node(work / "nodes" / "block-0")
             if not warm_node.root.exists():
                 warm_node = fresh_node(warm_node.root)
-                run_pod("seed", block_pod, warm_node, "seed", mirror)
+                run_pod("seed", block_pod, warm_node, "seed", mirror, endpoint=endpoint)
             for i in range(args.warm_repeats):
-                samples.append(run_pod("warm", block_pod, warm_node, f"warm-{i}", mirror))
+                samples.append(
+                    run_pod("warm", block_pod, warm_node, f"warm-{i}", mirror, endpoint=endpoint)
+                )
             shutil.rmtree(warm_node.root)
     if "baseline" not in scenarios:
         print("\n".join(f"{s}" for s in samples))

@@ -13,6 +13,7 @@ access log (``$body_bytes_sent``), which is how the runner's callers report byte
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -22,6 +23,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -274,6 +276,104 @@ http {{
             self.proc = None
 
     def __enter__(self) -> Mirror:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def parse_rate(rate: str) -> float:
+    """nginx-style rate (``32m``, ``512k``, ``1000000``) in bytes per second."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = rate.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ValueError(f"rate {rate!r}: expected a number with an optional k, m or g") from None
+
+
+class NicLimit:
+    """A loopback TCP relay in front of the mirror that caps the *sum* of all connections'
+    download bandwidth, like a node's NIC (nginx's ``limit_rate`` caps each connection only).
+
+    Every chunk sent towards a client reserves its transmission time on one shared virtual
+    link (``next_free``), first come first served, so N parallel streams share ``rate``.
+    """
+
+    CHUNK = 64 << 10
+
+    def __init__(self, upstream_port: int, rate: float) -> None:
+        self.upstream_port = upstream_port
+        self.rate = rate
+        self.port = 0
+        self._next_free = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    async def _pace(self, n: int) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        self._next_free = max(now, self._next_free) + n / self.rate
+        await asyncio.sleep(self._next_free - now)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paced: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(self.CHUNK):
+                if paced:
+                    await self._pace(len(chunk))
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(
+            self._pipe(reader, up_writer, paced=False), self._pipe(up_reader, writer, paced=True)
+        )
+
+    def start(self) -> NicLimit:
+        ready = threading.Event()
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = int(self._server.sockets[0].getsockname()[1])
+            ready.set()
+            async with self._server:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._server.serve_forever()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise MirrorError("the NIC-limit relay did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._server is not None:
+            # closing the server ends serve_forever; open relays end with their sockets
+            self._loop.call_soon_threadsafe(self._server.close)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> NicLimit:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
