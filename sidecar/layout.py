@@ -9,6 +9,8 @@ processes at once (``warmup`` in many pods, ``mount --warmup``, the agent's pre-
         .partial/<id>.part     downloads in progress (resumable), never visible under data/
         .partial/<id>.json     resume state of that part (size, etag/sha, ranges done)
         .locks/<id>.lock       per-file single-flight lock (fcntl LOCK_EX while fetching)
+        .locks/<id>.meta       what the complete file was fetched as (size, version), so a
+                               file that changed at the source is fetched again
         .model.lock            LOCK_SH by every mount serving it and every warm-up filling it;
                                the agent evicts only with LOCK_EX | LOCK_NB
         source.json            {"uri": ..., "key": ...}, written when the directory is created
