@@ -20,11 +20,11 @@ Time to ready = pod start (before the first init container) until the stand-in a
 median of the same run. Nothing here is an assertion: it prints numbers and what limits them.
 
 The bandwidth model: nginx ``limit_rate`` caps each *connection* (a per-stream limit, as S3
-or a hub CDN impose per TCP stream), and there is no node-wide cap: the loopback "NIC" is
-far faster than a few streams. Parallel ranged reads therefore get ``parallel x rate`` until
-the machine (2 shared cores, one disk, sha256 verification) becomes the limit. A node whose
-NIC is slower than one stream would see no gain from parallel fetch; only the warm node
-helps there (see docs/bench-coldstart.md).
+or a hub CDN impose per TCP stream); by default there is no node-wide cap, so parallel
+ranged reads get ``parallel x rate`` until the machine (2 shared cores, one disk, sha256
+verification) becomes the limit. ``--nic-rate`` adds a node NIC cap: every pod reaches the
+mirror through a relay that shares one bandwidth budget across all connections (see
+docs/bench-coldstart.md for both).
 """
 
 from __future__ import annotations
