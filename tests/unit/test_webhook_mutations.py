@@ -223,7 +223,7 @@ def test_warmup_and_native_sidecar_commands() -> None:
         "--model",
         "m",
     ]
-    assert side["startupProbe"]["periodSeconds"] == 2
+    assert side["startupProbe"]["periodSeconds"] == 1
     pvc_mount = {
         "name": "modelcache-pvc-claim",
         "mountPath": "/var/run/modelcache/pvc/claim",

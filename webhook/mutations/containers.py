@@ -30,7 +30,10 @@ from webhook.mutations.context import (
 )
 from webhook.mutations.volumes import pvc_claims, pvc_mounts
 
-PROBE_PERIOD: Final = 2
+#: The startupProbe runs only until the mount serves, and the kubelet starts the app at the
+#: first success: a 1 s period costs a python start per second during start-up and saves up
+#: to a second on every pod start (measured: ~30% of a warm-node start with 2 s).
+PROBE_PERIOD: Final = 1
 #: block/off mode: the mount serves from a complete cache (or lists the source) quickly
 PROBE_WINDOW: Final = 300
 PRIVILEGED_WARNING: Final = (
