@@ -15,6 +15,7 @@ import math
 from typing import Any, Final
 
 from sidecar.layout import APP_CACHE_ROOT, CONTAINER_CACHE_DIR
+from webhook.config import Resources
 from webhook.mutations.context import (
     CACHE_VOLUME,
     MESH_INIT_CONTAINERS,
@@ -84,8 +85,24 @@ def _cache_mount() -> dict[str, Any]:
     return {"name": CACHE_VOLUME, "mountPath": CONTAINER_CACHE_DIR}
 
 
+def _our_container(ctx: Context, name: str, command: list[str], resources: Resources) -> Container:
+    """The fields our two containers share: the sidecar image, credentials, resources."""
+    container: Container = {
+        "name": name,
+        "image": ctx.config.sidecar_image,
+        "imagePullPolicy": ctx.config.image_pull_policy,
+        "command": command,
+    }
+    env = credential_env(ctx)
+    if env:
+        container["env"] = env
+    limits = resources.to_k8s()
+    if limits:
+        container["resources"] = limits
+    return container
+
+
 def build_warmup_container(ctx: Context) -> Container:
-    cfg = ctx.config
     command = [
         "python",
         "-m",
@@ -98,18 +115,7 @@ def build_warmup_container(ctx: Context) -> Container:
         str(ctx.options.warmup_timeout),
         *_source_flags(ctx),
     ]
-    container: Container = {
-        "name": WARMUP_NAME,
-        "image": cfg.sidecar_image,
-        "imagePullPolicy": cfg.image_pull_policy,
-        "command": command,
-    }
-    env = credential_env(ctx)
-    if env:
-        container["env"] = env
-    resources = cfg.warmup_resources.to_k8s()
-    if resources:
-        container["resources"] = resources
+    container = _our_container(ctx, WARMUP_NAME, command, ctx.config.warmup_resources)
     # root (owner of the hostPath cache) but no capabilities and no escalation: it only
     # writes files into the cache directory
     container["securityContext"] = {
@@ -141,7 +147,6 @@ def startup_window(ctx: Context) -> int:
 
 
 def build_sidecar_container(ctx: Context) -> Container:
-    cfg = ctx.config
     command = [
         "python",
         "-m",
@@ -158,18 +163,7 @@ def build_sidecar_container(ctx: Context) -> Container:
     if ctx.options.warmup == "async":
         command += ["--warmup", "--timeout", str(ctx.options.warmup_timeout)]
     command += _source_flags(ctx)
-    container: Container = {
-        "name": SIDECAR_NAME,
-        "image": cfg.sidecar_image,
-        "imagePullPolicy": cfg.image_pull_policy,
-        "command": command,
-    }
-    env = credential_env(ctx)
-    if env:
-        container["env"] = env
-    resources = cfg.sidecar_resources.to_k8s()
-    if resources:
-        container["resources"] = resources
+    container = _our_container(ctx, SIDECAR_NAME, command, ctx.config.sidecar_resources)
     container["securityContext"] = {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
     container["volumeMounts"] = [
         _cache_mount(),
