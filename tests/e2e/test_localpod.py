@@ -38,13 +38,16 @@ pytestmark = [
 ]
 
 
-def _inject(mode: str, example: Path = EXAMPLE) -> dict[str, Any]:
+def _inject(
+    mode: str, example: Path = EXAMPLE, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     docs = list(yaml.safe_load_all(example.read_text()))
     for doc in docs:
         template = (doc or {}).get("spec", {}).get("template")
         if template is not None:
             template.setdefault("metadata", {}).setdefault("annotations", {})
             template["metadata"]["annotations"]["modelcache.io/warmup"] = mode
+            template["metadata"]["annotations"].update(annotations or {})
     proc = subprocess.run(
         [sys.executable, "-m", "webhook", "inject", "-f", "-"],
         input=yaml.safe_dump_all(docs),
@@ -155,4 +158,87 @@ def test_tgi_example_loads_through_the_mount(
         assert model_path.startswith("/models/")
         assert f"from {model_path}" in app.log.read_text()
         assert run.served_models == [model_path]  # TGI names the model by its --model-id
+    assert mountpoints_under(node.root) == []
+
+
+def _fuse_mounted(path: Path) -> bool:
+    """Is a FUSE filesystem mounted at ``path`` (seen from this, the host's, namespace)?"""
+    return any(
+        line.split()[4] == str(path) and line.split(" - ")[1].startswith("fuse")
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    )
+
+
+@pytest.mark.parametrize("mode", ["block", "async"])
+def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
+    mode: str, tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+) -> None:
+    """``modelcache.io/sidecar: classic``: the sidecar is the first regular container and
+    its postStart hook (``sidecar probe --wait``) holds the app back, as the kubelet does,
+    until the mount answers; the app then loads every weight through it."""
+    store, mirror = hub
+    injected = _inject(mode, annotations={"modelcache.io/sidecar": "classic"})
+    spec = injected["spec"]["template"]["spec"]
+    assert not [c for c in spec.get("initContainers") or [] if c.get("restartPolicy")]
+    first = spec["containers"][0]
+    assert first["name"] == "modelcache-sidecar"
+    assert "probe" in first["lifecycle"]["postStart"]["exec"]["command"]
+    repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
+    publish_hub_repo(store, repo, model_dir)
+    model_size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    node = Node(tmp_path / "node")
+    with LocalPod(
+        injected,
+        node,
+        name=f"classic-{mode}",
+        secrets=secrets,
+        ready_timeout=90,
+        source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+    ) as lp:
+        run = lp.run()
+        assert _fuse_mounted(lp.dir / "emptydir" / "modelcache-mnt")
+        sidecar, app = run.container("modelcache-sidecar"), run.container("vllm")
+        assert sidecar.hook_ok is not None and app.started is not None
+        assert sidecar.hook_ok <= app.started, "the app started before postStart returned"
+        assert run.served_models == [repo]
+        log = app.log.read_text()
+        assert "weights loaded" in log and "from /models/" in log, log
+        pids = [c.pid for c in run.containers if c.pid is not None]
+    assert run.bytes_fetched == model_size, "the cold node fetches every byte exactly once"
+    assert mountpoints_under(node.root) == []
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"pid {pid} survived the pod"
+
+
+def test_warmup_off_fetches_on_demand_through_the_mount(
+    tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+) -> None:
+    """``modelcache.io/warmup: off``: no warm-up container; the app's reads through the
+    mount fetch what they need, and it still serves the original name."""
+    store, mirror = hub
+    injected = _inject("off")
+    spec = injected["spec"]["template"]["spec"]
+    names = [c["name"] for c in [*(spec.get("initContainers") or []), *spec["containers"]]]
+    assert "modelcache-warmup" not in names
+    sidecar = next(c for c in spec.get("initContainers") or [] if c["name"] == "modelcache-sidecar")
+    assert "--warmup" not in sidecar["command"]
+    repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
+    publish_hub_repo(store, repo, model_dir)
+    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    node = Node(tmp_path / "node")
+    with LocalPod(
+        injected,
+        node,
+        name="warmup-off",
+        secrets=secrets,
+        ready_timeout=90,
+        source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+    ) as lp:
+        run = lp.run()
+        assert run.served_models == [repo]
+        log = run.container("vllm").log.read_text()
+        assert "weights loaded" in log and "from /models/" in log, log
+    # the app read every tensor, so every weight file was fetched (on demand, ranged)
+    assert run.bytes_fetched is not None and run.bytes_fetched > 0
     assert mountpoints_under(node.root) == []

@@ -305,3 +305,73 @@ def test_nic_limit_relays_bytes_intact_and_shares_one_budget(tmp_path: Path) -> 
     assert got == {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}
     # a lower bound only (slowness cannot fail it): the two streams shared one budget
     assert elapsed >= 2 * (1 << 20) / rate * 0.9, elapsed
+
+
+def _classic_pod(hook: str) -> dict[str, Any]:
+    """Two regular containers, the first with a postStart hook (the classic sidecar's
+    shape): ``first`` becomes up half a second after it starts, ``second`` records whether
+    it found ``first`` up when it started."""
+    scratch = {"name": "scratch", "mountPath": f"{BASE}/scratch"}
+    return {
+        "kind": "Pod",
+        "metadata": {"name": "classic-test"},
+        "spec": {
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "first",
+                    "image": "busybox",
+                    "command": [
+                        "sh",
+                        "-c",
+                        f"sleep 0.5; touch {BASE}/scratch/up; exec sleep infinity",
+                    ],
+                    "lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", hook]}}},
+                    "volumeMounts": [scratch],
+                },
+                {
+                    "name": "second",
+                    "image": "busybox",
+                    "command": [
+                        "sh",
+                        "-c",
+                        f"if [ -f {BASE}/scratch/up ]; then r=up; else r=down; fi; "
+                        f"echo $r > {BASE}/scratch/seen; exec sleep infinity",
+                    ],
+                    "volumeMounts": [scratch],
+                },
+            ],
+        },
+    }
+
+
+@ROOT_ONLY
+def test_post_start_hook_holds_back_the_next_container(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")
+    wait_up = f"while [ ! -f {BASE}/scratch/up ]; do sleep 0.05; done"
+    with LocalPod(_classic_pod(wait_up), node, ready_timeout=60) as lp:
+        run = lp.run()
+        first, second = run.container("first"), run.container("second")
+        assert first.hook_ok is not None and second.started is not None
+        assert first.hook_ok <= second.started
+        seen = lp.dir / "emptydir" / "scratch" / "seen"
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and seen.read_text().strip()):
+            assert time.monotonic() < deadline, "the second container never ran"
+            time.sleep(0.02)
+        assert seen.read_text().strip() == "up"
+    assert mountpoints_under(node.root) == []
+
+
+@ROOT_ONLY
+def test_failed_post_start_kills_the_container_and_fails_the_pod(tmp_path: Path) -> None:
+    node = Node(tmp_path / "node")
+    with LocalPod(_classic_pod("echo not ready; exit 4"), node, ready_timeout=60) as lp:
+        with pytest.raises(PodFailed, match="postStart hook of first exited 4: container killed"):
+            lp.run()
+        first = lp.run_info.container("first")
+        assert first.exit_code is not None and first.exit_code != 0  # killed, not exited
+        assert first.pid is not None and not Path(f"/proc/{first.pid}").exists()
+        assert [c.name for c in lp.run_info.containers] == ["first"], "second never starts"
+        assert "not ready" in first.log.read_text()
+    assert mountpoints_under(node.root) == []

@@ -18,8 +18,10 @@ containers, and probes other than the sidecar's startupProbe and the app's readi
 Sequence (KEP-753 native sidecars): init containers in order, each to completion (non-zero
 exit = pod failed); an init container with ``restartPolicy: Always`` is started and its
 startupProbe exec'd (in its mount namespace, with its env) every ``periodSeconds`` until it
-passes or ``failureThreshold`` is reached; then the app containers in order (a
-``postStart`` exec hook blocks the next container, as in the kubelet). The pod is *ready*
+passes or ``failureThreshold`` is reached; then the regular containers in order, where a
+``postStart`` exec hook (run in the container's mount namespace with its env) blocks the
+next container until it returns, and a failed one kills its container and fails the pod, as
+in the kubelet (``modelcache.io/sidecar: classic`` depends on both). The pod is *ready*
 when every app container answers its readiness check: the ``httpGet`` of its readinessProbe,
 else ``GET /v1/models``, polled every 50 ms (finer than a kubelet would, since this measures
 time to ready rather than reacting to it).
@@ -96,6 +98,7 @@ class ContainerRun:
     argv: list[str] = field(default_factory=list)
     started: float | None = None
     probed_ok: float | None = None
+    hook_ok: float | None = None  # its postStart exec hook returned 0
     ended: float | None = None
     exit_code: int | None = None
     pid: int | None = None
@@ -130,6 +133,8 @@ class PodRun:
             end = "running" if c.ended is None else f"{c.ended - self.t0:7.2f}s"
             code = "" if c.exit_code is None else f" exit={c.exit_code}"
             probe = "" if c.probed_ok is None else f" started={c.probed_ok - self.t0:.2f}s"
+            if c.hook_ok is not None:
+                probe += f" postStart={c.hook_ok - self.t0:.2f}s"
             lines.append(
                 f"  {c.kind:7} {c.name:22} start={start} end={end}{code}{probe} log={c.log}"
             )
@@ -496,13 +501,41 @@ class LocalPod:
         self.progress(f"{self.name}: sidecar {run.name} passed its startupProbe after {took:.1f}s")
 
     def _start_app(self, c: Mapping[str, Any]) -> None:
-        run, _proc = self._launch(c, "app")
+        run, proc = self._launch(c, "app")
         self.progress(f"{self.name}: container {run.name} started: {shlex.join(run.argv)}")
-        hook = ((c.get("lifecycle") or {}).get("postStart") or {}).get("exec")
-        if hook:
-            code = self._exec_in(run, c, list(hook.get("command") or []), timeout=None)
-            if code != 0:
-                raise PodFailed(f"postStart hook of {run.name} exited {code}")
+        lifecycle = (c.get("lifecycle") or {}).get("postStart")
+        if lifecycle:
+            self._post_start(run, proc, c, lifecycle)
+
+    def _post_start(
+        self,
+        run: ContainerRun,
+        proc: subprocess.Popen[bytes],
+        c: Mapping[str, Any],
+        hook: Mapping[str, Any],
+    ) -> None:
+        """The kubelet's postStart: run the exec hook in the container and start no further
+        container until it returns (the classic sidecar relies on exactly this); a failed
+        hook gets the container killed, and with no restarts here that fails the pod.
+
+        The kubelet sets no timeout on an exec hook; the pod's ``ready_timeout`` bounds it
+        here so a hook that never returns fails the test instead of hanging it."""
+        argv = list((hook.get("exec") or {}).get("command") or [])
+        if not argv:
+            raise RunnerError(f"postStart of {run.name}: only exec hooks with a command")
+        left = self.run_info.t0 + self.ready_timeout - time.monotonic()
+        code = self._exec_in(run, c, argv, timeout=max(1.0, left))
+        if code == 0:
+            run.hook_ok = time.monotonic()
+            took = run.hook_ok - (run.started or run.hook_ok)
+            self.progress(f"{self.name}: postStart of {run.name} returned after {took:.1f}s")
+            return
+        self._terminate([(run, proc)])  # like the kubelet: SIGTERM, SIGKILL after the grace
+        why = "timed out" if code == -1 else f"exited {code}"
+        raise PodFailed(
+            f"postStart hook of {run.name} {why}: container killed; "
+            f"last log lines:\n{self._tail(run)}"
+        )
 
     def _launch(
         self, c: Mapping[str, Any], kind: str
