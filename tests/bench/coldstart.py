@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -46,13 +45,9 @@ from typing import Any
 
 import yaml
 
-from tests.localpod.mirror import (
-    Mirror,
-    NicLimit,
-    generate_model,
-    parse_rate,
-    publish_hub_repo,
-)
+from tests.fixtures.modelgen import generate_model
+from tests.localpod.example import InjectError, inject_example
+from tests.localpod.mirror import Mirror, NicLimit, parse_rate, publish_hub_repo
 from tests.localpod.runner import (
     REPO_ROOT,
     LocalPod,
@@ -95,20 +90,10 @@ def template_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def inject(mode: str) -> dict[str, Any]:
-    docs = load_example()
-    ann = template_of(docs).setdefault("metadata", {}).setdefault("annotations", {})
-    ann["modelcache.io/warmup"] = mode
-    proc = subprocess.run(
-        [sys.executable, "-m", "webhook", "inject", "-f", "-"],
-        input=yaml.safe_dump_all(docs),
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        check=False,
-    )
-    if proc.returncode:
-        raise SystemExit(f"webhook inject failed: {proc.stderr}")
-    return next(d for d in yaml.safe_load_all(proc.stdout) if d and "template" in d.get("spec", {}))
+    try:
+        return inject_example(EXAMPLE, {"modelcache.io/warmup": mode})
+    except InjectError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def baseline_pod(hf_endpoint: str) -> dict[str, Any]:
@@ -279,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     repo = repo_of(block_pod)
     model_dir = work / "models" / repo.replace("/", "--")
     say(f"model {repo}: generating {args.size_gib} GiB in {args.shards} shards (reused if present)")
-    size = generate_model(model_dir, int(args.size_gib * 2**30), shards=args.shards)
+    model = generate_model(
+        model_dir, total_bytes=int(args.size_gib * 2**30), shards=args.shards, reuse=True
+    )
+    size = model.total_bytes
     store = work / "store"
     say("publishing it on the hub mirror (sha256 of every shard, cached)")
-    publish_hub_repo(store, repo, model_dir)
+    publish_hub_repo(store, repo, model)
     samples: list[Sample] = []
-    with Mirror(store, work / "mirror", limit_rate=args.rate) as mirror, ExitStack() as stack:
+    with Mirror(store, limit_rate=args.rate) as mirror, ExitStack() as stack:
         say(f"mirror {mirror.url}, limit_rate {args.rate} per connection")
         endpoint = mirror.url
         if args.nic_rate:

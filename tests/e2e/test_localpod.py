@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.localpod.mirror import Mirror, generate_model, publish_hub_repo
+from tests.fixtures.modelgen import ModelInfo, generate_model
+from tests.localpod.example import inject_example
+from tests.localpod.mirror import Mirror, publish_hub_repo
 from tests.localpod.runner import HOST_MOUNTPOINTS, REPO_ROOT, LocalPod, Node, mountpoints_under
 
 EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", REPO_ROOT / "examples" / "vllm.yaml"))
@@ -41,25 +40,7 @@ pytestmark = [
 def _inject(
     mode: str, example: Path = EXAMPLE, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    docs = list(yaml.safe_load_all(example.read_text()))
-    for doc in docs:
-        template = (doc or {}).get("spec", {}).get("template")
-        if template is not None:
-            template.setdefault("metadata", {}).setdefault("annotations", {})
-            template["metadata"]["annotations"]["modelcache.io/warmup"] = mode
-            template["metadata"]["annotations"].update(annotations or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "webhook", "inject", "-f", "-"],
-        input=yaml.safe_dump_all(docs),
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = [d for d in yaml.safe_load_all(proc.stdout) if d and "template" in d.get("spec", {})]
-    assert out, "the example has no workload with a pod template"
-    return dict(out[0])
+    return inject_example(example, {"modelcache.io/warmup": mode, **(annotations or {})})
 
 
 def _status(injected: dict[str, Any]) -> dict[str, Any]:
@@ -68,23 +49,22 @@ def _status(injected: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
     path = tmp_path_factory.mktemp("localpod-model") / "model"
-    generate_model(path, 24 << 20, shards=3)
-    return path
+    return generate_model(path, total_bytes=24 << 20, shards=3)
 
 
 @pytest.fixture
-def hub(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Path, Mirror]]:
+def hub(tmp_path: Path, model: ModelInfo) -> Iterator[tuple[Path, Mirror]]:
     store = tmp_path / "store"
     store.mkdir()
-    with Mirror(store, tmp_path / "mirror") as mirror:
+    with Mirror(store) as mirror:
         yield store, mirror
 
 
 @pytest.mark.parametrize("mode", ["block", "async"])
 def test_injected_example_cold_then_warm_node(
-    mode: str, tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+    mode: str, tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     store, mirror = hub
     injected = _inject(mode)
@@ -93,8 +73,8 @@ def test_injected_example_cold_then_warm_node(
     uri = status["models"][0]["uri"]
     assert uri.startswith("hf://"), f"the example should name a hub model, got {uri}"
     repo = uri.removeprefix("hf://").split("@", 1)[0]
-    publish_hub_repo(store, repo, model_dir)
-    model_size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    publish_hub_repo(store, repo, model)
+    model_size = model.total_bytes
     init_names = [c["name"] for c in injected["spec"]["template"]["spec"]["initContainers"]]
     assert ("modelcache-warmup" in init_names) == (mode == "block")
 
@@ -139,14 +119,14 @@ def test_injected_example_cold_then_warm_node(
 
 
 def test_tgi_example_loads_through_the_mount(
-    tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+    tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """The TGI example sets no command: the image's entrypoint (text-generation-launcher)
     runs with the rewritten ``--model-id``."""
     store, mirror = hub
     injected = _inject("block", REPO_ROOT / "examples" / "tgi.yaml")
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
-    publish_hub_repo(store, repo, model_dir)
+    publish_hub_repo(store, repo, model)
     secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
     node = Node(tmp_path / "node")
     with LocalPod(injected, node, name="tgi", secrets=secrets, ready_timeout=90) as lp:
@@ -171,7 +151,7 @@ def _fuse_mounted(path: Path) -> bool:
 
 @pytest.mark.parametrize("mode", ["block", "async"])
 def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
-    mode: str, tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+    mode: str, tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """``modelcache.io/sidecar: classic``: the sidecar is the first regular container and
     its postStart hook (``sidecar probe --wait``) holds the app back, as the kubelet does,
@@ -184,8 +164,8 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
     assert first["name"] == "modelcache-sidecar"
     assert "probe" in first["lifecycle"]["postStart"]["exec"]["command"]
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
-    publish_hub_repo(store, repo, model_dir)
-    model_size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    publish_hub_repo(store, repo, model)
+    model_size = model.total_bytes
     secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
     node = Node(tmp_path / "node")
     with LocalPod(
@@ -212,7 +192,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
 
 
 def test_warmup_off_fetches_on_demand_through_the_mount(
-    tmp_path: Path, model_dir: Path, hub: tuple[Path, Mirror]
+    tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """``modelcache.io/warmup: off``: no warm-up container; the app's reads through the
     mount fetch what they need, and it still serves the original name."""
@@ -224,7 +204,7 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
     sidecar = next(c for c in spec.get("initContainers") or [] if c["name"] == "modelcache-sidecar")
     assert "--warmup" not in sidecar["command"]
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
-    publish_hub_repo(store, repo, model_dir)
+    publish_hub_repo(store, repo, model)
     secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
     node = Node(tmp_path / "node")
     with LocalPod(

@@ -8,6 +8,7 @@ app container), and that nothing (mount, process, created directory) survives th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.localpod.mirror import Mirror, NicLimit, generate_model
+from tests.fixtures.modelgen import generate_model
+from tests.localpod.mirror import Mirror, NicLimit, publish_hub_repo
 from tests.localpod.runner import (
     HOST_MOUNTPOINTS,
     LocalPod,
@@ -188,7 +190,7 @@ def _pod(secret_env: bool = True, fail_init: bool = False) -> dict[str, Any]:
 @ROOT_ONLY
 def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) -> None:
     node = Node(tmp_path / "node")
-    generate_model(node.host_path("/srv/model"), 6 << 20, shards=2)
+    generate_model(node.host_path("/srv/model"), total_bytes=6 << 20, shards=2)
     model_bytes = payload_bytes(node.host_path("/srv/model"))
     lp = LocalPod(_pod(), node, secrets={"creds": {"token": "s3cret"}})
     try:
@@ -216,7 +218,7 @@ def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) ->
 @ROOT_ONLY
 def test_failed_init_container_fails_the_pod_and_leaves_nothing(tmp_path: Path) -> None:
     node = Node(tmp_path / "node")
-    generate_model(node.host_path("/srv/model"), 2 << 20, shards=1)
+    generate_model(node.host_path("/srv/model"), total_bytes=2 << 20, shards=1)
     with LocalPod(_pod(fail_init=True), node, secrets={"creds": {"token": "x"}}) as lp:
         with pytest.raises(PodFailed, match="init container prep exited 3"):
             lp.run()
@@ -230,7 +232,7 @@ def test_failed_init_container_fails_the_pod_and_leaves_nothing(tmp_path: Path) 
 @ROOT_ONLY
 def test_missing_secret_is_a_clear_error(tmp_path: Path) -> None:
     node = Node(tmp_path / "node")
-    generate_model(node.host_path("/srv/model"), 2 << 20, shards=1)
+    generate_model(node.host_path("/srv/model"), total_bytes=2 << 20, shards=1)
     with LocalPod(_pod(), node) as lp, pytest.raises(RunnerError, match="creds/token"):
         lp.run()
     assert mountpoints_under(node.root) == []
@@ -278,7 +280,6 @@ def test_clean_leftovers_kills_only_container_processes(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="no nginx (nginx-light)")
 def test_nic_limit_relays_bytes_intact_and_shares_one_budget(tmp_path: Path) -> None:
-    import hashlib
     import threading
     import urllib.request
 
@@ -289,7 +290,7 @@ def test_nic_limit_relays_bytes_intact_and_shares_one_budget(tmp_path: Path) -> 
         (root / name).write_bytes(data)
     rate = 4 << 20  # 4 MiB/s shared by both streams: 2 MiB take >= 0.5 s in total
     got: dict[str, str] = {}
-    with Mirror(root, tmp_path / "mirror") as mirror, NicLimit(mirror.port, rate) as nic:
+    with Mirror(root) as mirror, NicLimit(mirror.port, rate) as nic:
 
         def fetch(name: str) -> None:
             with urllib.request.urlopen(nic.url + name, timeout=30) as resp:
@@ -375,3 +376,44 @@ def test_failed_post_start_kills_the_container_and_fails_the_pod(tmp_path: Path)
         assert [c.name for c in lp.run_info.containers] == ["first"], "second never starts"
         assert "not ready" in first.log.read_text()
     assert mountpoints_under(node.root) == []
+
+
+def test_generate_model_reuse_skips_only_an_identical_model(tmp_path: Path) -> None:
+    """The benchmark's multi-GiB model is kept between runs, but never a stale one."""
+    dest = tmp_path / "m"
+    first = generate_model(dest, total_bytes=1 << 20, shards=2, seed=5, reuse=True)
+    for p in dest.iterdir():
+        os.utime(p, (1_000_000, 1_000_000))  # a rewritten file would get a new mtime
+    again = generate_model(dest, total_bytes=1 << 20, shards=2, seed=5, reuse=True)
+    assert again.files == first.files
+    assert {p.stat().st_mtime for p in dest.iterdir()} == {1_000_000}, "rewritten"
+    other = generate_model(dest, total_bytes=1 << 20, shards=2, seed=6, reuse=True)
+    assert other.files.keys() == first.files.keys() and other.files != first.files
+    (dest / other.weight_files[0]).unlink()
+    healed = generate_model(dest, total_bytes=1 << 20, shards=2, seed=6, reuse=True)
+    assert healed.files == other.files
+    assert sorted(p.name for p in dest.iterdir()) == sorted(other.files)
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="no nginx (nginx-light)")
+def test_mirror_answers_the_hub_endpoints_and_counts_bytes_by_path(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    model = generate_model(tmp_path / "model", total_bytes=1 << 20, shards=2)
+    store = tmp_path / "store"
+    commit = publish_hub_repo(store, "org/tiny", model)
+    with Mirror(store) as mirror:
+        with urllib.request.urlopen(mirror.url + "api/models/org/tiny/revision/main") as resp:
+            assert resp.headers["Content-Type"] == "application/json"
+            info = json.load(resp)
+        assert info["sha"] == commit
+        lfs = {s["rfilename"]: s["lfs"]["sha256"] for s in info["siblings"] if "lfs" in s}
+        assert lfs == {w: model.files[w].sha256 for w in model.weight_files}
+        assert mirror.bytes_sent("/resolve/") == 0
+        weight = model.weight_files[0]
+        with urllib.request.urlopen(f"{mirror.url}org/tiny/resolve/{commit}/{weight}") as resp:
+            body = resp.read()
+        assert hashlib.sha256(body).hexdigest() == model.files[weight].sha256
+        assert mirror.bytes_sent("/resolve/") == len(body)
+        assert mirror.bytes_sent() > len(body), "model info counts among all bytes"

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from tests.localpod.mirror import Mirror, MirrorError, generate_model, publish_hub_repo
+from tests.fixtures.modelgen import generate_model
+from tests.localpod.mirror import Mirror, MirrorError, publish_hub_repo
 from tests.localpod.runner import (
     REPO_ROOT,
     LocalPod,
@@ -207,8 +208,9 @@ def _demo(args: argparse.Namespace) -> int:
     store = work / "store"
     model_dir = work / "models" / repo.replace("/", "--")
     say(f"generating a {args.model_mib} MiB model (safetensors shards, config, tokenizer)")
-    size = generate_model(model_dir, args.model_mib << 20, shards=4)
-    publish_hub_repo(store, repo, model_dir)
+    model = generate_model(model_dir, total_bytes=args.model_mib << 20, shards=4, reuse=True)
+    size = model.total_bytes
+    publish_hub_repo(store, repo, model)
     say(f"model {repo}: {size / 2**20:.0f} MiB in {len(list(model_dir.iterdir()))} files")
 
     node = Node(work / "node")
@@ -218,7 +220,7 @@ def _demo(args: argparse.Namespace) -> int:
         if mountpoints_under(node.root):
             raise DemoError(f"{node.root} still has mounts from an interrupted run")
         shutil.rmtree(node.root)
-    with Mirror(store, work / "mirror", limit_rate=args.rate or None) as mirror:
+    with Mirror(store, limit_rate=args.rate or None) as mirror:
         say(
             f"hub mirror (nginx, limit_rate {args.rate or 'none'} per connection) at "
             f"{mirror.url}; HF_ENDPOINT comes from Secret {HF_SECRET}"
