@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     size = model.total_bytes
     store = work / "store"
-    say("publishing it on the hub mirror (sha256 of every shard, cached)")
+    say("publishing it on the hub mirror (model info with the sha256 of every shard)")
     publish_hub_repo(store, repo, model)
     samples: list[Sample] = []
     with Mirror(store, limit_rate=args.rate) as mirror, ExitStack() as stack:
