@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from tests.fixtures.modelgen import generate_model
-from tests.localpod.example import InjectError, inject_example
+from tests.localpod.example import VLLM_EXAMPLE, InjectError, inject_example, mirror_secrets
 from tests.localpod.mirror import Mirror, NicLimit, parse_rate, publish_hub_repo
 from tests.localpod.runner import (
     REPO_ROOT,
@@ -57,8 +57,7 @@ from tests.localpod.runner import (
     mountpoints_under,
 )
 
-EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
-HF_SECRET = "modelcache-hf-credentials"
+EXAMPLE = VLLM_EXAMPLE
 T0 = time.monotonic()
 
 
@@ -169,7 +168,7 @@ class Ticker:
 def run_pod(
     scenario: str, pod: dict[str, Any], node: Node, name: str, mirror: Mirror, *, endpoint: str
 ) -> Sample:
-    secrets = {HF_SECRET: {"HF_ENDPOINT": endpoint.rstrip("/")}}
+    secrets = mirror_secrets(endpoint)
     before = mirror.bytes_sent("/resolve/")
     with LocalPod(pod, node, name=name, secrets=secrets, ready_timeout=1800) as lp, Ticker(mirror):
         try:

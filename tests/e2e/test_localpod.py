@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 
 from tests.fixtures.modelgen import ModelInfo, generate_model
-from tests.localpod.example import inject_example
+from tests.localpod.example import VLLM_EXAMPLE, inject_example, mirror_secrets
 from tests.localpod.mirror import Mirror, publish_hub_repo
 from tests.localpod.runner import HOST_MOUNTPOINTS, REPO_ROOT, LocalPod, Node, mountpoints_under
 
-EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", REPO_ROOT / "examples" / "vllm.yaml"))
-HF_SECRET = "modelcache-hf-credentials"
+EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", VLLM_EXAMPLE))
 
 pytestmark = [
     pytest.mark.fuse,
@@ -79,7 +78,7 @@ def test_injected_example_cold_then_warm_node(
     assert ("modelcache-warmup" in init_names) == (mode == "block")
 
     node = Node(tmp_path / "node")
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    secrets = mirror_secrets(mirror.url)
     created_before = {p for p in ("/models", "/var/run/modelcache") if Path(p).exists()}
     pids: list[int] = []
     fetched = []
@@ -127,7 +126,7 @@ def test_tgi_example_loads_through_the_mount(
     injected = _inject("block", REPO_ROOT / "examples" / "tgi.yaml")
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    secrets = mirror_secrets(mirror.url)
     node = Node(tmp_path / "node")
     with LocalPod(injected, node, name="tgi", secrets=secrets, ready_timeout=90) as lp:
         run = lp.run()
@@ -166,7 +165,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
     model_size = model.total_bytes
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    secrets = mirror_secrets(mirror.url)
     node = Node(tmp_path / "node")
     with LocalPod(
         injected,
@@ -205,7 +204,7 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
     assert "--warmup" not in sidecar["command"]
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    secrets = mirror_secrets(mirror.url)
     node = Node(tmp_path / "node")
     with LocalPod(
         injected,

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from tests.fixtures.modelgen import generate_model
+from tests.localpod.example import HF_SECRET, VLLM_EXAMPLE, mirror_secrets
 from tests.localpod.mirror import Mirror, MirrorError, publish_hub_repo
 from tests.localpod.runner import (
     REPO_ROOT,
@@ -45,8 +46,7 @@ from tests.localpod.runner import (
     pod_from_manifest,
 )
 
-EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
-HF_SECRET = "modelcache-hf-credentials"
+EXAMPLE = VLLM_EXAMPLE
 T0 = time.monotonic()
 
 
@@ -149,7 +149,7 @@ class LogFollower:
 def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple[PodRun, int, int]:
     """Run one pod to ready, then stop it; (run, model bytes fetched, all bytes fetched)."""
     model0, all0 = mirror.bytes_sent("/resolve/"), mirror.bytes_sent()
-    secrets = {HF_SECRET: {"HF_ENDPOINT": mirror.url.rstrip("/")}}
+    secrets = mirror_secrets(mirror.url)
     lp = LocalPod(pod, node, name=name, secrets=secrets, progress=say, ready_timeout=300)
     with lp, LogFollower(lp.dir, ("modelcache-warmup", "modelcache-sidecar")):
         try:

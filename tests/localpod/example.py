@@ -16,6 +16,17 @@ from typing import Any
 import yaml
 
 from tests.localpod.runner import REPO_ROOT
+from webhook.config import Config
+
+#: The unmodified vLLM Deployment the demo, the benchmark and the tests start from.
+VLLM_EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
+#: The Secret the webhook's default config takes hub credentials (``HF_ENDPOINT``) from.
+HF_SECRET: str = Config().credentials.hf.secret_name or "modelcache-hf-credentials"
+
+
+def mirror_secrets(endpoint: str) -> dict[str, dict[str, str]]:
+    """The Secrets a local pod needs to reach the loopback hub mirror at ``endpoint``."""
+    return {HF_SECRET: {"HF_ENDPOINT": endpoint.rstrip("/")}}
 
 
 class InjectError(RuntimeError):
