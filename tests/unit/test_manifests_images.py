@@ -181,10 +181,8 @@ def _fake_engine(tmp_path: Path, info_ok: bool) -> tuple[dict[str, str], Path]:
     return env, log
 
 
-def test_build_script_without_a_running_engine_says_so_and_fails(tmp_path):
-    env, log = _fake_engine(tmp_path, info_ok=False)
-    env["ENGINE"] = "docker"
-    result = subprocess.run(
+def _run_build_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["sh", str(ROOT / "scripts" / "build-images.sh")],
         env=env,
         check=False,
@@ -192,6 +190,12 @@ def test_build_script_without_a_running_engine_says_so_and_fails(tmp_path):
         text=True,
         timeout=60,
     )
+
+
+def test_build_script_without_a_running_engine_says_so_and_fails(tmp_path):
+    env, log = _fake_engine(tmp_path, info_ok=False)
+    env["ENGINE"] = "docker"
+    result = _run_build_script(env)
     assert result.returncode == 1
     assert "no container engine" in result.stderr
     assert "build" not in log.read_text()
@@ -200,14 +204,7 @@ def test_build_script_without_a_running_engine_says_so_and_fails(tmp_path):
 def test_build_script_builds_both_images_with_the_manifest_tags(tmp_path):
     env, log = _fake_engine(tmp_path, info_ok=True)
     env["ENGINE"] = "docker"
-    result = subprocess.run(
-        ["sh", str(ROOT / "scripts" / "build-images.sh")],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run_build_script(env)
     assert result.returncode == 0, result.stderr
     builds = [line.split() for line in log.read_text().splitlines() if line.startswith("build")]
     tags = {b[b.index("-t") + 1]: b[b.index("-f") + 1] for b in builds}
