@@ -33,16 +33,41 @@ ANN_REWRITE: Final = "modelcache.io/rewrite"
 ANN_CONTAINERS: Final = "modelcache.io/containers"
 ANN_SIDECAR: Final = "modelcache.io/sidecar"
 ANN_MOUNT_PATH: Final = "modelcache.io/mount-path"
-# annotation written by the webhook
+# annotations written by the webhook
 ANN_STATUS: Final = "modelcache.io/status"
+ANN_SKIPPED: Final = "modelcache.io/skipped"
 
 #: Keys under ``modelcache.io/`` that are ours but not user options: allowed as annotations.
-RESERVED_KEYS: Final = (ANN_STATUS, LABEL_INJECT, LABEL_INJECTED)
+#: ``modelcache.io/inject`` is honoured as an annotation too (``"false"`` opts the pod out),
+#: since every other setting is an annotation and users write it so.
+RESERVED_KEYS: Final = (ANN_STATUS, ANN_SKIPPED, LABEL_INJECT, LABEL_INJECTED)
 
 _DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GLOB: Final = re.compile(r"^[A-Za-z0-9._*?\[\]/!-]+$")
 _MAX_TIMEOUT: Final = 86400
-_FORBIDDEN_MOUNT_ROOTS: Final = ("/proc", "/sys", "/dev", "/etc", "/var/run/modelcache")
+#: Nothing may be mounted at or under these: the system's own trees.
+_FORBIDDEN_MOUNT_ROOTS: Final = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/boot",
+    "/run",
+    "/var/run",
+    "/var/lib",
+    "/var/run/modelcache",
+)
+#: Directories apps rely on: a mount exactly there (or above them) would hide them.
+_FORBIDDEN_MOUNT_DIRS: Final = ("/tmp", "/var", "/var/tmp", "/root", "/home", "/opt", "/srv")
+_HUB_WEB: Final = re.compile(
+    r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?!api/|datasets/|spaces/)"
+    r"([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:/(?:tree|blob|resolve)/([^/]+))?"
+)
 
 
 class AnnotationError(ValueError):
@@ -81,11 +106,40 @@ def _choice(*values: str) -> Callable[[str, Config], str]:
     return parse
 
 
-def _parse_models(raw: str, _config: Config) -> tuple[NamedModel, ...]:
+def _hint(uri: str) -> str | None:
+    """A ``did you mean`` for values users commonly write instead of an ``hf://`` URI."""
+    m = _HUB_WEB.match(uri)
+    if m:
+        rev = f"@{m.group(2)}" if m.group(2) else ""
+        return f"did you mean hf://{m.group(1)}{rev}? (a Hub web page is not a file listing)"
+    if "://" not in uri and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+", uri):
+        return f"did you mean hf://{uri}?"
+    return None
+
+
+def _parse_models(raw: str, config: Config) -> tuple[NamedModel, ...]:
+    for entry in raw.split(","):
+        value = entry.strip()
+        head = value.split("://", 1)[0]
+        uri = value.split("=", 1)[1].strip() if "=" in head else value
+        hint = _hint(uri)
+        if hint:
+            raise ValueError(hint)
     try:
-        return tuple(parse_model_spec(raw))
+        models = tuple(parse_model_spec(raw))
     except ModelSourceError as exc:
         raise ValueError(str(exc)) from exc
+    for m in models:
+        if m.source.scheme != "file":
+            continue
+        path = m.source.location.rstrip("/")
+        roots = [r.rstrip("/") for r in config.file_roots]
+        if not any(path == r or path.startswith(r + "/") for r in roots):
+            allowed = ", ".join(config.file_roots) or "none (the cluster config sets fileRoots)"
+            raise ValueError(
+                f"file:// source {m.source.uri} is outside the allowed roots: {allowed}"
+            )
+    return models
 
 
 def _parse_timeout(raw: str, _config: Config) -> int:
@@ -130,7 +184,10 @@ def _parse_mount_path(raw: str, _config: Config) -> str:
     norm = "/" + "/".join(parts)
     for root in _FORBIDDEN_MOUNT_ROOTS:
         if norm == root or norm.startswith(root + "/") or root.startswith(norm + "/"):
-            raise ValueError(f"{root} is reserved")
+            raise ValueError(f"{root} is a system directory")
+    for d in _FORBIDDEN_MOUNT_DIRS:
+        if norm == d or d.startswith(norm + "/"):
+            raise ValueError(f"a mount at {norm} would hide {d}, which apps rely on")
     return norm
 
 
@@ -139,8 +196,9 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
         ANN_MODEL,
         "model source, or a list `name=uri,...` (base model first, then LoRA/draft models)",
         "auto-detected from the app's args/env",
-        "`hf://org/name[@rev]`, `s3://bucket/prefix`, `http(s)://host/path/`, "
-        "`pvc://claim/sub/path`, `file:///path`, or `name=uri,name=uri`",
+        "`hf://org/name[@rev]`, `s3://bucket/prefix`, `gs://bucket/prefix`, "
+        "`http(s)://host/path/`, `pvc://claim/sub/path`, `file:///path` (under the cluster's "
+        "`fileRoots` only), or `name=uri,name=uri`",
         _parse_models,
     ),
     AnnotationSpec(
@@ -199,8 +257,9 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
         ANN_MOUNT_PATH,
         "where models appear in app containers (`<mount-path>/<name>`)",
         "/models",
-        "an absolute path without `..`, not under `/proc`, `/sys`, `/dev`, `/etc`, "
-        "`/var/run/modelcache`",
+        "an absolute path without `..`, not under a system directory (`/proc`, `/sys`, "
+        "`/dev`, `/etc`, `/usr`, `/bin`, `/sbin`, `/lib`, `/boot`, `/run`, `/var/run`, "
+        "`/var/lib`) and not at or above `/tmp`, `/var`, `/root`, `/home`, `/opt`, `/srv`",
         _parse_mount_path,
     ),
 )
@@ -234,6 +293,16 @@ def check_inject_label(labels: object) -> str | None:
         return None
     if value not in ("true", "false"):
         raise AnnotationError(LABEL_INJECT, str(value), '"true" or "false" (a pod label)')
+    return str(value)
+
+
+def check_inject_annotation(annotations: object) -> str | None:
+    """``modelcache.io/inject`` written as an annotation: honoured like the label."""
+    value = _as_mapping(annotations).get(LABEL_INJECT)
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise AnnotationError(LABEL_INJECT, str(value), '"true" or "false"')
     return str(value)
 
 

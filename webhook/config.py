@@ -125,6 +125,9 @@ class Config(_Model):
     #: Whether the node agent DaemonSet labels nodes; without it ``require`` affinity can
     #: never be satisfied, so the webhook warns.
     agent_enabled: bool = False
+    #: Directories ``file://`` model sources may name (none by default: a file:// source
+    #: reads the node's disk, so only an admin may allow it, and only where models live).
+    file_roots: tuple[str, ...] = ()
 
     @field_validator("cache_host_path", "default_mount_path")
     @classmethod

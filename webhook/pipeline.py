@@ -8,7 +8,7 @@ the API server applies is exactly the difference between the two documents.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import jsonpatch
@@ -17,25 +17,34 @@ from webhook.annotations import (
     ANN_CONTAINERS,
     ANN_MODEL,
     ANN_MOUNT_PATH,
+    ANN_SKIPPED,
+    LABEL_INJECT,
     AnnotationError,
+    check_inject_annotation,
     check_inject_label,
     parse_pod_options,
 )
 from webhook.config import Config
+from webhook.frameworks import LLAMACPP, image_hub_default
 from webhook.mutations.affinity import add_affinity
-from webhook.mutations.containers import inject_containers
+from webhook.mutations.containers import inject_containers, ours_problem, reserved_name_problem
 from webhook.mutations.context import (
     Context,
+    Delivery,
     ModelRef,
     Mutation,
     Pod,
     app_containers,
 )
 from webhook.mutations.detect import (
-    container_tokens,
-    detect_container,
-    detect_models,
+    CREDENTIAL_ENV,
+    HUB_CACHE_ENV,
+    ROLES,
+    ContainerFacts,
+    name_models,
+    read_container,
     references,
+    unresolved_var,
 )
 from webhook.mutations.rewrite import rewrite_model_args
 from webhook.mutations.status import read_status, write_status
@@ -49,6 +58,9 @@ MUTATIONS: Final[tuple[tuple[str, Mutation], ...]] = (
     ("affinity", add_affinity),
     ("status", write_status),
 )
+LWS_NAME_LABEL: Final = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/worker-index"
+SKIP_WARNING_PREFIX: Final = "not injected: "
 
 
 @dataclass(frozen=True)
@@ -60,14 +72,27 @@ class AdmissionResult:
     decision: str  # "injected" | "skipped" | "denied" | "unchanged"
     reason: str
     mutations: list[str]
+    #: a skip that is recorded on the pod (``modelcache.io/skipped``)
+    annotate: bool = False
 
 
-def _skip(reason: str, warnings: list[str] | None = None) -> AdmissionResult:
-    return AdmissionResult(True, [], warnings or [], None, "skipped", reason, [])
+def _skip(
+    reason: str, warnings: list[str] | None = None, *, annotate: bool = True
+) -> AdmissionResult:
+    """Leave the pod alone. An opted-in pod left alone says why: a warning, and (when
+    ``annotate``) the ``modelcache.io/skipped`` annotation on the pod itself."""
+    out = list(warnings or [])
+    if annotate:
+        out.insert(0, SKIP_WARNING_PREFIX + reason)
+    return AdmissionResult(True, [], out, None, "skipped", reason, [], annotate)
 
 
 def _deny(exc: AnnotationError) -> AdmissionResult:
     return AdmissionResult(False, [], [], str(exc), "denied", f"invalid {exc.key}", [])
+
+
+def _deny_message(message: str, reason: str) -> AdmissionResult:
+    return AdmissionResult(False, [], [], message, "denied", reason, [])
 
 
 def _str_map(value: object) -> bool:
@@ -128,12 +153,11 @@ def shape_problem(pod: object) -> str | None:
     return None
 
 
-def _references_model(container: dict[str, Any], refs: tuple[ModelRef, ...]) -> bool:
-    values = list(container_tokens(container))
+def _references_model(facts: ContainerFacts, refs: tuple[ModelRef, ...]) -> bool:
+    values = list(facts.tokens)
     values += [t.split("=", 1)[1] for t in values if "=" in t]
-    values += [
-        str(e.get("value")) for e in container.get("env") or [] if isinstance(e.get("value"), str)
-    ]
+    values += list(facts.env.values())
+    values += [f.value for f in facts.found]
     for ref in refs:
         for r in ref.references:
             base = r.rstrip("/")
@@ -144,6 +168,7 @@ def _references_model(container: dict[str, Any], refs: tuple[ModelRef, ...]) -> 
 
 def _select_targets(
     spec: dict[str, Any],
+    facts: dict[str, ContainerFacts],
     requested: tuple[str, ...] | None,
     previous: tuple[str, ...] | None,
     refs: tuple[ModelRef, ...],
@@ -162,7 +187,9 @@ def _select_targets(
         return requested
     if previous:
         return tuple(n for n in names if n in previous)
-    referencing = tuple(str(c["name"]) for c in apps if _references_model(c, refs))
+    referencing = tuple(
+        str(c["name"]) for c in apps if _references_model(facts[str(c["name"])], refs)
+    )
     return referencing or tuple(names)
 
 
@@ -203,73 +230,310 @@ def _mutable_view(pod: Pod) -> Pod:
     return view
 
 
+def _no_model_reason(facts: dict[str, ContainerFacts], labels: dict[str, Any]) -> str:
+    """Why no model was found, as precisely as the containers allow."""
+    for f in facts.values():
+        if f.unresolved:
+            var = unresolved_var(f.unresolved[0])
+            return (
+                f"container {f.name} names its model through ${var}, whose value is not set in "
+                f"its env (envFrom and valueFrom values are not visible at admission); set "
+                f"{ANN_MODEL}"
+            )
+    frameworks = {f.framework.name for f in facts.values() if f.framework}
+    if "ollama" in frameworks:
+        return "Ollama pulls models from its own registry, which modelcache does not serve"
+    if "nim" in frameworks:
+        return (
+            f"NIM downloads its model profile itself; set {ANN_MODEL} to a source modelcache "
+            "can fetch and NIM_MODEL_PATH to use it"
+        )
+    group = labels.get(LWS_NAME_LABEL) if isinstance(labels, dict) else None
+    if any(f.ray_worker for f in facts.values()) or (
+        group and labels.get(LWS_WORKER_INDEX_LABEL) not in (None, "0")
+    ):
+        return (
+            "a worker of a multi-node group loads the model its leader names; set "
+            f"{ANN_MODEL} on the worker template (python -m webhook inject does it for "
+            "LeaderWorkerSets) so every pod of the group gets the same model"
+        )
+    if "ray-serve" in frameworks:
+        return f"Ray Serve names its model in the Serve config; set {ANN_MODEL}"
+    return f"no model: no {ANN_MODEL} annotation and none detected in the app containers"
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _runs_as_root(spec: dict[str, Any], container: dict[str, Any]) -> bool:
+    pod_sc = _dict(spec.get("securityContext"))
+    sc = _dict(container.get("securityContext"))
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    if uid is None:
+        return non_root is not True
+    return bool(uid == 0)
+
+
+def hub_dir_of(
+    facts: ContainerFacts, spec: dict[str, Any], container: dict[str, Any]
+) -> tuple[str, bool] | str:
+    """Where this container's Hugging Face client caches: (dir, set HF_HUB_CACHE), or the
+    reason it cannot be told."""
+    if facts.cache_dir_flag:
+        if facts.cache_dir_flag.startswith("/"):
+            return facts.cache_dir_flag.rstrip("/") or "/", False
+        return f"its cache directory flag names a relative path {facts.cache_dir_flag!r}"
+    for name in (*HUB_CACHE_ENV, "HF_HOME", "XDG_CACHE_HOME", "HOME"):
+        if name not in facts.env_names:
+            continue
+        value = facts.env.get(name)
+        if value is None or "$" in value or not value.startswith("/"):
+            return f"its {name} is not a plain absolute path in env"
+        base = value.rstrip("/") or ""
+        if name in HUB_CACHE_ENV:
+            return base or "/", False
+        if name == "HF_HOME":
+            return f"{base}/hub", False
+        if name == "XDG_CACHE_HOME":
+            return f"{base}/huggingface/hub", False
+        return f"{base}/.cache/huggingface/hub", False
+    default = image_hub_default(facts.image)
+    if default:
+        return default, True
+    if _runs_as_root(spec, container):
+        return "/root/.cache/huggingface/hub", True
+    return "it runs as a non-root user and sets neither HOME nor HF_HOME in env"
+
+
+def _qos_class(spec: dict[str, Any]) -> str:
+    """The pod's QoS class as the API server computes it (cpu and memory only)."""
+    containers = [
+        c
+        for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+        if isinstance(c, dict)
+    ]
+    any_set = False
+    guaranteed = True
+    for c in containers:
+        res = _dict(c.get("resources"))
+        req = _dict(res.get("requests"))
+        lim = _dict(res.get("limits"))
+        for r in ("cpu", "memory"):
+            if r in req or r in lim:
+                any_set = True
+            if r not in lim or str(req.get(r, lim[r])) != str(lim[r]):
+                guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _credentials(
+    spec: dict[str, Any], targets: tuple[str, ...]
+) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """The app containers' own credential env entries and envFrom sources (first wins)."""
+    env: list[dict[str, Any]] = []
+    env_from: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for c in app_containers(spec):
+        if c["name"] not in targets:
+            continue
+        for item in c.get("env") or []:
+            name = item.get("name") if isinstance(item, dict) else None
+            if name in CREDENTIAL_ENV and name not in seen:
+                seen.add(str(name))
+                env.append(copy.deepcopy(item))
+        for src in c.get("envFrom") or []:
+            if isinstance(src, dict) and src not in env_from:
+                env_from.append(copy.deepcopy(src))
+    return tuple(env), tuple(env_from)
+
+
+def _quant_glob(quant: str) -> str:
+    """A case-insensitive glob for GGUF files of a quant tag (llama.cpp matches it so)."""
+    letters = "".join(f"[{ch.upper()}{ch.lower()}]" if ch.isalpha() else ch for ch in quant)
+    return f"*{letters}*.gguf"
+
+
 def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | AdmissionResult:
     """Gate, validate and detect: the Context the mutations run with, or the final result
     (skipped or denied) when there is nothing to mutate. Reads ``pod`` only."""
     problem = shape_problem(pod)
     if problem:
-        return _skip(f"not processed: {problem}")
+        return _skip(f"not processed: {problem}", annotate=False)
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
     ns = namespace or meta.get("namespace") or None
     if ns in config.excluded_namespaces:
-        return _skip(f"namespace {ns} is excluded")
+        return _skip(f"namespace {ns} is excluded", annotate=False)
     try:
-        if check_inject_label(meta.get("labels")) == "false":
-            return _skip("opted out by label modelcache.io/inject=false")
+        if check_inject_label(labels) == "false":
+            return _skip(f"opted out by label {LABEL_INJECT}=false")
+        if check_inject_annotation(annotations) == "false":
+            return _skip(f"opted out by annotation {LABEL_INJECT}=false")
         options = parse_pod_options(annotations, config)
     except AnnotationError as exc:
         return _deny(exc)
     spec: dict[str, Any] = pod["spec"]
     status = read_status(annotations)
+    reserved = reserved_name_problem(spec, annotations, status)
+    if reserved:
+        return _deny_message(reserved, "reserved name")
+    facts = {str(c["name"]): read_container(c, labels) for c in app_containers(spec)}
     warnings: list[str] = []
-    detected = [d for c in app_containers(spec) for d in detect_container(c)]
     if options.models is not None:
         models = options.models
     elif status is not None and status.models:
         models = status.models
     else:
-        found, _ = detect_models(spec)
-        models = tuple(found)
-        for d in detected:
-            warnings.append(
-                f"detected model {d.uri} in container {d.container} ({d.framework}); "
-                f"set {ANN_MODEL} to override"
-            )
+        uris: list[str] = []
+        for role in ROLES:
+            for f in facts.values():
+                for found in f.found:
+                    if found.role == role and found.uri not in uris:
+                        uris.append(found.uri)
+        models = tuple(name_models(uris))
+        for f in facts.values():
+            for found in f.found:
+                warnings.append(
+                    f"detected {found.role} model {found.uri} in container {f.name} "
+                    f"({f.framework_name}, {found.where}); set {ANN_MODEL} to override"
+                )
     if not models:
-        return _skip(f"no model: no {ANN_MODEL} annotation and none detected in the app containers")
-    raw_values = [d.value for d in detected] + _annotation_raw_uris(annotations)
+        return _skip(_no_model_reason(facts, labels))
+    raw_values = [fd.value for f in facts.values() for fd in f.found] + _annotation_raw_uris(
+        annotations
+    )
     refs = tuple(ModelRef(m, references(m, raw_values)) for m in models)
     try:
         targets = _select_targets(
-            spec, options.containers, status.containers if status else None, refs
+            spec, facts, options.containers, status.containers if status else None, refs
         )
     except AnnotationError as exc:
         return _deny(exc)
+    if options.models is not None and status is None:
+        for ref in refs:
+            if not any(_references_model(facts[n], (ref,)) for n in targets if n in facts):
+                warnings.append(
+                    f"model {ref.model.name} ({ref.model.source.uri}) of {ANN_MODEL} is not "
+                    "referenced by any app container; it is cached and mounted, but check that "
+                    "the app loads this model"
+                )
+    containers = {str(c["name"]): c for c in app_containers(spec)}
+    deliveries: list[Delivery] = []
+    usable: list[str] = []
+    ctx_probe = Context(config, options, refs, ())
+    for name in targets:
+        c, fc = containers.get(name), facts.get(name)
+        if c is None or fc is None:
+            continue
+        f = fc
+        conflict = mount_conflict(c, ctx_probe)
+        hub_client = f.framework is None or f.framework.hub_client
+        mine: list[Delivery] = []
+        why: str | None = None
+        for m in models:
+            if m.source.is_hub and hub_client:
+                where = hub_dir_of(f, spec, c)
+                if isinstance(where, str):
+                    why = f"cannot tell where its Hugging Face client caches: {where}"
+                    break
+                hub_dir, set_env = where
+                if (
+                    f.has_env_from
+                    and not set_env
+                    and not (set(HUB_CACHE_ENV) | {"HF_HOME"}) & f.env_names
+                ):
+                    set_env = True
+                if set_env and f.has_env_from:
+                    warnings.append(
+                        f"container {name}: envFrom may set the Hugging Face cache; "
+                        f"HF_HUB_CACHE is set to {hub_dir} so the cached model is found"
+                    )
+                mine.append(Delivery(name, m.name, "hub-cache", hub_dir, set_env))
+            else:
+                if conflict:
+                    why = f"{conflict} (set {ANN_MOUNT_PATH})"
+                    break
+                mine.append(Delivery(name, m.name, "path"))
+        if why:
+            warnings.append(f"container {name}: {why}; not injected there")
+            continue
+        usable.append(name)
+        deliveries.extend(mine)
+    if not usable:
+        reason = next(
+            (w.split(": ", 1)[1] for w in warnings if w.startswith("container ")),
+            "no app container can use the models",
+        )
+        return _skip(f"no app container can use the models: {reason}", warnings)
+    if options.models is None and status is None:
+        for d in deliveries:
+            if d.mode == "path" and facts[d.container].multi_node:
+                return _skip(
+                    f"container {d.container} is part of a multi-node group and its model "
+                    f"would be rewritten to a path the other pods of the group do not have; "
+                    f"set {ANN_MODEL} on every pod template of the group",
+                    warnings,
+                )
+    app_env, app_env_from = _credentials(spec, tuple(usable))
+    aliases: list[tuple[str, str]] = []
+    include = list(options.include)
+    by_uri = {m.source.uri: m for m in models}
+    for f in facts.values():
+        if f.name not in usable:
+            continue
+        for found in f.found:
+            bm = by_uri.get(found.uri)
+            if bm is None or found.role != "base" or f.framework is not LLAMACPP:
+                continue
+            if found.hf_file and not options.include:
+                include.append(found.hf_file)
+            elif found.quant and not options.include:
+                aliases.append((bm.name, found.quant))
+                include.append(_quant_glob(found.quant))
+    if include and not options.include:
+        options = replace(options, include=tuple(dict.fromkeys(include)))
     ctx = Context(
         config,
         options,
         refs,
-        (),
+        tuple(usable),
         previous_rewrites=status.rewrites if status else (),
         previous_added=status.added if status else (),
+        previous_warnings=status.warnings if status else None,
+        deliveries=tuple(deliveries),
+        app_credentials=app_env,
+        app_env_from=app_env_from,
+        qos=_qos_class(spec),
+        gguf_aliases=tuple(aliases),
     )
-    usable: list[str] = []
-    for c in app_containers(spec):
-        if c["name"] not in targets:
-            continue
-        conflict = mount_conflict(c, ctx)
-        if conflict:
-            warnings.append(
-                f"container {c['name']}: {conflict}; not mounted there (set {ANN_MOUNT_PATH})"
-            )
-        else:
-            usable.append(str(c["name"]))
-    if not usable:
-        return _skip("no app container can mount the models", warnings)
-    ctx.targets = tuple(usable)
+    ctx.facts = facts
+    if status is not None:
+        problem = ours_problem(spec, ctx)
+        if problem:
+            return _deny_message(problem, "reserved name")
     ctx.notes.warnings.extend(warnings)
     return ctx
+
+
+def _annotate_skip(pod: Pod, result: AdmissionResult) -> tuple[Pod, AdmissionResult]:
+    """The skipped pod with ``modelcache.io/skipped: <reason>`` (no patch when it has it)."""
+    meta = pod.get("metadata")
+    current = meta.get("annotations") if isinstance(meta, dict) else None
+    if isinstance(current, dict) and current.get(ANN_SKIPPED) == result.reason:
+        return pod, result
+    work = _working_copy(pod)
+    if not isinstance(work.get("metadata"), dict):
+        work["metadata"] = {}
+    if not isinstance(work["metadata"].get("annotations"), dict):
+        work["metadata"]["annotations"] = {}
+    work["metadata"]["annotations"][ANN_SKIPPED] = result.reason
+    patch = jsonpatch.make_patch(_mutable_view(pod), _mutable_view(work)).patch
+    return work, replace(result, patch=patch)
 
 
 def mutate_pod(
@@ -282,17 +546,20 @@ def mutate_pod(
     """
     plan = plan_pod(pod, namespace=namespace, config=config)
     if isinstance(plan, AdmissionResult):
+        if plan.decision == "skipped" and plan.annotate:
+            return _annotate_skip(pod, plan)
         return pod, plan
     ctx = plan
     work = _working_copy(pod)
     applied: list[str] = []
     for name, mutation in MUTATIONS:
-        if (name == "rewrite" and ctx.options.rewrite == "off") or (
-            name == "affinity" and ctx.options.affinity == "off"
-        ):
+        if name == "affinity" and ctx.options.affinity == "off":
             continue
         work = mutation(work, ctx)
         applied.append(name)
+    annotations = work["metadata"].get("annotations")
+    if isinstance(annotations, dict):
+        annotations.pop(ANN_SKIPPED, None)
     warnings = list(ctx.notes.warnings)
     patch: list[dict[str, Any]] = jsonpatch.make_patch(
         _mutable_view(pod), _mutable_view(work)
@@ -300,9 +567,10 @@ def mutate_pod(
     if not patch:
         return work, AdmissionResult(True, [], warnings, None, "unchanged", "already injected", [])
     opts = ctx.options
+    modes = sorted({d.mode for d in ctx.deliveries})
     reason = (
         f"models {','.join(m.name for m in ctx.named_models)} into {','.join(ctx.targets)} "
-        f"(warmup {opts.warmup}, sidecar {opts.sidecar})"
+        f"({'+'.join(modes)}, warmup {opts.warmup}, sidecar {opts.sidecar})"
     )
     return work, AdmissionResult(True, patch, warnings, None, "injected", reason, applied)
 

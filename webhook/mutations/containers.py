@@ -3,9 +3,14 @@
 Builders are pure (context in, container dict out). Commands are exec arrays, never a shell:
 annotation values reach ``python -m sidecar`` as separate argv entries.
 
-A container the user already declared under our name (``modelcache-sidecar`` or
-``modelcache-warmup``) is an override: its fields are kept and only missing ones are filled
-in. Re-admitting an injected pod takes the same path, which is what makes it a no-op.
+The ``modelcache-`` prefix is reserved: a pod that arrives with a container or volume of that
+name that modelcache did not produce (no status, or fields that differ from what the status
+rebuilds) is denied (``reserved_name_problem``, ``ours_problem``): a user container named
+``modelcache-sidecar`` must never receive what the webhook gives its own containers.
+Re-admitting an injected pod rebuilds the same containers, which is what makes it a no-op.
+
+Injected containers never change the pod's QoS class (``shape_resources``) and report
+failures through ``FallbackToLogsOnError``, so ``kubectl describe`` shows why they failed.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ import math
 from typing import Any, Final
 
 from sidecar.layout import APP_CACHE_ROOT, CONTAINER_CACHE_DIR
+from webhook.annotations import ANN_STATUS
 from webhook.config import Resources
 from webhook.mutations.context import (
     CACHE_VOLUME,
+    HUB_VIEW_PATH,
+    HUB_VOLUME,
     MESH_INIT_CONTAINERS,
     MNT_VOLUME,
     PVC_ROOT,
+    RESERVED_PREFIX,
+    SIDECAR_HUB_DIR,
     SIDECAR_MOUNTPOINT,
     SIDECAR_NAME,
     WARMUP_NAME,
@@ -29,7 +39,7 @@ from webhook.mutations.context import (
     Pod,
     containers_of,
 )
-from webhook.mutations.volumes import pvc_claims, pvc_mounts
+from webhook.mutations.volumes import pod_volumes, pvc_claims, pvc_mounts
 
 #: The startupProbe runs only until the mount serves, and the kubelet starts the app at the
 #: first success: a 1 s period costs a python start per second during start-up and saves up
@@ -59,9 +69,14 @@ def _source_flags(ctx: Context) -> list[str]:
 
 
 def credential_env(ctx: Context) -> list[dict[str, Any]]:
-    """Env from the per-scheme Secrets of the config, for the schemes the models use only."""
-    env: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    """The credentials the app containers use (their own env entries, same value or
+    ``valueFrom``), then the cluster's per-scheme Secrets for what they do not set. When the
+    app takes env from ``envFrom`` (copied to our containers too), the cluster fallback is
+    left out: an explicit entry would override the app's own value."""
+    env: list[dict[str, Any]] = [copy.deepcopy(e) for e in ctx.app_credentials]
+    seen: set[str] = {str(e.get("name")) for e in env}
+    if ctx.app_env_from:
+        return env
     for m in ctx.named_models:
         creds = ctx.config.credentials.for_scheme(m.source.scheme)
         if creds is None or creds.secret_name is None:
@@ -85,6 +100,29 @@ def _cache_mount() -> dict[str, Any]:
     return {"name": CACHE_VOLUME, "mountPath": CONTAINER_CACHE_DIR}
 
 
+def shape_resources(resources: Resources, qos: str) -> dict[str, Any]:
+    """Our containers' resources for a pod of this QoS class, so the class never changes:
+    none for BestEffort; requests equal to limits (cpu and memory, the larger value) for
+    Guaranteed; the configured ones otherwise."""
+    if qos == "BestEffort":
+        return {}
+    out = resources.to_k8s()
+    if qos != "Guaranteed":
+        return out
+    req, lim = dict(out.get("requests", {})), dict(out.get("limits", {}))
+    both: dict[str, str] = {}
+    for r in ("cpu", "memory"):
+        value = lim.get(r) or req.get(r)
+        if value is not None:
+            both[r] = value
+    for r, v in lim.items():
+        if r not in ("cpu", "memory"):
+            both.setdefault(r, v)
+    both.setdefault("cpu", "100m")
+    both.setdefault("memory", "256Mi")
+    return {"limits": dict(both), "requests": dict(both)}
+
+
 def _our_container(ctx: Context, name: str, command: list[str], resources: Resources) -> Container:
     """The fields our two containers share: the sidecar image, credentials, resources."""
     container: Container = {
@@ -92,13 +130,16 @@ def _our_container(ctx: Context, name: str, command: list[str], resources: Resou
         "image": ctx.config.sidecar_image,
         "imagePullPolicy": ctx.config.image_pull_policy,
         "command": command,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     env = credential_env(ctx)
     if env:
         container["env"] = env
-    limits = resources.to_k8s()
-    if limits:
-        container["resources"] = limits
+    if ctx.app_env_from:
+        container["envFrom"] = [copy.deepcopy(e) for e in ctx.app_env_from]
+    shaped = shape_resources(resources, ctx.qos)
+    if shaped:
+        container["resources"] = shaped
     return container
 
 
@@ -113,6 +154,8 @@ def build_warmup_container(ctx: Context) -> Container:
         *_model_flags(ctx),
         "--timeout",
         str(ctx.options.warmup_timeout),
+        "--on-failure",
+        ctx.on_failure,
         *_source_flags(ctx),
     ]
     container = _our_container(ctx, WARMUP_NAME, command, ctx.config.warmup_resources)
@@ -160,6 +203,11 @@ def build_sidecar_container(ctx: Context) -> Container:
         APP_CACHE_ROOT,
         *_model_flags(ctx),
     ]
+    if ctx.hub_models:
+        command += ["--hub-cache", SIDECAR_HUB_DIR, "--hub-link-root", HUB_VIEW_PATH]
+    for name, quant in ctx.gguf_aliases:
+        command += ["--gguf-alias", f"{name}:{quant}"]
+    command += ["--on-failure", ctx.on_failure]
     if ctx.options.warmup == "async":
         command += ["--warmup", "--timeout", str(ctx.options.warmup_timeout)]
     command += _source_flags(ctx)
@@ -170,6 +218,8 @@ def build_sidecar_container(ctx: Context) -> Container:
         {"name": MNT_VOLUME, "mountPath": SIDECAR_MOUNTPOINT, "mountPropagation": "Bidirectional"},
         *pvc_mounts(ctx),
     ]
+    if ctx.hub_models:
+        container["volumeMounts"].append({"name": HUB_VOLUME, "mountPath": SIDECAR_HUB_DIR})
     window = startup_window(ctx)
     if ctx.options.sidecar == "native":
         container["restartPolicy"] = "Always"
@@ -186,26 +236,101 @@ def build_sidecar_container(ctx: Context) -> Container:
     return container
 
 
-def _merge_named(user: list[Any], ours: list[dict[str, Any]], key: str) -> None:
-    present = {item.get(key) for item in user if isinstance(item, dict)}
-    for item in ours:
-        if item[key] not in present:
-            user.append(item)
+#: Fields of our containers that decide what they run and with which rights: on
+#: re-admission they must be exactly what the status rebuilds (other webhooks may add
+#: resources or unrelated env, never change these).
+_COMPARED: Final = (
+    "image",
+    "command",
+    "args",
+    "securityContext",
+    "restartPolicy",
+    "volumeMounts",
+    "envFrom",
+    "lifecycle",
+    "startupProbe",
+)
+#: env a container-wide webhook must not add to ours: it decides where we fetch from.
+_SENSITIVE_ENV_SUFFIXES: Final = ("_ENDPOINT", "_PROXY", "_TOKEN", "_KEY", "_KEY_ID")
 
 
-def fill_container(user: Container, built: Container) -> Container:
-    """The user's container with our missing fields added; theirs always win."""
-    out = copy.deepcopy(user)
-    for key, value in built.items():
-        if key not in out:
-            out[key] = value
-        elif key == "env" and isinstance(out[key], list):
-            _merge_named(out[key], value, "name")
-        elif key == "volumeMounts" and isinstance(out[key], list):
-            _merge_named(out[key], value, "mountPath")
-        elif key == "securityContext" and isinstance(out[key], dict):
-            for k, v in value.items():
-                out[key].setdefault(k, v)
+def reserved_name_problem(
+    spec: dict[str, Any], annotations: dict[str, Any], status: object | None
+) -> str | None:
+    """A ``modelcache-*`` container or volume, or a status, on a pod modelcache never
+    injected: the denial message, else None."""
+    if not isinstance(annotations, dict):
+        annotations = {}
+    if ANN_STATUS in annotations and status is None:
+        return f"annotation {ANN_STATUS} was not written by modelcache (unreadable); remove it"
+    if status is not None:
+        return None
+    for kind in ("initContainers", "containers", "volumes"):
+        for item in spec.get(kind) or []:
+            name = item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str) and name.startswith(RESERVED_PREFIX):
+                what = "volume" if kind == "volumes" else "container"
+                return (
+                    f"{what} {name!r}: the {RESERVED_PREFIX} prefix is reserved for what "
+                    "modelcache injects; rename it"
+                )
+    return None
+
+
+def _env_differs(existing: Container, built: Container) -> str | None:
+    theirs = {e.get("name"): e for e in existing.get("env") or [] if isinstance(e, dict)}
+    ours = {e["name"]: e for e in built.get("env") or []}
+    for name, entry in ours.items():
+        if theirs.get(name) != entry:
+            return f"env {name}"
+    for name in theirs:
+        if name not in ours and str(name).endswith(_SENSITIVE_ENV_SUFFIXES):
+            return f"env {name}"
+    return None
+
+
+def ours_problem(spec: dict[str, Any], ctx: Context) -> str | None:
+    """On re-admission: our containers and volumes must be what the status rebuilds."""
+    built = {c["name"]: c for c in build_ours(ctx)}
+    for kind in ("initContainers", "containers"):
+        for c in spec.get(kind) or []:
+            name = c.get("name") if isinstance(c, dict) else None
+            if not isinstance(name, str) or not name.startswith(RESERVED_PREFIX):
+                continue
+            mine = built.get(name)
+            if mine is None:
+                return f"container {name!r} was not injected by modelcache; rename it"
+            for key in _COMPARED:
+                if key == "restartPolicy" and kind == "containers":
+                    continue
+                if c.get(key) != mine.get(key):
+                    return (
+                        f"container {name!r} differs from what modelcache injects ({key}); "
+                        f"the {RESERVED_PREFIX} prefix is reserved"
+                    )
+            differs = _env_differs(c, mine)
+            if differs:
+                return (
+                    f"container {name!r} differs from what modelcache injects ({differs}); "
+                    f"the {RESERVED_PREFIX} prefix is reserved"
+                )
+    vols = {v["name"]: v for v in pod_volumes(ctx)}
+    for v in spec.get("volumes") or []:
+        name = v.get("name") if isinstance(v, dict) else None
+        if isinstance(name, str) and name.startswith(RESERVED_PREFIX) and vols.get(name) != v:
+            return (
+                f"volume {name!r} differs from what modelcache injects; the {RESERVED_PREFIX} "
+                "prefix is reserved"
+            )
+    return None
+
+
+def build_ours(ctx: Context) -> list[Container]:
+    out = [build_sidecar_container(ctx)]
+    if ctx.options.warmup == "block":
+        out.append(build_warmup_container(ctx))
+    if ctx.options.sidecar != "native":
+        out[0].pop("restartPolicy", None)
     return out
 
 
@@ -244,18 +369,17 @@ def inject_containers(pod: Pod, ctx: Context) -> Pod:
     """Place the warm-up (block mode) and the sidecar (native: init, classic: first regular).
 
     Order of init containers: mesh init containers already present, ``modelcache-warmup``,
-    ``modelcache-sidecar`` (native), then the user's others in their order. A user-declared
-    ``modelcache-warmup`` stays even outside block mode: it is an explicit request.
+    ``modelcache-sidecar`` (native), then the user's others in their order. On re-admission
+    the containers already there (checked by ``ours_problem``) are kept as they are, so what
+    other webhooks added to them stays.
     """
     spec = pod["spec"]
-    warmup_user = _take(spec, WARMUP_NAME)
-    sidecar_user = _take(spec, SIDECAR_NAME)
+    warmup_had = _take(spec, WARMUP_NAME)
+    sidecar_had = _take(spec, SIDECAR_NAME)
     ours: list[Container] = []
-    if ctx.options.warmup == "block" or warmup_user is not None:
-        built = build_warmup_container(ctx)
-        ours.append(fill_container(warmup_user, built) if warmup_user else built)
-    built_sidecar = build_sidecar_container(ctx)
-    sidecar = fill_container(sidecar_user, built_sidecar) if sidecar_user else built_sidecar
+    if ctx.options.warmup == "block":
+        ours.append(warmup_had or build_warmup_container(ctx))
+    sidecar = sidecar_had or build_sidecar_container(ctx)
     if ctx.options.sidecar == "native":
         ours.append(sidecar)
     else:

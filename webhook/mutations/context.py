@@ -22,8 +22,15 @@ WARMUP_NAME: Final = "modelcache-warmup"
 SIDECAR_NAME: Final = "modelcache-sidecar"
 CACHE_VOLUME: Final = "modelcache-cache"
 MNT_VOLUME: Final = "modelcache-mnt"
+HUB_VOLUME: Final = "modelcache-hub"
 SIDECAR_MOUNTPOINT: Final = "/var/run/modelcache/mnt"
+#: where the sidecar writes the Hugging Face cache layout of the pod's Hub models
+SIDECAR_HUB_DIR: Final = "/var/run/modelcache/hub"
+#: where hub-cache app containers see the FUSE view (the targets of the snapshot symlinks):
+#: a reserved path, so it never clashes with the app's own mounts
+HUB_VIEW_PATH: Final = "/var/run/modelcache/view"
 PVC_ROOT: Final = "/var/run/modelcache/pvc"
+RESERVED_PREFIX: Final = "modelcache-"
 OUR_CONTAINERS: Final = (WARMUP_NAME, SIDECAR_NAME)
 #: Containers injected by service meshes: ours go after their init containers, and they are
 #: never app containers.
@@ -52,6 +59,27 @@ class ModelRef:
     references: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How one app container reaches one model.
+
+    ``hub-cache``: the model appears in the Hugging Face cache layout at ``hub_dir`` (the
+    directory the container's Hugging Face client already uses); command and args stay as
+    they are. ``path``: the model's references are rewritten to ``<mount-path>/<name>``.
+    """
+
+    container: str
+    model: str
+    mode: str  # "hub-cache" | "path"
+    hub_dir: str | None = None
+    #: set ``HF_HUB_CACHE`` to ``hub_dir`` (it came from a default, not from the container)
+    set_hub_env: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.hub_dir or ""
+
+
 @dataclass
 class Context:
     config: Config
@@ -63,6 +91,38 @@ class Context:
     previous_rewrites: tuple[dict[str, str], ...] = ()
     previous_added: tuple[dict[str, str], ...] = ()
     notes: Notes = field(default_factory=Notes)
+    deliveries: tuple[Delivery, ...] = ()
+    #: env entries (and envFrom sources) of the app containers that carry credentials
+    app_credentials: tuple[dict[str, Any], ...] = ()
+    app_env_from: tuple[dict[str, Any], ...] = ()
+    #: QoS class of the pod as submitted: our containers must not change it
+    qos: str = "Burstable"
+    #: llama.cpp ``-hf repo:QUANT``: (model name, quant) aliases the sidecar shows
+    gguf_aliases: tuple[tuple[str, str], ...] = ()
+    #: per model: warm only these globs (llama.cpp GGUF files); empty: the pod's include
+    #: warnings recorded in the status of an earlier admission (kept as they were)
+    previous_warnings: tuple[str, ...] | None = None
+    #: per app container: what detection read (``webhook.mutations.detect.ContainerFacts``)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hub_models(self) -> tuple[NamedModel, ...]:
+        names = {d.model for d in self.deliveries if d.mode == "hub-cache"}
+        return tuple(m for m in self.named_models if m.name in names)
+
+    @property
+    def on_failure(self) -> str:
+        """``continue`` when every app container would fetch its models by itself without
+        modelcache (hub-cache only): a failed warm-up must not stop such a pod."""
+        if self.deliveries and all(d.mode == "hub-cache" for d in self.deliveries):
+            return "continue"
+        return "fail"
+
+    def deliveries_of(self, container: str) -> tuple[Delivery, ...]:
+        return tuple(d for d in self.deliveries if d.container == container)
+
+    def path_models(self, container: str) -> set[str]:
+        return {d.model for d in self.deliveries_of(container) if d.mode == "path"}
 
     @property
     def named_models(self) -> tuple[NamedModel, ...]:

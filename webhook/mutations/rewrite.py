@@ -1,42 +1,40 @@
 """Framework-aware model-path rewrites in the app containers' command, args and env.
 
+Only models delivered by **path** are rewritten (see ``Delivery``); a container that reads
+its Hub models in the Hugging Face cache layout keeps its command line byte for byte, and
+gets at most ``HF_HUB_CACHE`` when its cache directory came from a default (the image's or
+the user's home) rather than from the container itself.
+
 The server loads from ``<mount-path>/<name>`` while clients keep using the original model
 name: vLLM and SGLang get ``--served-model-name <original>``, llama.cpp ``--alias``, NIM
-``NIM_SERVED_MODEL_NAME`` (each only when the user has not set it). Hub models also get
-``HF_HUB_OFFLINE=1`` unless set. User-set values are never overwritten, and a value is never
-rewritten twice: a rewritten value is a path under the mount, which names no model.
-
-vLLM also gets ``--safetensors-load-strategy prefetch`` unless the user chose a strategy
-(``--safetensors-load-strategy``) or a loader (``--load-format``). Model bytes normally
-bypass FUSE here (files are symlinks into the node cache mounted in the container), so mmap
-page faults hit the page cache directly; prefetch is still added because it is the safe
-default whenever the link view is unavailable (a model directory that is not yet complete
-serves through the daemon, where mmap page faults are the known 30-50x trap), and it costs
-little when the data is in page cache.
+``NIM_SERVED_MODEL_NAME`` (each only when the user has not set it, and only where
+``webhook.frameworks.flag_accepted`` says the image's release accepts the flag). No offline
+switch is ever set: the app may still download what modelcache does not deliver (adapters,
+draft models). User-set values are never overwritten, and a value is never rewritten twice:
+a rewritten value is a path under the mount, which names no model.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from typing import Final
 
+from webhook.frameworks import GENERIC, LLAMACPP, VLLM, Framework, flag_accepted
 from webhook.mutations.context import Container, Context, ModelRef, Pod
 from webhook.mutations.detect import (
-    GENERIC,
-    LLAMACPP,
-    VLLM,
-    Framework,
-    container_tokens,
+    container_argv,
+    expand_k8s,
     hub_repo_id,
     identify_framework,
+    quant_tag,
     script_index,
     serve_positional_index,
     split_script,
 )
 
-HF_OFFLINE: Final = "HF_HUB_OFFLINE"
-VLLM_LOAD_FLAGS: Final = ("--safetensors-load-strategy", "--load-format")
+HUB_CACHE_VAR: Final = "HF_HUB_CACHE"
 _TOKEN_END: Final = r"(?=$|[\s\"';&|)])"
 _TOKEN_START: Final = r"(?<![^\s\"'=])"
 _SCRIPT_MODEL_POS: Final = re.compile(
@@ -60,12 +58,12 @@ def _has_flag(tokens: list[str], flag: str) -> bool:
     return any(t == flag or t.startswith(flag + "=") for t in tokens)
 
 
-def _extras(fw: Framework, tokens: list[str], original: str) -> list[str]:
+def _extras(fw: Framework, tokens: list[str], original: str, image: str) -> list[str]:
+    """Flags that keep the name clients use, when the image's release accepts them."""
     extra: list[str] = []
-    if fw.served_name_flag and not _has_flag(tokens, fw.served_name_flag):
-        extra += [fw.served_name_flag, original]
-    if fw is VLLM and not any(_has_flag(tokens, f) for f in VLLM_LOAD_FLAGS):
-        extra += ["--safetensors-load-strategy", "prefetch"]
+    flag = fw.served_name_flag
+    if flag and not _has_flag(tokens, flag) and flag_accepted(fw.name, flag, image):
+        extra += [flag, original]
     return extra
 
 
@@ -147,7 +145,8 @@ def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens:
             i += 1
             continue
         at, value, where, is_model = target
-        m = _match(value, ctx)
+        facts = ctx.facts.get(name)
+        m = _match(expand_k8s(value, facts.env) if facts is not None else value, ctx)
         if m is None:
             i = at + 1
             continue
@@ -164,7 +163,7 @@ def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens:
         done += 1
         if is_model and not extras_done:
             extras_done = True
-            extra = _extras(fw, all_tokens, value)
+            extra = _extras(fw, all_tokens, value, str(container.get("image") or ""))
             if extra:
                 argv.insert_after(at, extra)
                 ctx.notes.added.append(
@@ -185,48 +184,54 @@ def _rewrite_hub_repo(
     all_tokens: list[str],
     name: str,
 ) -> int:
-    """llama.cpp ``--hf-repo R [--hf-file F]`` → ``-m <path>/F`` (+ ``--alias R``)."""
+    """llama.cpp ``--hf-repo R[:QUANT] [--hf-file F] [--model X]`` → one ``-m <path>/F`` (or
+    ``<path>/<QUANT>.gguf``, which the sidecar shows as the quant's file), + ``--alias R``.
+    ``--hf-file`` and a ``--model`` save path go: llama.cpp takes one model."""
     at, value, flag = hit
     m = _match(hub_repo_id(value), ctx)
     if m is None:
         return 0
     tokens = argv.tokens()
     hf_file: str | None = None
-    file_at: int | None = None
+    drop: list[int] = []
     for j in range(len(tokens)):
+        if j in (i, at):
+            continue
         fh = _flag_at(tokens, j, ("--hf-file", "-hff"))
-        if fh:
-            hf_file, file_at = fh[1], j
-            break
-    if hf_file is None or file_at is None:
-        ctx.notes.warn(
-            f"container {name}: llama.cpp {flag} without --hf-file names no GGUF file; "
-            "not rewritten"
-        )
-        return 0
-    new = f"{m[1]}/{hf_file}"
-    # the repo flag becomes -m <path>/<file> in place; --hf-file goes (it needs --hf-repo)
+        if fh and hf_file is None:
+            hf_file = fh[1]
+            drop += [j] if fh[0] == j else [j, j + 1]
+            continue
+        mh = _flag_at(tokens, j, ("-m", "--model"))
+        if mh:
+            drop += [j] if mh[0] == j else [j, j + 1]
+    quant = quant_tag(value) or "Q4_K_M"
+    file_name = hf_file or f"{quant}.gguf"
+    new = f"{m[1]}/{file_name}"
+    # the repo flag becomes -m <path>/<file> in place
     if at == i:
         argv.set(i, f"--model={new}")
     else:
         argv.set(i, "-m")
         argv.set(at, new)
-    file_idx = [file_at] if "=" in tokens[file_at] else [file_at, file_at + 1]
-    if not _has_flag(all_tokens, "--alias"):
+    if not _has_flag(all_tokens, "--alias") and flag_accepted(
+        LLAMACPP.name, "--alias", str(argv.container.get("image") or "")
+    ):
         extra = ["--alias", value]
         argv.insert_after(at, extra)
-        file_idx = [j + len(extra) if j > at else j for j in file_idx]
+        drop = [j + len(extra) if j > at else j for j in drop]
         ctx.notes.added.append(
             {"container": name, "field": argv.field(at), "value": shlex.join(extra)}
         )
-    argv.delete(file_idx)
+    argv.delete(drop)
     field = argv.field(min(at, len(argv.pos) - 1))
     ctx.notes.rewrites.append(
         {"container": name, "field": f"{field} {flag}", "original": value, "value": new}
     )
-    ctx.notes.rewrites.append(
-        {"container": name, "field": f"{field} --hf-file", "original": hf_file, "value": new}
-    )
+    if hf_file is not None:
+        ctx.notes.rewrites.append(
+            {"container": name, "field": f"{field} --hf-file", "original": hf_file, "value": new}
+        )
     return 1
 
 
@@ -283,7 +288,9 @@ def _rewrite_script(container: Container, fw: Framework, ctx: Context) -> int:
                 new = ctx.model_path(ref.model) + (m.group(1) or "")
                 insert = new
                 if not extras_done and _SCRIPT_MODEL_POS.search(before):
-                    extra = _extras(fw, script_tokens, m.group(0))
+                    extra = _extras(
+                        fw, script_tokens, m.group(0), str(container.get("image") or "")
+                    )
                     if extra:
                         insert = f"{new} {shlex.join(extra)}"
                         ctx.notes.added.append(
@@ -347,36 +354,42 @@ def _rewrite_env(container: Container, fw: Framework, ctx: Context) -> int:
     return done
 
 
-def _under(value: str, path: str) -> bool:
-    return value == path or value.startswith(path + "/")
-
-
-def _uses_hub_model(container: Container, ctx: Context) -> bool:
-    """Whether a value of this container was rewritten to a Hub model in this admission."""
-    hub_paths = [ctx.model_path(r.model) for r in ctx.models if r.model.source.is_hub]
-    return any(
-        r["container"] == container.get("name") and any(_under(r["value"], p) for p in hub_paths)
-        for r in ctx.notes.rewrites
-    )
+def _set_hub_cache(container: Container, ctx: Context) -> None:
+    """``HF_HUB_CACHE`` for a hub-cache container whose cache directory came from a default."""
+    name = str(container.get("name"))
+    for d in ctx.deliveries_of(name):
+        if d.mode == "hub-cache" and d.set_hub_env and d.hub_dir:
+            if _set_env(container, HUB_CACHE_VAR, d.hub_dir):
+                ctx.notes.added.append(
+                    {"container": name, "field": f"env {HUB_CACHE_VAR}", "value": d.hub_dir}
+                )
+            return
 
 
 def rewrite_container(container: Container, ctx: Context) -> int:
-    tokens = container_tokens(container)
-    fw = identify_framework(container, tokens) or GENERIC
-    done = _rewrite_argv(container, fw, ctx, tokens)
-    done += _rewrite_lora(container, fw, ctx)
-    done += _rewrite_script(container, fw, ctx)
-    done += _rewrite_env(container, fw, ctx)
-    if _uses_hub_model(container, ctx) and _set_env(container, HF_OFFLINE, "1"):
-        ctx.notes.added.append(
-            {"container": str(container.get("name")), "field": f"env {HF_OFFLINE}", "value": "1"}
-        )
+    """Rewrite the path-delivered models of one container; returns the number of rewrites."""
+    name = str(container.get("name"))
+    paths = ctx.path_models(name)
+    _set_hub_cache(container, ctx)
+    if not paths or ctx.options.rewrite == "off":
+        return 0
+    facts = ctx.facts.get(name)
+    tokens = list(facts.tokens) if facts is not None else container_argv(container)
+    fw = (
+        facts.framework if facts is not None else identify_framework(container, tokens)
+    ) or GENERIC
+    view = replace(ctx, models=tuple(r for r in ctx.models if r.model.name in paths))
+    view.notes = ctx.notes
+    done = _rewrite_argv(container, fw, view, tokens)
+    done += _rewrite_lora(container, fw, view)
+    done += _rewrite_script(container, fw, view)
+    done += _rewrite_env(container, fw, view)
     return done
 
 
 def _names_mount(container: Container, ctx: Context) -> bool:
     """Whether the container already points at a model under the mount (set by the user)."""
-    values = container_tokens(container) + [
+    values = container_argv(container) + [
         str(e.get("value")) for e in container.get("env") or [] if isinstance(e, dict)
     ]
     paths = [ctx.model_path(m) for m in ctx.named_models]
@@ -385,8 +398,6 @@ def _names_mount(container: Container, ctx: Context) -> bool:
 
 def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
     """Rewrite every target container; warn for one where no model reference was found."""
-    if ctx.options.rewrite == "off":
-        return pod
     rewritten_before = {r.get("container") for r in ctx.previous_rewrites}
     for container in pod["spec"].get("containers") or []:
         if not isinstance(container, dict) or container.get("name") not in ctx.targets:
@@ -394,6 +405,8 @@ def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
         done = rewrite_container(container, ctx)
         if (
             done == 0
+            and ctx.options.rewrite != "off"
+            and ctx.path_models(str(container.get("name")))
             and container.get("name") not in rewritten_before
             and not ctx.previous_added
             and not _names_mount(container, ctx)

@@ -17,7 +17,7 @@ from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from webhook.annotations import ANN_STATUS, LABEL_INJECTED
 from webhook.mutations.context import Context, Pod
 
-STATUS_VERSION: Final = 1
+STATUS_VERSION: Final = 2
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Status:
     containers: tuple[str, ...]
     rewrites: tuple[dict[str, str], ...]
     added: tuple[dict[str, str], ...]
+    warnings: tuple[str, ...] = ()
 
 
 def _str_dicts(value: Any) -> tuple[dict[str, str], ...]:
@@ -63,13 +64,18 @@ def read_status(annotations: Any) -> Status | None:
         containers=tuple(str(c) for c in containers) if isinstance(containers, list) else (),
         rewrites=_str_dicts(data.get("rewrites")),
         added=_str_dicts(data.get("added")),
+        warnings=tuple(str(w) for w in data.get("warnings") or [] if isinstance(w, str)),
     )
 
 
 def _merge(old: tuple[dict[str, str], ...], new: list[dict[str, str]]) -> list[dict[str, str]]:
-    out = list(old)
-    for item in new:
-        if item not in out:
+    """Earlier entries then new ones, each once (linear: entries are compared as keys)."""
+    out: list[dict[str, str]] = []
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for item in (*old, *new):
+        key = tuple(sorted(item.items()))
+        if key not in seen:
+            seen.add(key)
             out.append(item)
     return out
 
@@ -87,8 +93,20 @@ def status_json(ctx: Context) -> str:
         "mountPath": opts.mount_path,
         "affinity": opts.affinity,
         "containers": list(ctx.targets),
+        "delivery": [
+            {
+                "container": d.container,
+                "model": d.model,
+                "mode": d.mode,
+                "path": d.hub_dir if d.mode == "hub-cache" else f"{opts.mount_path}/{d.model}",
+            }
+            for d in ctx.deliveries
+        ],
         "rewrites": _merge(ctx.previous_rewrites, ctx.notes.rewrites),
         "added": _merge(ctx.previous_added, ctx.notes.added),
+        "warnings": list(ctx.previous_warnings)
+        if ctx.previous_warnings is not None
+        else [w for w in ctx.notes.warnings if not w.startswith("detected ")],
     }
     return json.dumps(data, separators=(",", ":"))
 

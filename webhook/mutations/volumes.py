@@ -1,13 +1,21 @@
 """Pod volumes (node cache, FUSE carrier, PVC sources) and the app containers' mounts.
 
-App containers get two kinds of mounts:
+App containers get these mounts:
 
-* ``modelcache-mnt`` at the mount path (read-only, ``HostToContainer``): the FUSE namespace,
-  where ``<mount-path>/<name>/<file>`` is a symlink to ``APP_CACHE_ROOT/<cache-key>/<file>``;
+* ``modelcache-mnt`` at the mount path (read-only, ``HostToContainer``) for path delivery:
+  the FUSE namespace, where ``<mount-path>/<name>/<file>`` is a symlink to
+  ``APP_CACHE_ROOT/<cache-key>/<file>``; for hub-cache delivery the same view at the reserved
+  ``HUB_VIEW_PATH`` (it is only the target of the snapshot symlinks, so it never clashes with
+  the app's own mounts);
 * per model, ``modelcache-cache`` with ``subPath: models/<cache-key>/data`` at
   ``APP_CACHE_ROOT/<cache-key>`` (read-only): the symlink targets. The bytes of a model are
   then read straight from the node cache, never through the FUSE daemon, and a container sees
-  only the models of its own pod (never the whole shared cache).
+  only the models of its own pod (never the whole shared cache);
+* per Hub model delivered in the Hugging Face cache layout, ``modelcache-hub`` (an emptyDir:
+  per pod, writable) with ``subPath: models--org--name`` at ``<hub dir>/models--org--name``.
+  The sidecar writes ``refs/<revision>`` and ``snapshots/<commit>/<file>`` there (symlinks
+  into the view); the rest of the app's cache directory stays the app's own, so adapters and
+  draft models it downloads land beside the model as before.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from typing import Any
 from sidecar.layout import APP_CACHE_ROOT, DATA_DIR, MODELS_DIR
 from webhook.mutations.context import (
     CACHE_VOLUME,
+    HUB_VIEW_PATH,
+    HUB_VOLUME,
     MNT_VOLUME,
     PVC_ROOT,
     Container,
@@ -62,6 +72,8 @@ def pod_volumes(ctx: Context) -> list[dict[str, Any]]:
         },
         {"name": MNT_VOLUME, "emptyDir": {}},
     ]
+    if ctx.hub_models:
+        vols.append({"name": HUB_VOLUME, "emptyDir": {}})
     for claim in pvc_claims(ctx):
         vols.append(
             {
@@ -86,15 +98,34 @@ def add_volumes(pod: Pod, ctx: Context) -> Pod:
     return pod
 
 
-def app_mounts(ctx: Context) -> list[dict[str, Any]]:
-    mounts: list[dict[str, Any]] = [
-        {
-            "name": MNT_VOLUME,
-            "mountPath": ctx.options.mount_path,
-            "readOnly": True,
-            "mountPropagation": "HostToContainer",
-        }
-    ]
+def hub_repo_dir(hub_id: str) -> str:
+    """The Hugging Face cache folder of a model repository: ``models--org--name``."""
+    return "models--" + hub_id.replace("/", "--")
+
+
+def app_mounts(ctx: Context, container: str) -> list[dict[str, Any]]:
+    """The mounts of one app container, by how it reaches its models (see ``Delivery``)."""
+    deliveries = ctx.deliveries_of(container)
+    mounts: list[dict[str, Any]] = []
+    if any(d.mode == "path" for d in deliveries):
+        mounts.append(
+            {
+                "name": MNT_VOLUME,
+                "mountPath": ctx.options.mount_path,
+                "readOnly": True,
+                "mountPropagation": "HostToContainer",
+            }
+        )
+    hub = [d for d in deliveries if d.mode == "hub-cache"]
+    if hub:
+        mounts.append(
+            {
+                "name": MNT_VOLUME,
+                "mountPath": HUB_VIEW_PATH,
+                "readOnly": True,
+                "mountPropagation": "HostToContainer",
+            }
+        )
     for m in ctx.named_models:
         key = m.source.cache_key
         mounts.append(
@@ -105,6 +136,14 @@ def app_mounts(ctx: Context) -> list[dict[str, Any]]:
                 "readOnly": True,
             }
         )
+    models = {m.name: m for m in ctx.named_models}
+    for d in hub:
+        hub_id = models[d.model].source.hub_id
+        if hub_id and d.hub_dir:
+            folder = hub_repo_dir(hub_id)
+            mounts.append(
+                {"name": HUB_VOLUME, "mountPath": f"{d.hub_dir}/{folder}", "subPath": folder}
+            )
     return mounts
 
 
@@ -137,8 +176,7 @@ def mount_conflict(container: Container, ctx: Context) -> str | None:
 
 def mount_app_containers(pod: Pod, ctx: Context) -> Pod:
     """Mount the models into every target app container."""
-    mounts = app_mounts(ctx)
     for container in pod["spec"].get("containers") or []:
         if isinstance(container, dict) and container.get("name") in ctx.targets:
-            merge_mounts(container, mounts)
+            merge_mounts(container, app_mounts(ctx, str(container["name"])))
     return pod
