@@ -233,10 +233,13 @@ ANNOTATIONS: Final[tuple[AnnotationSpec, ...]] = (
     ),
     AnnotationSpec(
         ANN_REWRITE,
-        "rewrite the model path in the app's args/command/env (framework-aware)",
+        "how app containers reach the model: auto: Hub models read by a Hugging Face client "
+        "appear in its cache directory (args untouched), others by a framework-aware path "
+        "rewrite of args/command/env; path: always rewrite to `<mount-path>/<name>`; off: "
+        "never rewrite",
         "auto",
-        "auto, off",
-        _choice("auto", "off"),
+        "auto, path, off",
+        _choice("auto", "path", "off"),
     ),
     AnnotationSpec(
         ANN_CONTAINERS,

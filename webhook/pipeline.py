@@ -61,6 +61,8 @@ MUTATIONS: Final[tuple[tuple[str, Mutation], ...]] = (
 LWS_NAME_LABEL: Final = "leaderworkerset.sigs.k8s.io/name"
 LWS_WORKER_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/worker-index"
 SKIP_WARNING_PREFIX: Final = "not injected: "
+#: llama.cpp's ``-hf repo`` without a tag loads this quant (its "latest" tag)
+DEFAULT_GGUF_QUANT: Final = "Q4_K_M"
 
 
 @dataclass(frozen=True)
@@ -399,8 +401,9 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
         for f in facts.values():
             for found in f.found:
                 warnings.append(
-                    f"detected {found.role} model {found.uri} in container {f.name} "
-                    f"({f.framework_name}, {found.where}); set {ANN_MODEL} to override"
+                    f"detected model {found.uri} in container {f.name} "
+                    f"({f.framework_name}, {found.role}, {found.where}); set {ANN_MODEL} to "
+                    "override"
                 )
     if not models:
         return _skip(_no_model_reason(facts, labels))
@@ -436,7 +439,7 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
         mine: list[Delivery] = []
         why: str | None = None
         for m in models:
-            if m.source.is_hub and hub_client:
+            if m.source.is_hub and hub_client and options.rewrite != "path":
                 where = hub_dir_of(f, spec, c)
                 if isinstance(where, str):
                     why = f"cannot tell where its Hugging Face client caches: {where}"
@@ -490,11 +493,19 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
             bm = by_uri.get(found.uri)
             if bm is None or found.role != "base" or f.framework is not LLAMACPP:
                 continue
+            if found.where != "--hf-repo":
+                continue
             if found.hf_file and not options.include:
                 include.append(found.hf_file)
-            elif found.quant and not options.include:
-                aliases.append((bm.name, found.quant))
-                include.append(_quant_glob(found.quant))
+            elif not found.hf_file:
+                quant = found.quant or DEFAULT_GGUF_QUANT
+                aliases.append((bm.name, quant))
+                if not options.include:
+                    include.append(_quant_glob(quant))
+    if status is not None:
+        # the first admission's choices: the rewritten args no longer show them
+        aliases = list(status.aliases)
+        include = list(options.include) or list(status.include)
     if include and not options.include:
         options = replace(options, include=tuple(dict.fromkeys(include)))
     ctx = Context(

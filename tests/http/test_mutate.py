@@ -167,7 +167,7 @@ async def test_model_pod_is_mutated_and_the_patch_gives_a_valid_pod(webhook_clie
     assert "patchType" not in again["response"]
 
 
-async def test_pod_without_model_is_admitted_unchanged(webhook_client: Any) -> None:
+async def test_pod_without_model_is_admitted_with_only_the_reason(webhook_client: Any) -> None:
     pod = model_pod()
     del pod["metadata"]["annotations"]
     pod["spec"]["containers"][0]["args"] = ["--port", "8000"]
@@ -175,7 +175,18 @@ async def test_pod_without_model_is_admitted_unchanged(webhook_client: Any) -> N
     status, body = await _post(webhook_client, make_review(pod))
     assert status == 200
     assert body["response"]["allowed"] is True
-    assert "patch" not in body["response"]
+    patch = json.loads(base64.b64decode(body["response"]["patch"]))
+    assert patch == [
+        {
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {
+                "modelcache.io/skipped": "no model: no modelcache.io/model annotation and "
+                "none detected in the app containers"
+            },
+        }
+    ]
+    assert body["response"]["warnings"][0].startswith("not injected: no model")
 
 
 async def test_dry_run_gets_the_same_answer(webhook_client: Any) -> None:

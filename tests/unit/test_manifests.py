@@ -401,11 +401,13 @@ def _calls(mwc: dict[str, Any], namespace: dict[str, Any], pod: dict[str, Any]) 
     return called
 
 
-def _namespace(name: str, label: str | None) -> dict[str, Any]:
+def _namespace(name: str, label: str | None, pss: str | None = None) -> dict[str, Any]:
     # the API server always sets kubernetes.io/metadata.name
     labels = {"kubernetes.io/metadata.name": name}
     if label is not None:
         labels["modelcache.io/injection"] = label
+    if pss is not None:
+        labels["pod-security.kubernetes.io/enforce"] = pss
     return {"metadata": {"name": name, "labels": labels}}
 
 
@@ -418,6 +420,10 @@ NAMESPACES = [
     ("modelcache-system", "enabled"),
     ("kube-system", None),
     ("modelcache-system", None),
+    ("strict", "enabled", "restricted"),
+    ("base", "enabled", "baseline"),
+    ("loose", "enabled", "privileged"),
+    ("plainbase", None, "baseline"),
 ]
 POD_LABELS: list[dict[str, str] | None] = [
     None,
@@ -430,9 +436,13 @@ POD_LABELS: list[dict[str, str] | None] = [
 ]
 
 
-def _designed(ns_name: str, ns_label: str | None, pod_labels: dict[str, str] | None) -> bool:
-    """DESIGN.md, 'Opt-in and opt-out', written as plainly as possible."""
+def _designed(
+    ns_name: str, ns_label: str | None, pod_labels: dict[str, str] | None, pss: str | None = None
+) -> bool:
+    """docs/install.md, 'Opt-in and opt-out', written as plainly as possible."""
     if ns_name in ("modelcache-system", "kube-system", "kube-node-lease"):
+        return False
+    if pss in ("baseline", "restricted"):
         return False
     inject = (pod_labels or {}).get("modelcache.io/inject")
     if inject == "false":
@@ -449,7 +459,7 @@ def test_selection_is_exactly_the_design(rendered, name, ns, pod_labels):
         pod["metadata"]["labels"] = pod_labels
     calls = _calls(mwc, _namespace(*ns), pod)
     assert len(calls) <= 1, f"pod reaches {calls}: it would be mutated twice"
-    assert bool(calls) is _designed(ns[0], ns[1], pod_labels)
+    assert bool(calls) is _designed(*ns[:2], pod_labels, *ns[2:])
 
 
 def test_selection_spot_checks(rendered):

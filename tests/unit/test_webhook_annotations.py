@@ -80,7 +80,7 @@ def test_model_list() -> None:
         ("modelcache.io/warmup-include", "a,,b", "globs"),
         ("modelcache.io/warmup-include", "$(rm -rf /)", "globs"),
         ("modelcache.io/affinity", "always", "prefer, require, off"),
-        ("modelcache.io/rewrite", "yes", "auto, off"),
+        ("modelcache.io/rewrite", "yes", "auto, path, off"),
         ("modelcache.io/containers", "App_1", "names of containers"),
         ("modelcache.io/sidecar", "ambient", "native, classic"),
         ("modelcache.io/mount-path", "models", "absolute path"),

@@ -61,17 +61,16 @@ def test_example_injects_to_a_valid_deployment(example: Path, tmp_path: Path) ->
     assert again.stdout == result.stdout
 
 
-def test_vllm_example_is_detected_and_rewritten() -> None:
+def test_vllm_example_is_detected_and_delivered_in_the_hub_cache() -> None:
     result = inject_cli(ROOT / "examples" / "vllm.yaml")
     pod = yaml.safe_load(result.stdout)["spec"]["template"]["spec"]
     app = next(c for c in pod["containers"] if c["name"] == "vllm")
-    assert app["command"][:5] == [
-        "vllm",
-        "serve",
-        "/models/Qwen2.5-1.5B-Instruct",
-        "--served-model-name",
-        "Qwen/Qwen2.5-1.5B-Instruct",
-    ]
+    assert app["command"] == ["vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct"]
+    assert {
+        "name": "modelcache-hub",
+        "mountPath": "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-1.5B-Instruct",
+        "subPath": "models--Qwen--Qwen2.5-1.5B-Instruct",
+    } in app["volumeMounts"]
     assert "detected model hf://Qwen/Qwen2.5-1.5B-Instruct" in result.stderr
 
 

@@ -105,7 +105,7 @@ def test_pipeline_output_valid_and_idempotent(shape: str) -> None:
 
 
 def test_volumes_and_app_mounts() -> None:
-    p = pod(vllm(), model="a=hf://org/m,c=pvc://claim/x")
+    p = pod(vllm(), model="a=hf://org/m,c=pvc://claim/x", rewrite="path")
     ctx = plan(p)
     out = mount_app_containers(add_volumes(copy.deepcopy(p), ctx), ctx)
     vols = {v["name"]: v for v in out["spec"]["volumes"]}
@@ -137,14 +137,41 @@ def test_volumes_and_app_mounts() -> None:
     ]
 
 
-def test_user_volume_with_our_name_is_kept() -> None:
+@pytest.mark.parametrize(
+    ("kind", "item"),
+    [
+        ("volumes", {"name": "modelcache-cache", "hostPath": {"path": "/"}}),
+        ("initContainers", {"name": "modelcache-sidecar", "image": "evil", "command": ["sh"]}),
+        ("containers", {"name": "modelcache-warmup", "image": "evil"}),
+    ],
+)
+def test_a_reserved_name_modelcache_did_not_inject_is_denied(
+    kind: str, item: dict[str, Any]
+) -> None:
+    """A user container named modelcache-sidecar once got privileged: true and root."""
     p = pod(vllm())
-    p["spec"]["volumes"] = [{"name": "modelcache-cache", "hostPath": {"path": "/ssd/cache"}}]
-    out = add_volumes(copy.deepcopy(p), plan(p))
-    assert out["spec"]["volumes"][0] == {
-        "name": "modelcache-cache",
-        "hostPath": {"path": "/ssd/cache"},
-    }
+    p["spec"].setdefault(kind, []).append(item)
+    _, result = mutate_pod(p, namespace="ns", config=CFG)
+    assert not result.allowed
+    assert item["name"] in (result.message or "") and "reserved" in (result.message or "")
+
+
+def test_a_forged_container_beside_a_real_status_is_denied() -> None:
+    out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
+    forged = copy.deepcopy(out)
+    forged["spec"]["initContainers"][1]["image"] = "attacker/image"
+    _, result = mutate_pod(forged, namespace="ns", config=CFG)
+    assert not result.allowed and "image" in (result.message or "")
+    forged = copy.deepcopy(out)
+    forged["spec"]["initContainers"][1]["env"].append({"name": "HF_ENDPOINT", "value": "x"})
+    _, result = mutate_pod(forged, namespace="ns", config=CFG)
+    assert not result.allowed and "HF_ENDPOINT" in (result.message or "")
+    # what other webhooks add to every container (resources, unrelated env) is kept
+    other = copy.deepcopy(out)
+    other["spec"]["initContainers"][1]["env"].append({"name": "DD_ENV", "value": "prod"})
+    other["spec"]["initContainers"][1]["resources"] = {"limits": {"cpu": "1"}}
+    _, result = mutate_pod(other, namespace="ns", config=CFG)
+    assert result.allowed and result.patch == []
 
 
 @pytest.mark.parametrize(
@@ -188,6 +215,8 @@ def test_warmup_and_native_sidecar_commands() -> None:
         "m=pvc://claim/x",
         "--timeout",
         "90",
+        "--on-failure",
+        "fail",
         "--include",
         "*.json,*.safetensors",
         "--pvc-root",
@@ -206,6 +235,8 @@ def test_warmup_and_native_sidecar_commands() -> None:
         APP_CACHE_ROOT,
         "--model",
         "m=pvc://claim/x",
+        "--on-failure",
+        "fail",
         "--include",
         "*.json,*.safetensors",
         "--pvc-root",
@@ -286,24 +317,31 @@ def test_init_container_order(init: list[dict[str, Any]], expected: list[str]) -
     assert [c["name"] for c in out["spec"]["initContainers"]] == expected
 
 
-def test_user_override_keeps_fields_and_fills_missing() -> None:
-    override = {
-        "name": "modelcache-sidecar",
-        "image": "mine:1",
-        "restartPolicy": "Always",
-        "env": [{"name": "HF_TOKEN", "value": "from-user"}],
-        "securityContext": {"runAsUser": 5},
-    }
-    out, _ = _inject(pod(vllm(), init=[{"name": "x", "image": "x"}, override]))
-    names = [c["name"] for c in out["spec"]["initContainers"]]
-    assert names == ["modelcache-warmup", "modelcache-sidecar", "x"]
-    side = out["spec"]["initContainers"][1]
-    assert side["image"] == "mine:1"
-    assert side["env"][0] == {"name": "HF_TOKEN", "value": "from-user"}
-    assert [e["name"] for e in side["env"]] == ["HF_TOKEN", "HF_ENDPOINT"]
-    assert side["securityContext"] == {"runAsUser": 5, "privileged": True, "runAsNonRoot": False}
-    assert side["command"][3] == "mount"
-    assert "startupProbe" in side
+def test_guaranteed_pod_stays_guaranteed_and_best_effort_stays_best_effort() -> None:
+    fixed = {"limits": {"cpu": "4", "memory": "8Gi"}, "requests": {"cpu": "4", "memory": "8Gi"}}
+    out, _ = _inject(pod(vllm(resources=fixed)))
+    for c in out["spec"]["initContainers"]:
+        res = c["resources"]
+        assert res["requests"] == res["limits"], c["name"]
+        assert {"cpu", "memory"} <= set(res["limits"])
+    out, _ = _inject(pod(vllm()))
+    assert all("resources" not in c for c in out["spec"]["initContainers"])
+    out, _ = _inject(pod(vllm(resources={"requests": {"cpu": "1"}})))
+    assert out["spec"]["initContainers"][0]["resources"]["requests"]["memory"] == "256Mi"
+
+
+def test_injected_containers_explain_failures() -> None:
+    out, _ = _inject(pod(vllm()))
+    for c in out["spec"]["initContainers"]:
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_app_credentials_reach_our_containers() -> None:
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}
+    out, _ = _inject(pod(vllm(env=[token], envFrom=[{"secretRef": {"name": "s3"}}])))
+    for c in out["spec"]["initContainers"]:
+        assert c["env"] == [token], "the app's own token, no cluster fallback over envFrom"
+        assert c["envFrom"] == [{"secretRef": {"name": "s3"}}]
 
 
 @pytest.mark.parametrize(
@@ -361,7 +399,7 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
     (
         "vllm-serve",
         vllm(),
-        {},
+        {"rewrite": "path"},
         {
             "command": [
                 "vllm",
@@ -369,22 +407,18 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
                 "/models/m",
                 "--served-model-name",
                 "org/m",
-                "--safetensors-load-strategy",
-                "prefetch",
             ]
         },
     ),
     (
         "vllm-args-only-entrypoint",
         {"name": "v", "image": VLLM, "args": ["org/m", "--port", "1"]},
-        {},
+        {"rewrite": "path"},
         {
             "args": [
                 "/models/m",
                 "--served-model-name",
                 "org/m",
-                "--safetensors-load-strategy",
-                "prefetch",
                 "--port",
                 "1",
             ]
@@ -403,7 +437,7 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
                 "lazy",
             ],
         },
-        {},
+        {"rewrite": "path"},
         {
             "args": [
                 "--model",
@@ -421,7 +455,7 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
             "image": VLLM,
             "args": ["--model", "org/m", "--tokenizer", "org/m", "--load-format", "auto"],
         },
-        {"model": "hf://org/m@v1"},
+        {"model": "hf://org/m@v1", "rewrite": "path"},
         {
             "args": [
                 "--model",
@@ -438,7 +472,7 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
     (
         "sglang",
         {"name": "s", "image": "lmsysorg/sglang:1", "args": ["--model-path=org/m"]},
-        {},
+        {"rewrite": "path"},
         {"args": ["--model-path=/models/m", "--served-model-name", "org/m"]},
     ),
     (
@@ -451,7 +485,7 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
                 {"name": "HF_HUB_OFFLINE", "value": "0"},
             ],
         },
-        {},
+        {"rewrite": "path"},
         {
             "env": [
                 {"name": "MODEL_ID", "value": "/models/m"},
@@ -494,13 +528,8 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
             "command": ["sh", "-c"],
             "args": ["vllm serve org/m --served-model-name org/m && echo done"],
         },
-        {},
-        {
-            "args": [
-                "vllm serve /models/m --safetensors-load-strategy prefetch"
-                " --served-model-name org/m && echo done"
-            ]
-        },
+        {"rewrite": "path"},
+        {"args": ["vllm serve /models/m --served-model-name org/m && echo done"]},
     ),
     (
         "nim",
@@ -539,12 +568,83 @@ def test_rewrites(container: dict[str, Any], ann: dict[str, str], expected: dict
     assert_pod_ok(full)
 
 
-def test_hub_model_gets_offline_mode_unless_set() -> None:
+HUB_CACHE = "/root/.cache/huggingface/hub"
+
+
+def test_hub_model_read_by_a_hub_client_keeps_its_command_line() -> None:
     out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
-    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in out["spec"]["containers"][0]["env"]
-    p = pod(vllm(env=[{"name": "HF_HUB_OFFLINE", "value": "0"}]))
+    app = out["spec"]["containers"][0]
+    assert app["command"] == ["vllm", "serve", "org/m"]
+    assert "args" not in app
+    names = [e["name"] for e in app["env"]]
+    assert "HF_HUB_OFFLINE" not in names and "TRANSFORMERS_OFFLINE" not in names
+    assert {"name": "HF_HUB_CACHE", "value": HUB_CACHE} in app["env"]
+    hub = [m for m in app["volumeMounts"] if m["name"] == "modelcache-hub"]
+    assert hub == [
+        {
+            "name": "modelcache-hub",
+            "mountPath": f"{HUB_CACHE}/models--org--m",
+            "subPath": "models--org--m",
+        }
+    ]
+    status = json.loads(out["metadata"]["annotations"]["modelcache.io/status"])
+    assert status["delivery"] == [
+        {"container": "vllm", "model": "m", "mode": "hub-cache", "path": HUB_CACHE}
+    ]
+    sidecar = out["spec"]["initContainers"][1]
+    cmd = sidecar["command"]
+    assert cmd[cmd.index("--hub-cache") + 1] == "/var/run/modelcache/hub"
+    assert cmd[cmd.index("--hub-link-root") + 1] == "/var/run/modelcache/view"
+    assert cmd[cmd.index("--on-failure") + 1] == "continue"
+    assert {"name": "modelcache-hub", "mountPath": "/var/run/modelcache/hub"} in sidecar[
+        "volumeMounts"
+    ]
+    warmup = out["spec"]["initContainers"][0]["command"]
+    assert warmup[warmup.index("--on-failure") + 1] == "continue"
+    again, second = mutate_pod(out, namespace="ns", config=CFG)
+    assert second.patch == [] and again == out
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ([{"name": "HF_HOME", "value": "/data"}], "/data/hub"),
+        ([{"name": "HF_HUB_CACHE", "value": "/cache/hub"}], "/cache/hub"),
+        ([{"name": "HUGGINGFACE_HUB_CACHE", "value": "/c"}], "/c"),
+        ([{"name": "HOME", "value": "/home/app"}], "/home/app/.cache/huggingface/hub"),
+        ([{"name": "XDG_CACHE_HOME", "value": "/x"}], "/x/huggingface/hub"),
+        (
+            [{"name": "B", "value": "/base"}, {"name": "HF_HOME", "value": "$(B)/hf"}],
+            "/base/hf/hub",
+        ),
+    ],
+)
+def test_hub_cache_dir_follows_the_containers_env(env: list[dict[str, str]], expected: str) -> None:
+    out, _ = mutate_pod(pod(vllm(env=env)), namespace="ns", config=CFG)
+    app = out["spec"]["containers"][0]
+    assert app["env"] == env, "an env the container sets is never added to or changed"
+    assert {
+        "name": "modelcache-hub",
+        "mountPath": f"{expected}/models--org--m",
+        "subPath": "models--org--m",
+    } in app["volumeMounts"]
+
+
+def test_download_dir_flag_is_the_hub_cache() -> None:
+    p = pod(vllm(args=["--download-dir", "/mnt/cache"]))
     out, _ = mutate_pod(p, namespace="ns", config=CFG)
-    assert out["spec"]["containers"][0]["env"] == [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+    app = out["spec"]["containers"][0]
+    assert "env" not in app
+    assert any(m["mountPath"] == "/mnt/cache/models--org--m" for m in app["volumeMounts"])
+
+
+def test_non_root_without_home_is_left_alone_with_the_reason() -> None:
+    p = pod(vllm(securityContext={"runAsUser": 1000}))
+    out, result = mutate_pod(p, namespace="ns", config=CFG)
+    assert result.decision == "skipped"
+    assert "non-root" in result.reason
+    assert out["metadata"]["annotations"]["modelcache.io/skipped"] == result.reason
+    assert result.warnings[0].startswith("not injected: ")
 
 
 def test_rewrite_off_changes_no_app_args() -> None:
@@ -555,7 +655,7 @@ def test_rewrite_off_changes_no_app_args() -> None:
 
 
 def test_status_records_every_rewrite_and_round_trips() -> None:
-    out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
+    out, _ = mutate_pod(pod(vllm(), rewrite="path"), namespace="ns", config=CFG)
     raw = out["metadata"]["annotations"]["modelcache.io/status"]
     data = json.loads(raw)
     assert data["rewrites"] == [
@@ -572,8 +672,13 @@ def test_status_records_every_rewrite_and_round_trips() -> None:
 @pytest.mark.parametrize(
     "raw", ["not json", "[]", '{"version": 99}', '{"version": 1, "models": [{"name": "x"}]}']
 )
-def test_unreadable_status_is_ignored(raw: str) -> None:
+def test_unreadable_status_is_ignored_and_denied(raw: str) -> None:
     assert read_status({"modelcache.io/status": raw}) is None
+    p = pod(vllm())
+    p["metadata"]["annotations"]["modelcache.io/status"] = raw
+    result = plan_pod(p, namespace="ns", config=CFG)
+    assert not isinstance(result, Context)
+    assert not result.allowed and "modelcache.io/status" in (result.message or "")
 
 
 def test_write_status_creates_null_maps() -> None:
@@ -657,14 +762,6 @@ def test_mesh_without_native_proxy_warns(init: list[dict[str, Any]], warned: boo
     assert any("cannot reach the model source" in w for w in ctx.notes.warnings) == warned
 
 
-def test_offline_mode_only_for_hub_models_even_with_prefix_names() -> None:
-    c = {"name": "g", "image": "my/server", "args": ["--model", "s3://bkt/m-2"]}
-    out, _ = mutate_pod(pod(c, model="m=hf://org/m,m-2=s3://bkt/m-2"), namespace="ns", config=CFG)
-    app = out["spec"]["containers"][0]
-    assert app["args"] == ["--model", "/models/m-2"]
-    assert "env" not in app
-
-
 def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
     """Inserting --served-model-name shifts the sh -c script; the flag after it is still found.
 
@@ -675,7 +772,7 @@ def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
 
     cmd = ["--model=org/m", "sh", "-c", "--model", "--model=org/m"]
     pod = {
-        "metadata": {},
+        "metadata": {"annotations": {"modelcache.io/rewrite": "path"}},
         "spec": {"containers": [{"name": "vllm", "image": "vllm/x", "command": cmd}]},
     }
     mutated, _ = mutate_pod(pod, namespace="ns", config=Config())

@@ -71,8 +71,16 @@ def test_skipped_with_a_reason(pod: dict[str, Any], namespace: str | None, reaso
     result = admit_pod(pod, namespace=namespace, config=CFG)
     assert result.allowed
     assert result.decision == "skipped"
-    assert result.patch == []
     assert reason in result.reason
+    if result.annotate:
+        # an opted-in pod left alone says why on itself and in a warning
+        assert [p["path"] for p in result.patch] in (
+            ["/metadata/annotations"],
+            ["/metadata/annotations/modelcache.io~1skipped"],
+        )
+        assert result.warnings[0] == "not injected: " + result.reason
+    else:
+        assert result.patch == []
 
 
 @pytest.mark.parametrize(

@@ -357,6 +357,8 @@ def _rewrite_env(container: Container, fw: Framework, ctx: Context) -> int:
 def _set_hub_cache(container: Container, ctx: Context) -> None:
     """``HF_HUB_CACHE`` for a hub-cache container whose cache directory came from a default."""
     name = str(container.get("name"))
+    if ctx.options.rewrite == "off":
+        return
     for d in ctx.deliveries_of(name):
         if d.mode == "hub-cache" and d.set_hub_env and d.hub_dir:
             if _set_env(container, HUB_CACHE_VAR, d.hub_dir):

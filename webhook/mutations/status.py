@@ -27,6 +27,8 @@ class Status:
     rewrites: tuple[dict[str, str], ...]
     added: tuple[dict[str, str], ...]
     warnings: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 def _str_dicts(value: Any) -> tuple[dict[str, str], ...]:
@@ -65,6 +67,12 @@ def read_status(annotations: Any) -> Status | None:
         rewrites=_str_dicts(data.get("rewrites")),
         added=_str_dicts(data.get("added")),
         warnings=tuple(str(w) for w in data.get("warnings") or [] if isinstance(w, str)),
+        include=tuple(str(g) for g in data.get("include") or [] if isinstance(g, str)),
+        aliases=tuple(
+            (str(a[0]), str(a[1]))
+            for a in data.get("ggufAliases") or []
+            if isinstance(a, list) and len(a) == 2
+        ),
     )
 
 
@@ -93,6 +101,8 @@ def status_json(ctx: Context) -> str:
         "mountPath": opts.mount_path,
         "affinity": opts.affinity,
         "containers": list(ctx.targets),
+        "include": list(opts.include),
+        "ggufAliases": [list(a) for a in ctx.gguf_aliases],
         "delivery": [
             {
                 "container": d.container,
