@@ -8,13 +8,16 @@ returns 1: a half-injected manifest is never written.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, TextIO
 
 import yaml
 
+from webhook.annotations import ANN_MODEL, ANN_STATUS
 from webhook.config import Config
+from webhook.mutations.status import read_status
 from webhook.pipeline import mutate_pod
-from webhook.workloads import pod_slots
+from webhook.workloads import PodSlot, describe, is_workload, pod_slots
 
 
 class _Dumper(yaml.SafeDumper):
@@ -41,14 +44,49 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
     warnings: list[str] = []
     box = list(docs)
     for i in range(len(box)):
+        if not is_workload(box[i]):
+            warnings.append(
+                f"{describe(box[i]) if isinstance(box[i], dict) else type(box[i]).__name__}: "
+                "passed through unchanged (not a pod or a workload with a pod template)"
+            )
+            continue
+        leader_models: str | None = None
         for slot in list(pod_slots(box, i)):
+            if slot.group == "worker" and leader_models:
+                _give_models(slot, leader_models)
             mutated, result = mutate_pod(slot.pod, namespace=slot.namespace, config=config)
+            if slot.group == "leader" and result.decision == "injected":
+                leader_models = _models_of(mutated)
             warnings += [f"{slot.owner}: {w}" for w in result.warnings]
             if not result.allowed:
                 return docs, warnings, f"{slot.owner}: {result.message}"
             if result.patch:
                 slot.replace(mutated)
     return box, warnings, None
+
+
+def _models_of(pod: dict[str, Any]) -> str | None:
+    """The ``name=uri`` list of an injected pod, from its status."""
+    status = read_status((pod.get("metadata") or {}).get("annotations"))
+    if status is None or not status.models:
+        return None
+    return ",".join(m.to_arg() for m in status.models)
+
+
+def _give_models(slot: PodSlot, models: str) -> None:
+    """A LeaderWorkerSet's workers get the leader's models at the same place: the same
+    ``modelcache.io/model`` (unless the worker template names its own)."""
+    pod = copy.deepcopy(slot.pod)
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        meta = pod["metadata"] = {}
+    annotations = meta.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = meta["annotations"] = {}
+    if ANN_MODEL in annotations or ANN_STATUS in annotations:
+        return
+    annotations[ANN_MODEL] = models
+    slot.replace(pod)
 
 
 def run_inject(src: TextIO, out: TextIO, err: TextIO, config: Config) -> int:

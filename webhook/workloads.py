@@ -2,8 +2,10 @@
 
 Pod → the object itself; Deployment, StatefulSet, DaemonSet, ReplicaSet,
 ReplicationController, Job → ``spec.template``; CronJob → ``spec.jobTemplate.spec.template``;
-PodTemplate → ``template``; List → every item. A template has the shape of a pod
-(``metadata`` + ``spec``), so the same pipeline mutates both. Other kinds pass through.
+PodTemplate → ``template``; LeaderWorkerSet → ``spec.leaderWorkerTemplate.leaderTemplate``
+(when set) then ``workerTemplate``; List → every item. A template has the shape of a pod
+(``metadata`` + ``spec``), so the same pipeline mutates both. Other kinds pass through, and
+``inject`` names them on stderr.
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ TEMPLATE_PATHS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+LWS_KIND: Final = "LeaderWorkerSet"
+
+
 @dataclass(frozen=True)
 class PodSlot:
     """Where a pod (or pod template) lives: ``parent[key]`` (a dict, or the items list of a
-    List), plus its owner for messages and its namespace."""
+    List), plus its owner for messages and its namespace. ``group`` is set for the pods of a
+    multi-node group (``leader`` / ``worker`` of a LeaderWorkerSet)."""
 
     parent: Any
     key: Any
     owner: str  # "Deployment/vllm"
     namespace: str | None
+    group: str | None = None
 
     @property
     def pod(self) -> dict[str, Any]:
@@ -67,6 +74,13 @@ def pod_slots(parent: Any, key: Any) -> Iterator[PodSlot]:
         for i in range(len(items)):
             yield from pod_slots(items, i)
         return
+    if kind == LWS_KIND:
+        lwt = (obj.get("spec") or {}).get("leaderWorkerTemplate")
+        if isinstance(lwt, dict):
+            for tkey, role in (("leaderTemplate", "leader"), ("workerTemplate", "worker")):
+                if isinstance(lwt.get(tkey), dict):
+                    yield PodSlot(lwt, tkey, f"{describe(obj)}[{role}]", ns, role)
+        return
     path = TEMPLATE_PATHS.get(str(kind))
     if path is None:
         return
@@ -75,3 +89,15 @@ def pod_slots(parent: Any, key: Any) -> Iterator[PodSlot]:
         holder = holder.get(part) if isinstance(holder, dict) else None
     if isinstance(holder, dict) and isinstance(holder.get(path[-1]), dict):
         yield PodSlot(holder, path[-1], describe(obj), ns)
+
+
+def is_workload(obj: Any) -> bool:
+    """Whether ``inject`` looks inside this document (else it passes through unchanged)."""
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("kind")
+    return (
+        kind in ("Pod", LWS_KIND)
+        or kind in TEMPLATE_PATHS
+        or (isinstance(kind, str) and kind.endswith("List"))
+    )

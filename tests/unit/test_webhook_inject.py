@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,70 @@ def test_real_cli_reads_stdin() -> None:
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["metadata"]["labels"]["modelcache.io/injected"] == "true"
     assert "Warning: Pod/p: detected model" in result.stderr
+
+
+LWS = """
+apiVersion: leaderworkerset.x-k8s.io/v1
+kind: LeaderWorkerSet
+metadata:
+  name: vllm
+spec:
+  replicas: 1
+  leaderWorkerTemplate:
+    size: 2
+    leaderTemplate:
+      metadata:
+        labels:
+          role: leader
+      spec:
+        containers:
+        - name: vllm-leader
+          image: vllm/vllm-openai:v0.8.5
+          command:
+          - sh
+          - -c
+          - >-
+            ray start --head --port=6379;
+            vllm serve meta-llama/Llama-3.1-405B-Instruct --pipeline-parallel-size 2
+            --distributed-executor-backend ray
+    workerTemplate:
+      spec:
+        containers:
+        - name: vllm-worker
+          image: vllm/vllm-openai:v0.8.5
+          command: ["sh", "-c", "ray start --address=$(LWS_LEADER_ADDRESS):6379 --block"]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: vllm
+spec:
+  ports: [{port: 8000}]
+"""
+
+
+def test_leaderworkerset_pods_get_the_same_model_at_the_same_place() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert run_inject(io.StringIO(LWS), out, err, Config()) == 0, err.getvalue()
+    lws, service = yaml.safe_load_all(out.getvalue())
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    leader, worker = lwt["leaderTemplate"], lwt["workerTemplate"]
+    statuses = [
+        json.loads(t["metadata"]["annotations"]["modelcache.io/status"]) for t in (leader, worker)
+    ]
+    assert statuses[0]["models"] == statuses[1]["models"]
+    assert [d["path"] for d in statuses[0]["delivery"]] == [
+        d["path"] for d in statuses[1]["delivery"]
+    ]
+    assert worker["metadata"]["annotations"]["modelcache.io/model"] == (
+        "Llama-3.1-405B-Instruct=hf://meta-llama/Llama-3.1-405B-Instruct@main"
+    )
+    # the leader's command line is untouched: its Ray workers load the same Hub id
+    assert leader["spec"]["containers"][0]["command"][2].startswith("ray start --head")
+    assert worker["spec"]["containers"][0]["command"][2].startswith("ray start --address")
+    assert (
+        "vllm serve meta-llama/Llama-3.1-405B-Instruct"
+        in leader["spec"]["containers"][0]["command"][2]
+    )
+    assert service["kind"] == "Service"
+    assert "Service/vllm: passed through unchanged" in err.getvalue()
