@@ -135,3 +135,58 @@ def test_inject_label(labels: object, expected: str | None) -> None:
 def test_inject_label_bad_value() -> None:
     with pytest.raises(AnnotationError, match=r"modelcache\.io/inject: invalid value 'yes'"):
         check_inject_label({"modelcache.io/inject": "yes"})
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", "did you mean hf://Qwen/Qwen2.5-7B-Instruct?"),
+        (
+            "https://huggingface.co/Qwen/Qwen2.5-7B-Instruct",
+            "did you mean hf://Qwen/Qwen2.5-7B-Instruct?",
+        ),
+        (
+            "https://huggingface.co/org/m/tree/v2",
+            "did you mean hf://org/m@v2?",
+        ),
+        ("base=https://hf.co/org/m", "did you mean hf://org/m?"),
+    ],
+)
+def test_model_values_users_write_get_a_did_you_mean(value: str, hint: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_pod_options({"modelcache.io/model": value}, CFG)
+    assert hint in str(info.value)
+    assert "modelcache.io/model" in str(info.value)
+
+
+def test_a_plain_http_mirror_is_still_accepted() -> None:
+    opts = parse_pod_options({"modelcache.io/model": "https://mirror.internal/models/m/"}, CFG)
+    assert opts.models is not None and opts.models[0].source.scheme == "https"
+
+
+@pytest.mark.parametrize(
+    "path", ["/tmp", "/var", "/root", "/home", "/opt", "/usr/local/models", "/dev/shm", "/"]
+)
+def test_mount_path_over_a_directory_apps_rely_on_is_denied(path: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        parse_pod_options({"modelcache.io/mount-path": path}, CFG)
+    assert "modelcache.io/mount-path" in str(info.value) and repr(path) in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["/models", "/mnt/models", "/var/models", "/root/models"])
+def test_mount_path_beside_them_is_fine(path: str) -> None:
+    assert parse_pod_options({"modelcache.io/mount-path": path}, CFG).mount_path == path
+
+
+def test_file_sources_only_under_the_configured_roots() -> None:
+    other_tenant = "file:///var/cache/modelcache/models/org-m-0123456789ab/data"
+    with pytest.raises(AnnotationError) as info:
+        parse_pod_options({"modelcache.io/model": other_tenant}, CFG)
+    assert "outside the allowed roots: none" in str(info.value)
+    cfg = Config(file_roots=("/srv/models",))
+    opts = parse_pod_options({"modelcache.io/model": "file:///srv/models/m"}, cfg)
+    assert opts.models is not None
+    with pytest.raises(AnnotationError):
+        parse_pod_options({"modelcache.io/model": "file:///srv/models-evil/m"}, cfg)
+    with pytest.raises(AnnotationError):
+        parse_pod_options({"modelcache.io/model": other_tenant}, cfg)

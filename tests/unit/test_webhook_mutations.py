@@ -515,6 +515,17 @@ REWRITES: list[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]] = [
         {"command": ["llama-server", "--model=/models/m-GGUF/f.gguf", "--alias", "org/m-GGUF"]},
     ),
     (
+        "llamacpp-model-save-path-and-repo-give-one-model-flag",
+        {
+            "name": "l",
+            "image": "ghcr.io/ggml-org/llama.cpp:server",
+            "command": ["llama-server"],
+            "args": ["--model", "/data/m.gguf", "-hf", "org/m-GGUF:Q8_0", "--port", "1"],
+        },
+        {},
+        {"args": ["-m", "/models/m-GGUF/Q8_0.gguf", "--alias", "org/m-GGUF:Q8_0", "--port", "1"]},
+    ),
+    (
         "s3-subpath-generic",
         {"name": "g", "image": "my/server", "args": ["--model", "s3://bkt/m/weights"]},
         {"model": "s3://bkt/m"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from typing import Any
 
@@ -270,3 +271,114 @@ def test_random_pods_never_raise_and_stay_idempotent(pod: dict[str, Any]) -> Non
 def test_arbitrary_json_never_raises(pod: Any) -> None:
     result = admit_pod(pod, namespace=None, config=CFG)
     assert result.decision in ("skipped", "denied", "injected", "unchanged")
+
+
+def test_inject_written_as_an_annotation_is_honoured() -> None:
+    pod = vllm_pod()
+    pod["metadata"].setdefault("annotations", {})["modelcache.io/inject"] = "false"
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "skipped"
+    assert "annotation modelcache.io/inject=false" in result.reason
+
+
+def test_an_annotated_model_no_container_names_gets_a_warning() -> None:
+    pod = vllm_pod()
+    pod["metadata"].setdefault("annotations", {})["modelcache.io/model"] = "hf://other/model"
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "injected"
+    assert any("not referenced by any app container" in w for w in result.warnings)
+
+
+def test_a_model_named_through_an_env_var_is_found() -> None:
+    pod = vllm_pod()
+    app = pod["spec"]["containers"][0]
+    del app["args"]
+    app["command"] = ["sh", "-c", "vllm serve ${INFERENCE_MODEL} --port 8000"]
+    app["env"] = [{"name": "INFERENCE_MODEL", "value": "org/from-env"}]
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "injected"
+    assert any("hf://org/from-env@main" in w for w in result.warnings)
+    app["env"] = []
+    app["envFrom"] = [{"configMapRef": {"name": "model"}}]
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "skipped"
+    assert "$INFERENCE_MODEL" in result.reason and "modelcache.io/model" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("args", "uri"),
+    [
+        (["--model", "org/m", "--revision", "8faed76"], "hf://org/m@8faed76"),
+        (["--model=org/m", "--revision=v2"], "hf://org/m@v2"),
+    ],
+)
+def test_a_pinned_revision_is_what_is_fetched(args: list[str], uri: str) -> None:
+    pod = vllm_pod()
+    pod["spec"]["containers"][0].pop("command", None)
+    pod["spec"]["containers"][0]["args"] = args
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert any(f"detected model {uri} " in w for w in result.warnings), result.warnings
+
+
+@pytest.mark.parametrize(
+    ("framework_bits", "reason"),
+    [
+        ({"image": "ollama/ollama:0.5", "command": ["ollama", "serve"]}, "Ollama"),
+        ({"image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.0"}, "NIM"),
+        (
+            {
+                "image": "vllm/vllm-openai:v0.8.5",
+                "command": ["sh", "-c", "ray start --address=x:6379 --block"],
+            },
+            "worker of a multi-node group",
+        ),
+    ],
+)
+def test_servers_modelcache_cannot_serve_are_left_alone_with_a_reason(
+    framework_bits: dict[str, Any], reason: str
+) -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", **framework_bits}]}}
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "skipped"
+    assert reason in result.reason
+    assert result.warnings[0].startswith("not injected: ")
+
+
+def test_path_delivery_in_a_multi_node_group_needs_the_annotation() -> None:
+    pod = vllm_pod()
+    app = pod["spec"]["containers"][0]
+    del app["args"]
+    app["command"] = ["vllm", "serve", "s3://bucket/llama", "--pipeline-parallel-size", "2"]
+    result = admit_pod(pod, namespace="ns", config=CFG)
+    assert result.decision == "skipped" and "multi-node group" in result.reason
+    pod["metadata"].setdefault("annotations", {})["modelcache.io/model"] = "s3://bucket/llama"
+    assert admit_pod(pod, namespace="ns", config=CFG).decision == "injected"
+
+
+def test_extra_models_are_detected_and_warmed() -> None:
+    pod = vllm_pod()
+    app = pod["spec"]["containers"][0]
+    del app["args"]
+    app["command"] = [
+        "vllm",
+        "serve",
+        "org/base",
+        "--enable-lora",
+        "--lora-modules",
+        "sql=org/sql-lora",
+        '{"name": "chat", "path": "org/chat-lora"}',
+        "--speculative-config",
+        '{"model": "org/draft", "num_speculative_tokens": 5}',
+        "--tokenizer",
+        "org/tok",
+    ]
+    mutated, _ = mutate_pod(pod, namespace="ns", config=CFG)
+    status = json.loads(mutated["metadata"]["annotations"]["modelcache.io/status"])
+    assert [m["uri"] for m in status["models"]] == [
+        "hf://org/base@main",
+        "hf://org/tok@main",
+        "hf://org/sql-lora@main",
+        "hf://org/chat-lora@main",
+        "hf://org/draft@main",
+    ]
+    assert mutated["spec"]["containers"][0]["command"] == app["command"], "args untouched"
