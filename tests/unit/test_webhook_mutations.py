@@ -156,6 +156,19 @@ def test_a_reserved_name_modelcache_did_not_inject_is_denied(
     assert item["name"] in (result.message or "") and "reserved" in (result.message or "")
 
 
+def test_an_app_container_cannot_mount_the_node_cache_itself() -> None:
+    """Mounting modelcache-cache without a subPath would expose every tenant's models."""
+    grab = {"name": "modelcache-cache", "mountPath": "/steal"}
+    p = pod(vllm(volumeMounts=[grab]))
+    _, result = mutate_pod(p, namespace="ns", config=CFG)
+    assert not result.allowed and "modelcache-cache" in (result.message or "")
+    out, _ = mutate_pod(pod(vllm(), vllm("org/x", name="other")), namespace="ns", config=CFG)
+    forged = copy.deepcopy(out)
+    forged["spec"]["containers"][0]["volumeMounts"].append(grab)
+    _, result = mutate_pod(forged, namespace="ns", config=CFG)
+    assert not result.allowed and "/steal" in (result.message or "")
+
+
 def test_a_forged_container_beside_a_real_status_is_denied() -> None:
     out, _ = mutate_pod(pod(vllm()), namespace="ns", config=CFG)
     forged = copy.deepcopy(out)

@@ -39,7 +39,7 @@ from webhook.mutations.context import (
     Pod,
     containers_of,
 )
-from webhook.mutations.volumes import pod_volumes, pvc_claims, pvc_mounts
+from webhook.mutations.volumes import app_mounts, pod_volumes, pvc_claims, pvc_mounts
 
 #: The startupProbe runs only until the mount serves, and the kubelet starts the app at the
 #: first success: a 1 s period costs a python start per second during start-up and saves up
@@ -274,6 +274,23 @@ def reserved_name_problem(
                     f"{what} {name!r}: the {RESERVED_PREFIX} prefix is reserved for what "
                     "modelcache injects; rename it"
                 )
+            mount = _reserved_mount(item) if kind != "volumes" else None
+            if mount:
+                return (
+                    f"container {name!r} mounts volume {mount!r}: the {RESERVED_PREFIX} prefix "
+                    "is reserved for what modelcache injects"
+                )
+    return None
+
+
+def _reserved_mount(container: object) -> str | None:
+    """The first ``modelcache-*`` volume a container mounts, else None."""
+    if not isinstance(container, dict):
+        return None
+    for m in container.get("volumeMounts") or []:
+        vol = m.get("name") if isinstance(m, dict) else None
+        if isinstance(vol, str) and vol.startswith(RESERVED_PREFIX):
+            return vol
     return None
 
 
@@ -314,6 +331,20 @@ def ours_problem(spec: dict[str, Any], ctx: Context) -> str | None:
                     f"container {name!r} differs from what modelcache injects ({differs}); "
                     f"the {RESERVED_PREFIX} prefix is reserved"
                 )
+    for kind in ("initContainers", "containers"):
+        for c in spec.get(kind) or []:
+            name = c.get("name") if isinstance(c, dict) else None
+            if not isinstance(name, str) or name.startswith(RESERVED_PREFIX):
+                continue
+            allowed = app_mounts(ctx, name) if kind == "containers" and name in ctx.targets else []
+            for m in c.get("volumeMounts") or []:
+                vol = m.get("name") if isinstance(m, dict) else None
+                if isinstance(vol, str) and vol.startswith(RESERVED_PREFIX) and m not in allowed:
+                    return (
+                        f"container {name!r} mounts volume {vol!r} at {m.get('mountPath')!r}, "
+                        f"which modelcache did not give it; the {RESERVED_PREFIX} prefix is "
+                        "reserved"
+                    )
     vols = {v["name"]: v for v in pod_volumes(ctx)}
     for v in spec.get("volumes") or []:
         name = v.get("name") if isinstance(v, dict) else None
