@@ -1,17 +1,16 @@
 """The admission pipeline: gate, validate, detect, run the mutations, diff once.
 
 Pure: no I/O, never changes its input. The mutations run in order on one deep copy of the
-pod; the JSON patch is one ``jsonpatch.make_patch(original, mutated)`` at the end, so what
+pod; the JSON patch is one ``webhook.patch.make_patch(original, mutated)`` at the end, so what
 the API server applies is exactly the difference between the two documents.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, replace
 from typing import Any, Final
-
-import jsonpatch
 
 from webhook.annotations import (
     ANN_CONTAINERS,
@@ -49,6 +48,7 @@ from webhook.mutations.detect import (
 from webhook.mutations.rewrite import rewrite_model_args
 from webhook.mutations.status import read_status, write_status
 from webhook.mutations.volumes import add_volumes, mount_app_containers, mount_conflict
+from webhook.patch import make_patch
 
 MUTATIONS: Final[tuple[tuple[str, Mutation], ...]] = (
     ("volumes", add_volumes),
@@ -339,8 +339,10 @@ def _credentials(
     env: list[dict[str, Any]] = []
     env_from: list[dict[str, Any]] = []
     seen: set[str] = set()
+    wanted = set(targets)
+    seen_from: set[str] = set()
     for c in app_containers(spec):
-        if c["name"] not in targets:
+        if c["name"] not in wanted:
             continue
         for item in c.get("env") or []:
             name = item.get("name") if isinstance(item, dict) else None
@@ -348,7 +350,9 @@ def _credentials(
                 seen.add(str(name))
                 env.append(copy.deepcopy(item))
         for src in c.get("envFrom") or []:
-            if isinstance(src, dict) and src not in env_from:
+            key = json.dumps(src, sort_keys=True) if isinstance(src, dict) else None
+            if key is not None and key not in seen_from:
+                seen_from.add(key)
                 env_from.append(copy.deepcopy(src))
     return tuple(env), tuple(env_from)
 
@@ -482,12 +486,13 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
                     f"set {ANN_MODEL} on every pod template of the group",
                     warnings,
                 )
+    usable_set = set(usable)
     app_env, app_env_from = _credentials(spec, tuple(usable))
     aliases: list[tuple[str, str]] = []
     include = list(options.include)
     by_uri = {m.source.uri: m for m in models}
     for f in facts.values():
-        if f.name not in usable:
+        if f.name not in usable_set:
             continue
         for found in f.found:
             bm = by_uri.get(found.uri)
@@ -543,7 +548,7 @@ def _annotate_skip(pod: Pod, result: AdmissionResult) -> tuple[Pod, AdmissionRes
     if not isinstance(work["metadata"].get("annotations"), dict):
         work["metadata"]["annotations"] = {}
     work["metadata"]["annotations"][ANN_SKIPPED] = result.reason
-    patch = jsonpatch.make_patch(_mutable_view(pod), _mutable_view(work)).patch
+    patch = make_patch(_mutable_view(pod), _mutable_view(work))
     return work, replace(result, patch=patch)
 
 
@@ -572,9 +577,7 @@ def mutate_pod(
     if isinstance(annotations, dict):
         annotations.pop(ANN_SKIPPED, None)
     warnings = list(ctx.notes.warnings)
-    patch: list[dict[str, Any]] = jsonpatch.make_patch(
-        _mutable_view(pod), _mutable_view(work)
-    ).patch
+    patch = make_patch(_mutable_view(pod), _mutable_view(work))
     if not patch:
         return work, AdmissionResult(True, [], warnings, None, "unchanged", "already injected", [])
     opts = ctx.options

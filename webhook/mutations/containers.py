@@ -336,7 +336,9 @@ def ours_problem(spec: dict[str, Any], ctx: Context) -> str | None:
             name = c.get("name") if isinstance(c, dict) else None
             if not isinstance(name, str) or name.startswith(RESERVED_PREFIX):
                 continue
-            allowed = app_mounts(ctx, name) if kind == "containers" and name in ctx.targets else []
+            allowed = (
+                app_mounts(ctx, name) if kind == "containers" and name in ctx.target_set else []
+            )
             for m in c.get("volumeMounts") or []:
                 vol = m.get("name") if isinstance(m, dict) else None
                 if isinstance(vol, str) and vol.startswith(RESERVED_PREFIX) and m not in allowed:

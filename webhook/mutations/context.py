@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Final
 
 from sidecar.modelsource import NamedModel
@@ -118,8 +119,20 @@ class Context:
             return "continue"
         return "fail"
 
+    @cached_property
+    def target_set(self) -> frozenset[str]:
+        """``targets`` for membership tests (a pod may have thousands of containers)."""
+        return frozenset(self.targets)
+
+    @cached_property
+    def _deliveries_by_container(self) -> dict[str, tuple[Delivery, ...]]:
+        out: dict[str, list[Delivery]] = {}
+        for d in self.deliveries:
+            out.setdefault(d.container, []).append(d)
+        return {k: tuple(v) for k, v in out.items()}
+
     def deliveries_of(self, container: str) -> tuple[Delivery, ...]:
-        return tuple(d for d in self.deliveries if d.container == container)
+        return self._deliveries_by_container.get(container, ())
 
     def path_models(self, container: str) -> set[str]:
         return {d.model for d in self.deliveries_of(container) if d.mode == "path"}

@@ -402,7 +402,7 @@ def rewrite_model_args(pod: Pod, ctx: Context) -> Pod:
     """Rewrite every target container; warn for one where no model reference was found."""
     rewritten_before = {r.get("container") for r in ctx.previous_rewrites}
     for container in pod["spec"].get("containers") or []:
-        if not isinstance(container, dict) or container.get("name") not in ctx.targets:
+        if not isinstance(container, dict) or container.get("name") not in ctx.target_set:
             continue
         done = rewrite_container(container, ctx)
         if (

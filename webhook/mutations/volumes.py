@@ -177,6 +177,6 @@ def mount_conflict(container: Container, ctx: Context) -> str | None:
 def mount_app_containers(pod: Pod, ctx: Context) -> Pod:
     """Mount the models into every target app container."""
     for container in pod["spec"].get("containers") or []:
-        if isinstance(container, dict) and container.get("name") in ctx.targets:
+        if isinstance(container, dict) and container.get("name") in ctx.target_set:
             merge_mounts(container, app_mounts(ctx, str(container["name"])))
     return pod
