@@ -5,6 +5,7 @@ contract between the webhook and the sidecar image. Each role lives in its own m
 imported only when chosen, so ``probe`` (run by the kubelet every few seconds) stays cheap.
 """
 
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,22 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 
 from sidecar.layout import APP_CACHE_ROOT
+
+_DESCRIPTION = """\
+The pod and node side of modelcache, one image with several roles:
+
+  warmup     fetch the pod's models into the node cache, then exit (init container)
+  mount      serve the models read-only over FUSE (the pod's cache-client sidecar)
+  probe      exit 0 when the mount serves the models (startupProbe)
+  agent      node agent: node labels, size bound and disk floor, eviction, pre-warm, metrics
+  uninstall  remove the node cache and this node's cache.modelcache.io/* labels
+
+Run `python -m sidecar ROLE --help` for the flags of a role. The webhook writes these
+command lines into injected pods; you run `agent` (a DaemonSet) and `uninstall` yourself.
+"""
 
 
 class _JsonFormatter(logging.Formatter):
@@ -61,16 +76,54 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
-    sub = parser.add_subparsers(dest="role", required=True)
+def version() -> str:
+    try:
+        return metadata.version("modelcache")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
-    w = sub.add_parser("warmup", help="fetch models into the node cache, then exit")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"modelcache {version()}")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    sub = parser.add_subparsers(dest="role", required=True, metavar="ROLE")
+
+    w = sub.add_parser(
+        "warmup",
+        help="fetch models into the node cache, then exit",
+        description="Fetch every --model into the node cache and exit 0 when all are "
+        "complete and verified. Progress goes to the log every few seconds; the final line "
+        "(cache hit, bytes downloaded, or what failed and what to do) also goes to the "
+        "termination message, which `kubectl describe pod` shows. Exit codes: 0 done (or "
+        "failed with --on-failure continue), 1 a model could not be fetched, 2 bad arguments.",
+    )
     _add_source_flags(w)
     _add_models(w)
     w.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
+    w.add_argument(
+        "--on-failure",
+        choices=("fail", "continue"),
+        default="fail",
+        help="what a model that cannot be fetched (not found, unauthorized, forbidden, "
+        "unreachable, timed out) does to the pod: 'fail' exits 1 and the pod does not start; "
+        "'continue' prints the reason and exits 0, so an app that fetches the model itself "
+        "starts as it would without modelcache (default: fail)",
+    )
+    w.add_argument(
+        "--termination-log",
+        default="/dev/termination-log",
+        metavar="PATH",
+        help="file for the final message (the kubelet's terminationMessagePath); a missing "
+        "or unwritable path is ignored (default: /dev/termination-log)",
+    )
 
     m = sub.add_parser("mount", help="serve models over a read-only FUSE mount")
     _add_source_flags(m)
