@@ -5,7 +5,6 @@ contract between the webhook and the sidecar image. Each role lives in its own m
 imported only when chosen, so ``probe`` (run by the kubelet every few seconds) stays cheap.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -16,6 +15,7 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 
+from sidecar.disk import DEFAULT_MAX_BYTES, DEFAULT_MIN_FREE
 from sidecar.layout import APP_CACHE_ROOT
 
 _DESCRIPTION = """\
@@ -150,14 +150,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="keep trying for this many seconds (postStart)"
     )
 
-    a = sub.add_parser("agent", help="node agent: inventory labels, eviction, pre-warm")
-    a.add_argument("--cache-dir", required=True)
-    a.add_argument("--node", required=True)
-    a.add_argument("--max-bytes", type=int, default=0, help="cache size bound (0: unbounded)")
-    a.add_argument("--prewarm-config", default=None)
-    a.add_argument("--interval", type=float, default=30.0, help="seconds between scans")
-    a.add_argument("--metrics-port", type=int, default=9090)
+    a = sub.add_parser(
+        "agent",
+        help="node agent: node labels, size bound and disk floor, eviction, pre-warm, metrics",
+        description="The node agent (a DaemonSet): labels the node with the models complete "
+        "in its cache, evicts least-recently-used models over the size bound or under the "
+        "free-space floor (never a model in use), pre-warms configured models and serves "
+        "Prometheus metrics. Sizes are bytes (1073741824), with a unit (500Gi, 200G) or a "
+        "share of the disk holding the cache (50%%); 0 switches a bound off. Exit codes: 0 "
+        "done (--once), 1 the cluster API stayed unreachable, 2 bad arguments.",
+    )
+    a.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
+    a.add_argument("--node", required=True, help="this node's name (spec.nodeName)")
+    a.add_argument(
+        "--max-bytes",
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help=f"cache size bound (default {DEFAULT_MAX_BYTES} of the disk; 0: unbounded)",
+    )
+    a.add_argument(
+        "--min-free",
+        default=DEFAULT_MIN_FREE,
+        metavar="SIZE",
+        help="free space to keep on the disk holding the cache; below it models are evicted "
+        f"(default {DEFAULT_MIN_FREE} of the disk; 0: no floor)",
+    )
+    a.add_argument("--prewarm-config", default=None, help="pre-warm YAML (re-read every pass)")
+    a.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
+    a.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: none)"
+    )
     a.add_argument("--once", action="store_true", help="one pass, then exit")
+
+    u = sub.add_parser(
+        "uninstall",
+        help="remove the node cache and this node's cache.modelcache.io/* labels",
+        description="Remove what modelcache leaves on a node: the models in the node cache "
+        "(never one a running pod still serves: those are listed and the exit code is 1) and "
+        "the node's cache.modelcache.io/* labels. Run it on each node (manifests/uninstall "
+        "does that as a DaemonSet) after deleting the webhook and the agent. Exit codes: 0 "
+        "clean, 1 something is left (named in the output), 2 bad arguments.",
+    )
+    u.add_argument("--cache-dir", help="the node cache to empty (hostPath)")
+    u.add_argument(
+        "--node", help="remove the cache.modelcache.io/* labels of this node (needs a cluster)"
+    )
+    u.add_argument(
+        "--all-nodes",
+        action="store_true",
+        help="remove the cache.modelcache.io/* labels of every node (kubeconfig with list "
+        "and patch on nodes)",
+    )
+    u.add_argument(
+        "--hold",
+        action="store_true",
+        help="after cleaning, stay running until SIGTERM (so a DaemonSet shows every node "
+        "done with `kubectl rollout status`)",
+    )
     return parser
 
 
@@ -176,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar import probe
 
         return probe.run(args)
+    if args.role == "uninstall":
+        from sidecar import uninstall
+
+        return uninstall.run(args)
     from sidecar import agent
 
     return agent.run(args)

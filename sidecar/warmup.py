@@ -151,7 +151,10 @@ class WarmupReport:
         what = f"{len(ok)} model(s), {files} file(s), {human_bytes(total)}"
         fetched = self.fetched_bytes
         if fetched == 0:
-            return f"warmup complete: cache hit: {what} already in the node cache, nothing downloaded ({took})"
+            return (
+                f"warmup complete: cache hit: {what} already in the node cache, nothing "
+                f"downloaded ({took})"
+            )
         hits = [m.name for m in ok if m.hit]
         hit_note = f"; cache hit for {', '.join(repr(n) for n in hits)}" if hits else ""
         return (
@@ -173,7 +176,9 @@ class WarmupReport:
 class WarmupError(Exception):
     """One or more models could not be warmed; ``failures`` has one line per failure."""
 
-    def __init__(self, failures: Sequence[Failure | str], report: WarmupReport | None = None) -> None:
+    def __init__(
+        self, failures: Sequence[Failure | str], report: WarmupReport | None = None
+    ) -> None:
         self.problems = [
             f if isinstance(f, Failure) else Failure("", "", "error", f) for f in failures
         ]
@@ -250,8 +255,9 @@ def include_problem(
     weights = [f for f in listed if is_weight_file(f.path)]
     if weights and not any(is_weight_file(f.path) for f in plan):
         chosen = sum(f.size for f in plan)
+        kinds = ", ".join("*" + s for s in WEIGHT_SUFFIXES)
         return (
-            f"--include {globs} selects no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}): "
+            f"--include {globs} selects no weight files ({kinds}): "
             f"only {len(plan)} file(s), {human_bytes(chosen)}, of a model with "
             f"{len(weights)} weight file(s) (types: {_suffixes(weights)}); check the globs"
         )
@@ -389,7 +395,8 @@ async def warm_models(
     def fail(m: NamedModel, exc: BaseException, kind: str | None = None) -> None:
         msg = str(exc)
         msg = msg.removeprefix(f"{m.source.uri}: ")  # source errors start with their URI
-        kind = kind or getattr(exc, "kind", "cache" if isinstance(exc, CacheError) else "error")
+        if kind is None:
+            kind = exc.kind if isinstance(exc, SourceError) else "cache"
         report.failures.append(Failure(m.name, m.source.uri, kind, msg))
         pending.discard(m.name)
 

@@ -71,6 +71,7 @@ def unreachable_error(what: str, target: str, exc: BaseException) -> SourceUnrea
         f"{what}: unreachable ({target}: {type(exc).__name__}: {exc}); {UNREACHABLE_ADVICE}"
     )
 
+
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 

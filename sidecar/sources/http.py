@@ -39,6 +39,7 @@ def _advice(status: int, code: str, body: str) -> tuple[type[SourceAccessError],
         )
     return SourceForbiddenError, "the server refuses access; check its access rules"
 
+
 _MAX_ENTRIES = 100_000
 
 

@@ -10,7 +10,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 from sidecar.agent import LABEL_PREFIX
 from sidecar.cache import NodeCache
@@ -190,3 +194,82 @@ def test_loop_follows_the_cache_and_stops_cleanly_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_without_a_cluster_one_clear_error_line(tmp_path: Path) -> None:
+    env = dict(os.environ, KUBECONFIG=str(tmp_path / "no-such-kubeconfig"))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(tmp_path), "--node", NODE]
+    done = subprocess.run(
+        [*cmd, "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("agent: no cluster to talk to: not in a pod")
+    assert "set KUBECONFIG" in line
+
+
+def test_version_and_help_for_users() -> None:
+    run = [sys.executable, "-m", "sidecar"]
+    version = subprocess.run(
+        [*run, "--version"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False
+    )
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"modelcache {metadata.version('modelcache')}"
+    helped = subprocess.run(
+        [*run, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False
+    )
+    for role in ("warmup", "mount", "probe", "agent", "uninstall"):
+        assert f"\n  {role} " in helped.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs: a disk that can be filled in a test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "modelcache-test", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_pressure_on_a_real_disk_evicts_until_the_floor(
+    tmp_path: Path, kube_nodes: FakeNodeAPI, small_disk: Path
+) -> None:
+    from tests.fixtures.agent_cache import write_model
+
+    kube_nodes.add_node(NODE)
+    cache = small_disk / "cache"
+    now = time.time()
+    models = [
+        write_model(cache, f"hf://org/m{i}", {"w.bin": os.urandom(3 << 20)}, last_used=now - i)
+        for i in range(3)
+    ]  # 9 MiB of models; m2 is the least recently used, then m1
+    (small_disk / "other-data").write_bytes(b"\0" * (5 << 20))  # images, logs: not ours
+    # 16 MiB disk, ~2 MiB free; a floor of 40% (6.4 MiB) needs ~4.4 MiB: two models
+    done = run_agent(kube_nodes, tmp_path, cache, "--min-free", "40%", "--max-bytes", "0")
+    assert done.returncode == 0, done.stderr
+    assert "disk pressure" in done.stderr
+    left = sorted(p.name for p in models_root(cache).iterdir())
+    assert left == [models[0].key]
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= 0.4 * st.f_blocks * st.f_frsize
+    assert (small_disk / "other-data").exists()  # never touches what is not a model

@@ -133,7 +133,9 @@ def test_gated_hub_model_is_forbidden_with_where_to_ask(
 ) -> None:
     served, _ = hub
     env = _env(**served.server.env())
-    res, message = warmup(tmp_path / "c", "--model", "m=hf://acme/gated", env=env, log=tmp_path / "l")
+    res, message = warmup(
+        tmp_path / "c", "--model", "m=hf://acme/gated", env=env, log=tmp_path / "l"
+    )
     assert res.returncode == 1
     assert "warmup failed: model 'm' (hf://acme/gated@main): forbidden (HTTP 403" in res.stderr
     assert f"request access at {served.server.rstrip('/')}/acme/gated" in res.stderr
@@ -262,7 +264,9 @@ def test_revision_fetches_exactly_that_revision(
     served, v1 = hub
     env = _env(**served.server.env())
     cache = tmp_path / "cache"
-    res, _ = warmup(cache, "--model", "main=hf://acme/tiny", "--model", "v1=hf://acme/tiny@v1", env=env)
+    res, _ = warmup(
+        cache, "--model", "main=hf://acme/tiny", "--model", "v1=hf://acme/tiny@v1", env=env
+    )
     assert res.returncode == 0, res.stderr
     store = NodeCache(cache)
     mains = store.model_dir(parse_model_arg("main=hf://acme/tiny"))
@@ -274,11 +278,7 @@ def test_revision_fetches_exactly_that_revision(
         if p.is_file()
     }
     assert {p: (v1.root / p).read_bytes() for p in v1.files} == got_v1
-    got_main = {
-        p.relative_to(mains.data).as_posix()
-        for p in mains.data.rglob("*")
-        if p.is_file()
-    }
+    got_main = {p.relative_to(mains.data).as_posix() for p in mains.data.rglob("*") if p.is_file()}
     assert got_main == set(served.info.files)
     assert got_main != set(got_v1)  # the fixture's revisions differ (2 shards vs 1)
     # files were fetched by the commit of v1 that the listing named, never by a branch name

@@ -113,7 +113,10 @@ async def test_include_without_weights_warns_and_says_what_it_fetched(
     lines: list[str] = []
     # the typo of issue reports: *.safetensor selects no weights, only the metadata
     report = await warm_models(
-        NodeCache(tmp_path), [m], include=["*.json", "*.safetensor"], progress=Progress(emit=lines.append)
+        NodeCache(tmp_path),
+        [m],
+        include=["*.json", "*.safetensor"],
+        progress=Progress(emit=lines.append),
     )
     [warning] = report.warnings
     assert warning.startswith("model 'm': --include *.json,*.safetensor selects no weight files")
@@ -154,7 +157,9 @@ async def test_hf_missing_token_fails_even_with_a_complete_cache(
     await warm_models(cache, [m])
     assert cache.is_complete(m)
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(WarmupError, match=r"unauthorized \(HTTP 401.*no or invalid token; set HF_TOKEN"):
+    with pytest.raises(
+        WarmupError, match=r"unauthorized \(HTTP 401.*no or invalid token; set HF_TOKEN"
+    ):
         await warm_models(cache, [m])
 
 
@@ -188,7 +193,9 @@ async def test_unreachable_source_without_cache_fails(tmp_path: Path) -> None:
     with fault_server(tmp_path) as server:
         url = f"{server}m/"
     m = parse_model_arg(f"m={url}")
-    with pytest.raises(WarmupError, match=r"unreachable .* \(gave up listing after 1 retries\)") as err:
+    with pytest.raises(
+        WarmupError, match=r"unreachable .* \(gave up listing after 1 retries\)"
+    ) as err:
         await warm_models(NodeCache(tmp_path / "c", backoff=0.01, retries=1), [m])
     assert err.value.kinds == ["unreachable"]
     assert "check the address, DNS" in str(err.value)
