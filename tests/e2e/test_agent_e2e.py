@@ -34,8 +34,10 @@ def run_agent(
     env = dict(os.environ, KUBECONFIG=str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config in tests
     cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache), "--node", NODE]
+    # no free-space floor unless a test asks for one: the outcome must not depend on how
+    # full the test machine's disk is (flags given later win)
     return subprocess.run(
-        [*cmd, "--once", *flags],
+        [*cmd, "--once", "--min-free", "0", *flags],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -273,3 +275,71 @@ def test_disk_pressure_on_a_real_disk_evicts_until_the_floor(
     st = os.statvfs(small_disk)
     assert st.f_bavail * st.f_frsize >= 0.4 * st.f_blocks * st.f_frsize
     assert (small_disk / "other-data").exists()  # never touches what is not a model
+
+
+def test_scraped_metrics_count_real_warmups_hits_misses_and_bytes_saved(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    """Warm-ups as the kubelet runs them (processes), then the agent's /metrics over HTTP."""
+    from aiohttp import ClientSession
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar.agent import Agent, AgentSettings, RetryPolicy
+
+    kube_nodes.add_node(NODE)
+    cache = tmp_path / "cache"
+    info, model = make_model(tmp_path, "llm", seed=7)
+    cmd = [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache)]
+    for args in (
+        ["--model", model.to_arg()],  # a miss: everything downloaded
+        ["--model", model.to_arg()],  # a hit
+        ["--model", f"gone=file://{tmp_path}/no-such-model"],  # not found
+    ):
+        subprocess.run(
+            [*cmd, *args, "--termination-log", str(tmp_path / "tl")],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+
+    async def scrape() -> str:
+        settings = AgentSettings(
+            cache_dir=cache,
+            node=NODE,
+            retry=RetryPolicy(attempts=2, base=0.001, cap=0.01),
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+        )
+        agent = Agent(settings, kube_nodes.api_client())
+        await agent.start_metrics()
+        try:
+            assert (await agent.run_pass()).ok
+            async with ClientSession() as http, http.get(agent.metrics_url) as resp:
+                assert resp.status == 200
+                return await resp.text()
+        finally:
+            await agent.close()
+
+    text = asyncio.run(scrape())
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("modelcache_cache_hits_total", ())] == 1
+    assert samples[("modelcache_cache_misses_total", ())] == 1
+    assert samples[("modelcache_cache_saved_bytes_total", ())] == info.total_bytes
+    assert samples[("modelcache_cache_fetched_bytes_total", ())] == info.total_bytes
+    assert samples[("modelcache_warmups_total", (("result", "ok"),))] == 2
+    assert samples[("modelcache_warmups_total", (("result", "failed"),))] == 1
+    assert samples[("modelcache_warmup_failures_total", (("reason", "not-found"),))] == 1
+    assert samples[("modelcache_disk_size_bytes", ())] > 0
+    assert (
+        0
+        < samples[("modelcache_disk_free_bytes", ())]
+        <= samples[("modelcache_disk_size_bytes", ())]
+    )
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["modelcache_cache_hits"] == "counter"
+    assert types["modelcache_disk_free_bytes"] == "gauge"
