@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--termination-log",
         default="/dev/termination-log",
         metavar="PATH",
-        help="file for the final message (the kubelet's terminationMessagePath); a missing "
-        "or unwritable path is ignored (default: /dev/termination-log)",
+        help="file for the final message (the kubelet's terminationMessagePath, which it "
+        "creates); written only if it exists, an unwritable one is ignored "
+        "(default: /dev/termination-log)",
     )
 
     m = sub.add_parser("mount", help="serve models over a read-only FUSE mount")

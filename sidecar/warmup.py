@@ -468,14 +468,20 @@ async def warm_models(
 def write_termination_message(path: str, lines: Sequence[str]) -> None:
     """Best effort: the kubelet shows this file as the container's termination message.
 
-    A missing or unwritable path (not in a pod, a read-only file system) is ignored: the
-    same lines are in the log. Failures go first so a long message keeps them."""
+    The kubelet creates the file in every container; it is never created here, so a run
+    outside a pod leaves nothing in ``/dev``. A missing or unwritable path is ignored: the
+    same lines are in the log."""
     data = "\n".join(lines).encode()[:TERMINATION_MESSAGE_MAX]
     try:
-        with open(path, "wb") as f:
-            f.write(data)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except OSError:
         return
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ def warmup(
     cmd = [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), *args]
     if log is not None:
         cmd += ["--termination-log", str(log)]
+        if log.parent.is_dir():
+            log.write_text("")  # the kubelet creates the file before the container starts
     res = subprocess.run(
         cmd,
         env=env or _env(),
@@ -238,6 +240,23 @@ def test_unwritable_termination_log_is_ignored(tmp_path: Path, faulty_model: Ser
     assert res.returncode == 0, res.stderr
     assert message is None
     assert "Traceback" not in res.stderr
+
+
+def test_the_termination_log_is_never_created(tmp_path: Path, faulty_model: ServedModel) -> None:
+    """Outside a pod (a laptop, the demo) nothing appears at the default /dev path."""
+    log = tmp_path / "termination-log"
+    cmd = [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(tmp_path / "c")]
+    res = subprocess.run(
+        [*cmd, "--model", f"m={faulty_model.url}", "--termination-log", str(log)],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert not log.exists()
 
 
 def test_include_typo_warns_in_the_termination_message(
