@@ -93,9 +93,15 @@ def test_success_then_cache_hit_in_log_and_termination_message(
     assert records[1]["models"][0]["cached_bytes"] == faulty_model.info.total_bytes
 
 
+@pytest.mark.parametrize("server", ["fault-server", "nginx"])
 @pytest.mark.parametrize("on_failure", ["fail", "continue"])
-def test_not_found(tmp_path: Path, faulty_model: ServedModel, on_failure: str) -> None:
-    url = f"{faulty_model.server}no-such-model/"
+def test_not_found(
+    tmp_path: Path, request: pytest.FixtureRequest, server: str, on_failure: str
+) -> None:
+    served: ServedModel = request.getfixturevalue(
+        "faulty_model" if server == "fault-server" else "nginx_model"
+    )
+    url = f"{served.server}no-such-model/"
     log = tmp_path / "log"
     res, message = warmup(
         tmp_path / "cache", "--model", f"m={url}", "--on-failure", on_failure, log=log
