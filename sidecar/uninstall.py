@@ -102,6 +102,7 @@ def _hold() -> None:
     """Wait for SIGTERM or SIGINT (PID 1 in a container has no default handler for them)."""
     signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    print("uninstall: holding until SIGTERM", flush=True)
     signal.sigwait(signals)
 
 

@@ -128,3 +128,32 @@ def test_without_a_cluster_one_clear_line(tmp_path: Path) -> None:
 def test_bad_arguments_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     res = uninstall(None, tmp_path, *args)
     assert res.returncode == 2 and message in res.stderr
+
+
+def test_hold_waits_for_sigterm_then_exits_0(tmp_path: Path) -> None:
+    """The DaemonSet's main container: Ready once the init container cleaned the node."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "uninstall", "--hold"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "uninstall: holding until SIGTERM\n"
+        assert proc.poll() is None  # holds: no exit of its own
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
