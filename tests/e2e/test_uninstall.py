@@ -150,7 +150,7 @@ def test_hold_waits_for_sigterm_then_exits_0(tmp_path: Path) -> None:
         assert proc.poll() is None  # holds: no exit of its own
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert time.monotonic() - started < 10
     finally:
