@@ -67,7 +67,13 @@ def _add_models(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
-    p.add_argument("--include", default="", metavar="GLOB,GLOB", help="only files matching")
+    p.add_argument(
+        "--include",
+        default="",
+        metavar="GLOB,GLOB",
+        help="fetch only files whose path or name matches one of the globs (default: all); "
+        "a warning says when they select no weight files",
+    )
     p.add_argument(
         "--pvc-root",
         default="/var/run/modelcache/pvc",
