@@ -264,21 +264,24 @@ def include_problem(
     return ""
 
 
-async def _list_with_retries(cache: NodeCache, src: Source) -> list[RemoteFile]:
+async def _list_with_retries(
+    cache: NodeCache, src: Source, retries: int | None = None
+) -> list[RemoteFile]:
+    retries = cache.retries if retries is None else retries
     attempt = 0
     while True:
         try:
             return await src.list_files()
         except SourceUnavailableError as exc:
             attempt += 1
-            if attempt > cache.retries:
+            if attempt > retries:
                 # the same class: "unreachable" stays unreachable for the message and metrics
                 head, _, rest = str(exc).partition(": ")
                 raise type(exc)(
-                    f"{head}: {rest} (gave up listing after {cache.retries} retries)"
+                    f"{head}: {rest} (gave up listing after {retries} retries)"
                 ) from None
             delay = cache.backoff * 2 ** (attempt - 1)
-            log.warning("%s (retry %d/%d in %.1fs)", exc, attempt, cache.retries, delay)
+            log.warning("%s (retry %d/%d in %.1fs)", exc, attempt, retries, delay)
             await asyncio.sleep(delay)
 
 
@@ -286,8 +289,12 @@ async def _list_model(
     cache: NodeCache, model: NamedModel, src: Source
 ) -> tuple[list[RemoteFile], bool]:
     """The model's files and whether they come from the cache because the source is down."""
+    # a complete copy of an anonymous source is served at the first failed listing: retries
+    # would only delay a pod that needs nothing from the source (a source outage used to
+    # cost every such pod ~15 s of backoff before it started)
+    fallback = not getattr(src, "uses_credentials", True) and cache.is_complete(model)
     try:
-        files = await _list_with_retries(cache, src)
+        files = await _list_with_retries(cache, src, retries=0 if fallback else None)
     except SourceAccessError:
         raise
     except SourceUnavailableError as exc:

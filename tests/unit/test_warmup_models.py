@@ -175,6 +175,27 @@ async def test_unreachable_anonymous_source_serves_a_complete_cache(
     _assert_complete(cache, m, generated_model)
 
 
+async def test_unreachable_anonymous_source_with_a_complete_cache_does_not_wait(
+    tmp_path: Path, generated_model: ModelInfo
+) -> None:
+    """No retry backoff when nothing is needed from the source: the pod starts at once."""
+    import time
+
+    with fault_server(generated_model.root.parent) as server:
+        m = parse_model_arg(f"m={server}{generated_model.root.name}/")
+        await warm_models(NodeCache(tmp_path / "cache"), [m])
+    slow = NodeCache(tmp_path / "cache", backoff=30, retries=5)  # 15+ minutes of backoff
+    started = time.monotonic()
+    report = await warm_models(slow, [m])
+    assert time.monotonic() - started < 10
+    assert report.models[0].hit
+    # without a complete copy the same source is retried (and then fails)
+    (slow.model_dir(m).manifest).unlink()
+    quick = NodeCache(tmp_path / "cache", backoff=0.01, retries=2)
+    with pytest.raises(WarmupError, match=r"gave up listing after 2 retries"):
+        await warm_models(quick, [m])
+
+
 async def test_unreachable_source_with_credentials_fails_closed(
     tmp_path: Path, s3_model: ServedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
