@@ -478,6 +478,11 @@ class AgentMetrics:
         self.prewarm_runs = Counter(
             "modelcache_prewarm_runs", "Pre-warm runs by result", ["result"], registry=r
         )
+        self.prewarm_fetched = Counter(
+            "modelcache_prewarm_fetched_bytes",
+            "Bytes pre-warm runs downloaded from model sources into the node cache",
+            registry=r,
+        )
         self.last_pass = Gauge(
             "modelcache_agent_last_success_timestamp_seconds",
             "When the last fully successful pass ended",
@@ -861,6 +866,7 @@ class Agent:
             self.metrics.prewarm_runs.labels(result="ok").inc()
             log.info("pre-warm %s: done", entry.model)
         finally:
+            self.metrics.prewarm_fetched.inc(state.progress.fetched_bytes)
             self._filling.difference_update(keys)
             self._wake.set()  # label the new model now, not one interval later
 

@@ -362,6 +362,7 @@ models:
     assert f'modelcache_prewarm_bytes_done{{model="{A}"}} 64.0' in text
     assert f'modelcache_prewarm_size_bytes{{model="{B}"}}' not in text  # not for this node
     assert 'modelcache_prewarm_runs_total{result="ok"} 1.0' in text
+    assert "modelcache_prewarm_fetched_bytes_total 64.0" in text
     await agent.close()
 
 
