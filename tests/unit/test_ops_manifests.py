@@ -235,3 +235,17 @@ def test_license_file_matches_pyproject() -> None:
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
     assert "END OF TERMS AND CONDITIONS" in text
     assert len(text) > 10_000  # the full text, not a pointer to it
+
+
+def test_the_agent_daemonset_bounds_the_cache_and_keeps_a_disk_floor() -> None:
+    from sidecar.agent import settings_from_args
+    from sidecar.disk import Size
+
+    [ds] = load_yaml_docs(MANIFESTS / "agent" / "daemonset.yaml")
+    [container] = ds["spec"]["template"]["spec"]["containers"]
+    argv = [a.replace("$(NODE_NAME)", "n1") for a in container["command"][3:] + container["args"]]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    for size in (settings.max_bytes, settings.min_free):
+        assert isinstance(size, Size) and size.resolve(1000) > 0  # never 0 = unlimited
+    # the floor stays above the kubelet's default hard eviction threshold (10% free)
+    assert settings.min_free.resolve(1000) > 100
