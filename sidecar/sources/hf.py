@@ -76,6 +76,11 @@ class HfSource:
                 f"that can read {self.repo} (private and gated models need one)"
             )
         if status == 403:
+            if not self.uses_credentials:
+                return SourceForbiddenError, (
+                    f"the model is gated or private; request access at {page}, then set "
+                    "HF_TOKEN in the pod (from a Secret) to a token of the account granted it"
+                )
             return SourceForbiddenError, (
                 f"the model is gated or private and this token has no access to it; request "
                 f"access at {page} with the account whose token is in HF_TOKEN"
