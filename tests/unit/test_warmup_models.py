@@ -324,3 +324,17 @@ async def test_progress_reports_periodically_then_a_final_line() -> None:
     p.file_done(10, 10)
     await p.stop("the caller's summary")
     assert lines[-1] == "the caller's summary"
+
+
+async def test_s3_missing_prefix_and_bucket_are_not_found(
+    tmp_path: Path, s3_model: ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _env(monkeypatch, s3_model)
+    prefix = parse_model_arg("p=s3://models/no-such-model")
+    bucket = parse_model_arg("b=s3://no-such-bucket/m")
+    with pytest.raises(WarmupError) as err:
+        await warm_models(NodeCache(tmp_path), [prefix, bucket])
+    assert err.value.kinds == ["not-found", "not-found"]
+    assert "no object under prefix 'no-such-model/' in bucket 'models'" in err.value.failures[0]
+    assert "NoSuchBucket" in err.value.failures[1]
+    assert "check the bucket and prefix" in err.value.failures[1]
