@@ -13,8 +13,23 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 
+from sidecar.disk import DEFAULT_MAX_BYTES, DEFAULT_MIN_FREE
 from sidecar.layout import APP_CACHE_ROOT
+
+_DESCRIPTION = """\
+The pod and node side of modelcache, one image with several roles:
+
+  warmup     fetch the pod's models into the node cache, then exit (init container)
+  mount      serve the models read-only over FUSE (the pod's cache-client sidecar)
+  probe      exit 0 when the mount serves the models (startupProbe)
+  agent      node agent: node labels, size bound and disk floor, eviction, pre-warm, metrics
+  uninstall  remove the node cache and this node's cache.modelcache.io/* labels
+
+Run `python -m sidecar ROLE --help` for the flags of a role. The webhook writes these
+command lines into injected pods; you run `agent` (a DaemonSet) and `uninstall` yourself.
+"""
 
 
 class _JsonFormatter(logging.Formatter):
@@ -52,7 +67,13 @@ def _add_models(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
-    p.add_argument("--include", default="", metavar="GLOB,GLOB", help="only files matching")
+    p.add_argument(
+        "--include",
+        default="",
+        metavar="GLOB,GLOB",
+        help="fetch only files whose path or name matches one of the globs (default: all); "
+        "a warning says when they select no weight files",
+    )
     p.add_argument(
         "--pvc-root",
         default="/var/run/modelcache/pvc",
@@ -61,16 +82,55 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
-    sub = parser.add_subparsers(dest="role", required=True)
+def version() -> str:
+    try:
+        return metadata.version("modelcache")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
-    w = sub.add_parser("warmup", help="fetch models into the node cache, then exit")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"modelcache {version()}")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    sub = parser.add_subparsers(dest="role", required=True, metavar="ROLE")
+
+    w = sub.add_parser(
+        "warmup",
+        help="fetch models into the node cache, then exit",
+        description="Fetch every --model into the node cache and exit 0 when all are "
+        "complete and verified. Progress goes to the log every few seconds; the final line "
+        "(cache hit, bytes downloaded, or what failed and what to do) also goes to the "
+        "termination message, which `kubectl describe pod` shows. Exit codes: 0 done (or "
+        "failed with --on-failure continue), 1 a model could not be fetched, 2 bad arguments.",
+    )
     _add_source_flags(w)
     _add_models(w)
     w.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
+    w.add_argument(
+        "--on-failure",
+        choices=("fail", "continue"),
+        default="fail",
+        help="what a model that cannot be fetched (not found, unauthorized, forbidden, "
+        "unreachable, timed out) does to the pod: 'fail' exits 1 and the pod does not start; "
+        "'continue' prints the reason and exits 0, so an app that fetches the model itself "
+        "starts as it would without modelcache (default: fail)",
+    )
+    w.add_argument(
+        "--termination-log",
+        default="/dev/termination-log",
+        metavar="PATH",
+        help="file for the final message (the kubelet's terminationMessagePath, which it "
+        "creates); written only if it exists, an unwritable one is ignored "
+        "(default: /dev/termination-log)",
+    )
 
     m = sub.add_parser("mount", help="serve models over a read-only FUSE mount")
     _add_source_flags(m)
@@ -97,14 +157,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="keep trying for this many seconds (postStart)"
     )
 
-    a = sub.add_parser("agent", help="node agent: inventory labels, eviction, pre-warm")
-    a.add_argument("--cache-dir", required=True)
-    a.add_argument("--node", required=True)
-    a.add_argument("--max-bytes", type=int, default=0, help="cache size bound (0: unbounded)")
-    a.add_argument("--prewarm-config", default=None)
-    a.add_argument("--interval", type=float, default=30.0, help="seconds between scans")
-    a.add_argument("--metrics-port", type=int, default=9090)
+    a = sub.add_parser(
+        "agent",
+        help="node agent: node labels, size bound and disk floor, eviction, pre-warm, metrics",
+        description="The node agent (a DaemonSet): labels the node with the models complete "
+        "in its cache, evicts least-recently-used models over the size bound or under the "
+        "free-space floor (never a model in use), pre-warms configured models and serves "
+        "Prometheus metrics. Sizes are bytes (1073741824), with a unit (500Gi, 200G) or a "
+        "share of the disk holding the cache (50%%); 0 switches a bound off. Exit codes: 0 "
+        "done (--once), 1 the cluster API stayed unreachable, 2 bad arguments.",
+    )
+    a.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
+    a.add_argument("--node", required=True, help="this node's name (spec.nodeName)")
+    a.add_argument(
+        "--max-bytes",
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help=f"cache size bound (default {DEFAULT_MAX_BYTES} of the disk; 0: unbounded)",
+    )
+    a.add_argument(
+        "--min-free",
+        default=DEFAULT_MIN_FREE,
+        metavar="SIZE",
+        help="free space to keep on the disk holding the cache; below it models are evicted "
+        f"(default {DEFAULT_MIN_FREE} of the disk; 0: no floor)",
+    )
+    a.add_argument("--prewarm-config", default=None, help="pre-warm YAML (re-read every pass)")
+    a.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
+    a.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: none)"
+    )
     a.add_argument("--once", action="store_true", help="one pass, then exit")
+
+    u = sub.add_parser(
+        "uninstall",
+        help="remove the node cache and this node's cache.modelcache.io/* labels",
+        description="Remove what modelcache leaves on a node: the models in the node cache "
+        "(never one a running pod still serves: those are listed and the exit code is 1) and "
+        "the node's cache.modelcache.io/* labels. Run it on each node (manifests/uninstall "
+        "does that as a DaemonSet) after deleting the webhook and the agent. Exit codes: 0 "
+        "clean, 1 something is left (named in the output), 2 bad arguments.",
+    )
+    u.add_argument("--cache-dir", help="the node cache to empty (hostPath)")
+    u.add_argument(
+        "--node", help="remove the cache.modelcache.io/* labels of this node (needs a cluster)"
+    )
+    u.add_argument(
+        "--all-nodes",
+        action="store_true",
+        help="remove the cache.modelcache.io/* labels of every node (kubeconfig with list "
+        "and patch on nodes)",
+    )
+    u.add_argument(
+        "--hold",
+        action="store_true",
+        help="after cleaning, stay running until SIGTERM (so a DaemonSet shows every node "
+        "done with `kubectl rollout status`)",
+    )
     return parser
 
 
@@ -123,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar import probe
 
         return probe.run(args)
+    if args.role == "uninstall":
+        from sidecar import uninstall
+
+        return uninstall.run(args)
     from sidecar import agent
 
     return agent.run(args)

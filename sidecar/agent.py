@@ -5,14 +5,18 @@ Data affinity only helps if nodes say what they hold. Every pass the agent
 1. scans the node cache (``sidecar.layout``): a model is *ready* when ``manifest.json``
    exists and every file it lists is under ``data/`` with the listed size (the sha256 was
    checked when the file was written; re-hashing every scan would read the whole cache);
-2. evicts least-recently-used models while the cache is over ``--max-bytes``: a model whose
-   ``.model.lock`` cannot be taken exclusively without blocking is in use (a mount serving it,
-   a warm-up filling it) and stays; for the others the node label goes first, then the
-   directory is renamed into ``trash/`` while the exclusive lock is still held, so no reader
-   ever sees a half-deleted model, and only then removed;
+2. evicts least-recently-used models while the cache is over ``--max-bytes`` (size bound)
+   or the filesystem holding it has less than ``--min-free`` free (disk pressure: the disk is
+   shared with images, logs and emptyDirs, and the kubelet evicts pods when it runs low): a
+   model whose ``.model.lock`` cannot be taken exclusively without blocking is in use (a
+   mount serving it, a warm-up filling it) and stays; for the others the node label goes
+   first, then the directory is renamed into ``trash/`` while the exclusive lock is still
+   held, so no reader ever sees a half-deleted model, and only then removed;
 3. makes the node's ``cache.modelcache.io/<cache-key>`` labels equal the ready set with one
    merge-patch, and none when nothing changed; other labels are never touched;
-4. starts the pre-warm entries of ``--prewarm-config`` that select this node and are due.
+4. starts the pre-warm entries of ``--prewarm-config`` that select this node and are due;
+5. counts the warm-ups that ran on the node since the last pass (``sidecar.journal``): cache
+   hits, misses, bytes not downloaded thanks to the cache, failures by reason.
 
 The Kubernetes calls are blocking (``kubernetes`` client), so they run in a worker thread;
 errors are retried with exponential backoff and full jitter, and a pass that still fails
@@ -32,6 +36,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +48,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sidecar import journal
 from sidecar.cache import NodeCache
+from sidecar.disk import DiskUsage, Size, disk_usage, parse_size
 from sidecar.layout import MANIFEST_FILE, ModelDir, UnsafePathError, models_root, trash_root
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
 from sidecar.progress import Progress
@@ -59,6 +66,8 @@ MERGE_PATCH: Final = "application/merge-patch+json"
 _LABEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 T = TypeVar("T")
+#: ``reason`` label values of the eviction counters.
+EVICTION_REASONS: Final = ("size", "disk_pressure")
 
 
 class NodeAPIError(RuntimeError):
@@ -194,20 +203,27 @@ def label_patch(current: Mapping[str, str], ready_keys: Iterable[str]) -> dict[s
 
 
 def plan_eviction(
-    models: Iterable[ModelState], max_bytes: int, keep_last: Iterable[str] = ()
+    models: Iterable[ModelState],
+    max_bytes: int,
+    keep_last: Iterable[str] = (),
+    need_free: int = 0,
 ) -> tuple[int, list[ModelState]]:
     """Bytes to free and the candidates in eviction order (least recently used first).
 
-    Models in ``keep_last`` (pre-warmed for this node) go after every other model, so the
-    agent does not evict what it will fetch again at once.
+    The bytes are the larger of the excess over ``max_bytes`` (0: no bound) and
+    ``need_free``, what the disk lacks to reach its free-space floor. Models in
+    ``keep_last`` (pre-warmed for this node) go after every other model, so the agent does
+    not evict what it will fetch again at once.
     """
     models = list(models)
     total = sum(m.bytes for m in models)
-    if max_bytes <= 0 or total <= max_bytes:
+    over = total - max_bytes if max_bytes > 0 and total > max_bytes else 0
+    excess = max(over, need_free, 0)
+    if not excess:
         return 0, []
     pinned = set(keep_last)
     order = sorted(models, key=lambda m: (m.key in pinned, m.last_used, m.key))
-    return total - max_bytes, order
+    return excess, order
 
 
 def empty_trash(cache_dir: Path) -> None:
@@ -330,6 +346,10 @@ def _brief(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class NoClusterError(RuntimeError):
+    """Neither an in-cluster service account nor a usable kubeconfig: nothing to talk to."""
+
+
 def load_api_client() -> Any:
     """In-cluster service-account config, falling back to the kubeconfig (``$KUBECONFIG``)."""
     from kubernetes import client, config
@@ -337,8 +357,16 @@ def load_api_client() -> Any:
     cfg = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except config.ConfigException as in_cluster:
+        try:
+            config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except (config.ConfigException, OSError, ValueError, TypeError) as exc:
+            where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise NoClusterError(
+                f"no cluster to talk to: not in a pod ({in_cluster}) and no usable kubeconfig "
+                f"at {where} ({exc}); run the agent as the DaemonSet (manifests/agent), or set "
+                "KUBECONFIG to a cluster's kubeconfig"
+            ) from None
     return client.ApiClient(cfg)
 
 
@@ -353,15 +381,75 @@ class AgentMetrics:
         r = self.registry
         self.cache_bytes = Gauge("modelcache_cache_bytes", "Bytes in the node cache", registry=r)
         self.limit_bytes = Gauge(
-            "modelcache_cache_limit_bytes", "Cache size bound (0: unbounded)", registry=r
+            "modelcache_cache_limit_bytes",
+            "Cache size bound in bytes, --max-bytes resolved against the disk (0: unbounded)",
+            registry=r,
+        )
+        self.disk_size = Gauge(
+            "modelcache_disk_size_bytes",
+            "Size of the filesystem holding the node cache",
+            registry=r,
+        )
+        self.disk_free = Gauge(
+            "modelcache_disk_free_bytes",
+            "Free bytes (for unprivileged writers) on the filesystem holding the node cache",
+            registry=r,
+        )
+        self.min_free = Gauge(
+            "modelcache_disk_min_free_bytes",
+            "Free-space floor, --min-free resolved: below it the agent evicts (0: none)",
+            registry=r,
         )
         self.models = Gauge("modelcache_models", "Models in the node cache", ["state"], registry=r)
         self.evictions = Counter(
-            "modelcache_evictions", "Models evicted from the node cache", registry=r
+            "modelcache_evictions",
+            "Models evicted from the node cache, by reason: size (over --max-bytes) or "
+            "disk_pressure (free space under --min-free)",
+            ["reason"],
+            registry=r,
         )
         self.evicted_bytes = Counter(
-            "modelcache_evicted_bytes", "Bytes freed by eviction", registry=r
+            "modelcache_evicted_bytes", "Bytes freed by eviction, by reason", ["reason"], registry=r
         )
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason=reason)
+            self.evicted_bytes.labels(reason=reason)
+        # warm-ups on this node, from the records they leave in the cache (sidecar.journal)
+        self.warmups = Counter(
+            "modelcache_warmups",
+            "Warm-up init containers that ended on this node, by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.warmup_failures = Counter(
+            "modelcache_warmup_failures",
+            "Models a warm-up could not fetch, by reason (not-found, unauthorized, forbidden, "
+            "unreachable, unavailable, timeout, no-files, cache, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "modelcache_cache_hits",
+            "Models a warm-up found complete in the node cache (nothing downloaded)",
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "modelcache_cache_misses",
+            "Models a warm-up had to download, in whole or in part",
+            registry=r,
+        )
+        self.saved_bytes = Counter(
+            "modelcache_cache_saved_bytes",
+            "Bytes warm-ups found in the node cache instead of downloading them",
+            registry=r,
+        )
+        self.fetched_bytes = Counter(
+            "modelcache_cache_fetched_bytes",
+            "Bytes warm-ups downloaded from model sources into the node cache",
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.warmups.labels(result=result)
         self.eviction_skipped = Gauge(
             "modelcache_eviction_skipped_models",
             "Eviction candidates skipped in the last pass because they are in use",
@@ -382,13 +470,18 @@ class AgentMetrics:
             registry=r,
         )
         self.prewarm_total = Gauge(
-            "modelcache_prewarm_bytes_total",
+            "modelcache_prewarm_size_bytes",
             "Bytes of a pre-warm entry when complete (0 until its source was listed)",
             ["model"],
             registry=r,
         )
         self.prewarm_runs = Counter(
             "modelcache_prewarm_runs", "Pre-warm runs by result", ["result"], registry=r
+        )
+        self.prewarm_fetched = Counter(
+            "modelcache_prewarm_fetched_bytes",
+            "Bytes pre-warm runs downloaded from model sources into the node cache",
+            registry=r,
         )
         self.last_pass = Gauge(
             "modelcache_agent_last_success_timestamp_seconds",
@@ -399,6 +492,27 @@ class AgentMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def count_warmup(self, record: Mapping[str, Any]) -> None:
+        """Add one warm-up record (``sidecar.journal.warmup_record``) to the counters."""
+        self.warmups.labels(result="failed" if record.get("result") == "failed" else "ok").inc()
+        for m in record.get("models") or []:
+            if not isinstance(m, dict):
+                continue
+            result = m.get("result")
+            if result == "hit":
+                self.cache_hits.inc()
+            elif result == "miss":
+                self.cache_misses.inc()
+            elif result == "failed":
+                self.warmup_failures.labels(reason=str(m.get("reason") or "error")).inc()
+            for counter, field_name in (
+                (self.saved_bytes, "cached_bytes"),
+                (self.fetched_bytes, "fetched_bytes"),
+            ):
+                value = m.get(field_name)
+                if isinstance(value, int) and value > 0:
+                    counter.inc(value)
+
 
 # --- the agent -----------------------------------------------------------------------------
 
@@ -407,7 +521,10 @@ class AgentMetrics:
 class AgentSettings:
     cache_dir: Path
     node: str
-    max_bytes: int = 0
+    #: size bound: bytes or a share of the disk (``Size``); 0: unbounded
+    max_bytes: int | Size = 0
+    #: free-space floor of the disk holding the cache; 0: none
+    min_free: int | Size = 0
     prewarm_config: Path | None = None
     interval: float = 30.0
     #: None: no metrics server; 0: any free port (tests).
@@ -441,6 +558,8 @@ class PassResult:
     ok: bool
     evicted: list[str] = field(default_factory=list)
     skipped_in_use: list[str] = field(default_factory=list)
+    #: why each evicted model went: "size" or "disk_pressure"
+    eviction_reasons: dict[str, str] = field(default_factory=dict)
     patched: dict[str, str | None] = field(default_factory=dict)
     started_prewarm: list[str] = field(default_factory=list)
     error: str = ""
@@ -459,8 +578,13 @@ class Agent:
         metrics: AgentMetrics | None = None,
         warm: WarmFn | None = None,
         clock: Callable[[], datetime] | None = None,
+        *,
+        disk: Callable[[Path], DiskUsage] = disk_usage,
     ) -> None:
         self.settings = settings
+        self._disk = disk
+        self.limit = 0  # --max-bytes and --min-free in bytes, resolved every pass
+        self.floor = 0
         self.metrics = metrics or AgentMetrics()
         self.api = NodeAPI(
             api_client, settings.node, settings.retry, on_error=self.metrics.label_errors.inc
@@ -479,10 +603,34 @@ class Agent:
         self._wake = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.metrics_url = ""
-        self.metrics.limit_bytes.set(settings.max_bytes)
+        self._resolve_sizes(None)
         if settings.prewarm_config is not None:
             self._config = load_prewarm_config(settings.prewarm_config)  # bad config: fail now
             self._config_stamp = self._stamp(settings.prewarm_config)
+
+    # -- disk ----------------------------------------------------------------------------
+    def _resolve_sizes(self, usage: DiskUsage | None) -> None:
+        fs = usage.size if usage is not None else 0
+
+        def resolve(v: int | Size) -> int:
+            return v.resolve(fs) if isinstance(v, Size) else v
+
+        self.limit = resolve(self.settings.max_bytes)
+        self.floor = resolve(self.settings.min_free)
+        self.metrics.limit_bytes.set(self.limit)
+        self.metrics.min_free.set(self.floor)
+        if usage is not None:
+            self.metrics.disk_size.set(usage.size)
+            self.metrics.disk_free.set(usage.free)
+
+    async def _measure_disk(self) -> DiskUsage | None:
+        try:
+            usage = await asyncio.to_thread(self._disk, self.settings.cache_dir)
+        except OSError as exc:
+            log.error("cannot measure the disk of %s: %s", self.settings.cache_dir, exc)
+            return None
+        self._resolve_sizes(usage)
+        return usage
 
     # -- config --------------------------------------------------------------------------
     @staticmethod
@@ -514,7 +662,11 @@ class Agent:
         result = PassResult(ok=True)
         cache_dir = self.settings.cache_dir
         await asyncio.to_thread(empty_trash, cache_dir)
+        for record in await asyncio.to_thread(journal.take_records, cache_dir):
+            if record.get("type") == "warmup":
+                self.metrics.count_warmup(record)
         models = await asyncio.to_thread(scan_cache, cache_dir)
+        usage = await self._measure_disk()
         try:
             labels = await self.api.get_labels()
         except NodeAPIError as exc:
@@ -526,9 +678,12 @@ class Agent:
         self._entries = entries
         self._prewarm_keys = {m.source.cache_key for e in entries for m in e.models}
         try:
-            if self.settings.max_bytes > 0:
-                labels = await self._evict(models, labels, result)
+            need_free = max(0, self.floor - usage.free) if usage is not None else 0
+            if self.limit > 0 or need_free > 0:
+                labels = await self._evict(models, labels, result, need_free)
                 models = [m for m in models if m.key not in result.evicted]  # no rescan needed
+                if result.evicted:
+                    await self._measure_disk()
             patch = label_patch(labels, [m.key for m in models if m.ready])
             if patch:
                 labels = await self.api.patch_labels(patch)
@@ -548,9 +703,24 @@ class Agent:
         return result
 
     async def _evict(
-        self, models: list[ModelState], labels: dict[str, str], result: PassResult
+        self,
+        models: list[ModelState],
+        labels: dict[str, str],
+        result: PassResult,
+        need_free: int = 0,
     ) -> dict[str, str]:
-        excess, order = plan_eviction(models, self.settings.max_bytes, self._prewarm_keys)
+        excess, order = plan_eviction(models, self.limit, self._prewarm_keys, need_free)
+        total = sum(m.bytes for m in models)
+        over_size = total - self.limit if self.limit > 0 and total > self.limit else 0
+        if need_free:
+            log.warning(
+                "disk pressure: %d bytes free on the disk of %s, floor --min-free is %d: "
+                "evicting up to %d bytes",
+                self.floor - need_free,
+                self.settings.cache_dir,
+                self.floor,
+                need_free,
+            )
         freed = 0
         for model in order:
             if freed >= excess:
@@ -577,29 +747,38 @@ class Agent:
                 if model.key in self._prewarm_keys:
                     log.warning(
                         "evicting pre-warmed model %s: the models pre-warmed on this node do "
-                        "not fit in --max-bytes %d with those in use; it will be fetched again",
+                        "not fit in --max-bytes %d / --min-free %d with those in use; it will "
+                        "be fetched again",
                         model.key,
-                        self.settings.max_bytes,
+                        self.limit,
+                        self.floor,
                     )
                 trash = trash_root(self.settings.cache_dir)
                 trash.mkdir(parents=True, exist_ok=True)
                 target = trash / f"{model.key}-{secrets.token_hex(4)}"
                 os.rename(model.path, target)
+            reason = "size" if freed < over_size else "disk_pressure"
             log.info(
-                "evicted %s (%d bytes, last used %s)",
+                "evicted %s (%d bytes, last used %s, reason %s)",
                 model.key,
                 model.bytes,
                 datetime.fromtimestamp(model.last_used, UTC).isoformat(),
+                reason,
             )
             await asyncio.to_thread(shutil.rmtree, target, True)
             freed += model.bytes
             result.evicted.append(model.key)
-            self.metrics.evictions.inc()
-            self.metrics.evicted_bytes.inc(model.bytes)
+            result.eviction_reasons[model.key] = reason
+            self.metrics.evictions.labels(reason=reason).inc()
+            self.metrics.evicted_bytes.labels(reason=reason).inc(model.bytes)
         self.metrics.eviction_skipped.set(len(result.skipped_in_use))
         if freed < excess:
             log.warning(
-                "cache over its bound by %d bytes: every other model is in use", excess - freed
+                "%d bytes still to free (cache bound %d, disk floor %d): every other model is "
+                "in use",
+                excess - freed,
+                self.limit,
+                self.floor,
             )
         return labels
 
@@ -687,6 +866,7 @@ class Agent:
             self.metrics.prewarm_runs.labels(result="ok").inc()
             log.info("pre-warm %s: done", entry.model)
         finally:
+            self.metrics.prewarm_fetched.inc(state.progress.fetched_bytes)
             self._filling.difference_update(keys)
             self._wake.set()  # label the new model now, not one interval later
 
@@ -772,8 +952,12 @@ async def _default_warm(cache: NodeCache, models: list[Any], **kwargs: Any) -> A
 
 
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:
-    if args.max_bytes < 0:
-        raise ValueError(f"--max-bytes {args.max_bytes}: must be 0 (unbounded) or positive")
+    sizes = {}
+    for flag, value in (("--max-bytes", args.max_bytes), ("--min-free", args.min_free)):
+        try:
+            sizes[flag] = parse_size(str(value))
+        except ValueError as exc:
+            raise ValueError(f"{flag} {exc}") from None
     if args.interval <= 0:
         raise ValueError(f"--interval {args.interval}: must be positive")
     if not 0 <= args.metrics_port <= 65535:
@@ -781,7 +965,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings(
         cache_dir=Path(args.cache_dir),
         node=args.node,
-        max_bytes=args.max_bytes,
+        max_bytes=sizes["--max-bytes"],
+        min_free=sizes["--min-free"],
         prewarm_config=Path(args.prewarm_config) if args.prewarm_config else None,
         interval=args.interval,
         metrics_port=None if args.once or args.metrics_port == 0 else args.metrics_port,
@@ -789,7 +974,12 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
 
 
 async def _main(settings: AgentSettings, once: bool) -> int:
-    agent = Agent(settings, load_api_client())
+    try:
+        api_client = load_api_client()
+    except NoClusterError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 1
+    agent = Agent(settings, api_client)
     main = asyncio.create_task(agent.run(once=once))
     loop = asyncio.get_running_loop()
     # SIGTERM (pod deletion) stops between steps; an eviction's rename is atomic and a

@@ -1,7 +1,9 @@
 """Human-readable warm-up progress for ``kubectl logs``: one line every few seconds.
 
 Bytes found already in the cache (or fetched by another pod on the node) count towards
-"done" but not towards the rate, so the MB/s and the ETA describe this pod's downloads.
+"done" but not towards the rate, so the MB/s and the ETA describe this pod's downloads; while
+this pod has downloaded nothing, the line says where the bytes come from instead of showing a
+rate of 0.0 MB/s. The final summary is the caller's (``sidecar.warmup.WarmupReport``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def human_rate(n_bytes: float, seconds: float) -> str:
+    """Decimal MB/s, as network speeds are quoted."""
+    return f"{n_bytes / max(seconds, 1e-6) / 1e6:.1f} MB/s"
 
 
 def human_duration(seconds: float) -> str:
@@ -73,11 +80,16 @@ class Progress:
         rate = self.fetched_bytes / elapsed
         left = max(0, self.total_bytes - self.done_bytes)
         pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
-        eta = human_duration(left / rate) if rate > 0 and left else ("0s" if not left else "?")
-        return (
+        head = (
             f"{human_bytes(self.done_bytes)} / {human_bytes(self.total_bytes)} ({pct:.0f}%), "
-            f"files {self.done_files}/{self.total_files}, {rate / 1e6:.1f} MB/s, ETA {eta}"
+            f"files {self.done_files}/{self.total_files}"
         )
+        if not self.fetched_bytes:
+            # nothing downloaded by this pod (yet): a rate of 0.0 MB/s would read as a stall
+            where = "from the node cache" if self.done_bytes else "waiting for the first bytes"
+            return f"{head}, {where}"
+        eta = human_duration(left / rate) if rate > 0 and left else ("0s" if not left else "?")
+        return f"{head}, {human_rate(self.fetched_bytes, elapsed)}, ETA {eta}"
 
     async def _report(self) -> None:
         while True:
@@ -90,9 +102,10 @@ class Progress:
             self._task = asyncio.get_running_loop().create_task(self._report())
 
     async def stop(self, final: str | None = None) -> None:
+        """Stop the periodic lines; emit ``final`` when given (the caller's summary)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        elapsed = self.clock() - self.started
-        self.emit(f"warmup {final or 'finished'}: {self.line()} in {elapsed:.1f}s")
+        if final is not None:
+            self.emit(final)

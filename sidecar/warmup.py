@@ -16,6 +16,16 @@ without credentials in the env) is served from the cache with a warning: nobody'
 control is at stake and the node keeps working through a source outage. A source used with
 credentials (``AWS_*`` keys, ``HF_TOKEN``, ``file``/``pvc`` permissions) fails closed: we
 cannot prove the pod may still read it. An access error (401/403/404) always fails.
+
+Outcome (:class:`WarmupReport`): one final line a person can act on, in the log and in the
+termination message file that ``kubectl describe pod`` shows: ``cache hit`` when every byte
+was already in the node cache, the bytes downloaded and the rate otherwise, and on failure
+one line per model naming what failed (``not found``, ``unauthorized``, ``forbidden``,
+``unreachable``, ``timed out``) and what to do. ``--on-failure continue`` turns a model that
+cannot be fetched into a warning and exit 0, for pods whose app would fetch the model
+itself without modelcache (hub-cache delivery): the pod is never worse off than without it.
+Every run also leaves a small record in the node cache (``sidecar.journal``) from which the
+node agent counts cache hits, misses and the bytes not downloaded.
 """
 
 from __future__ import annotations
@@ -27,19 +37,24 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Final
 
-from sidecar.cache import PART_SIZE, CacheError, NodeCache
+from sidecar import journal
+from sidecar.cache import BACKOFF, PART_SIZE, CacheError, NodeCache
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
-from sidecar.progress import Progress, human_bytes
+from sidecar.progress import Progress, human_bytes, human_rate
 from sidecar.sources import (
     DEFAULT_PVC_ROOT,
     RemoteFile,
     Source,
     SourceAccessError,
     SourceError,
+    SourceNotFoundError,
     SourceUnavailableError,
     open_source,
 )
@@ -48,14 +63,132 @@ log = logging.getLogger(__name__)
 
 _METADATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _DIGITS_RE = re.compile(r"(\d+)")
+#: Files that hold weights: an --include that selects none of them is almost surely a typo.
+WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+#: Where the kubelet reads a container's termination message (``kubectl describe``).
+TERMINATION_LOG: Final = "/dev/termination-log"
+#: The kubelet keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_MAX: Final = 4096
+ON_FAILURE_CHOICES: Final = ("fail", "continue")
+CONTINUE_NOTE: Final = (
+    "warmup: --on-failure continue: the app starts without the node cache for the model(s) "
+    "above and fetches them itself, as it would without modelcache"
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one model could not be warmed. ``kind``: not-found, unauthorized, forbidden,
+    access-denied, unreachable, unavailable, timeout, no-files, cache, error."""
+
+    model: str
+    uri: str
+    kind: str
+    message: str
+
+    @property
+    def line(self) -> str:
+        return f"model {self.model!r} ({self.uri}): {self.message}"
+
+
+@dataclass
+class ModelReport:
+    """What one model cost: bytes found in the node cache versus downloaded."""
+
+    name: str
+    uri: str
+    key: str
+    files: int = 0
+    total_bytes: int = 0
+    fetched_bytes: int = 0
+    ok: bool = False
+
+    @property
+    def hit(self) -> bool:
+        """Complete, and every byte was already in the node cache."""
+        return self.ok and self.fetched_bytes == 0
+
+    @property
+    def found_bytes(self) -> int:
+        """Bytes the node cache had: not downloaded by this warm-up."""
+        return max(0, self.total_bytes - self.fetched_bytes) if self.ok else 0
+
+
+@dataclass
+class WarmupReport:
+    """The outcome of one warm-up: per model, the failures, the warnings, the summary."""
+
+    models: list[ModelReport] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    #: bytes in the node cache and bytes planned when it ended (from the progress counters)
+    done_bytes: int = 0
+    planned_bytes: int = 0
+
+    @property
+    def fetched_bytes(self) -> int:
+        return sum(m.fetched_bytes for m in self.models)
+
+    def summary(self) -> str:
+        """One line for the log and the termination message."""
+        ok = [m for m in self.models if m.ok]
+        files = sum(m.files for m in ok)
+        total = sum(m.total_bytes for m in ok)
+        took = f"in {self.elapsed:.2f}s" if self.elapsed < 10 else f"in {self.elapsed:.0f}s"
+        if self.failures:
+            done = f", {len(ok)} complete" if ok else ""
+            bytes_in = (
+                f"; {human_bytes(self.done_bytes)} of {human_bytes(self.planned_bytes)} in the "
+                "node cache"
+                if self.planned_bytes
+                else ""
+            )
+            return (
+                f"warmup stopped: {len(self.failures)} of {len(self.models)} model(s) could not "
+                f"be fetched{done}{bytes_in} ({took})"
+            )
+        what = f"{len(ok)} model(s), {files} file(s), {human_bytes(total)}"
+        fetched = self.fetched_bytes
+        if fetched == 0:
+            return (
+                f"warmup complete: cache hit: {what} already in the node cache, nothing "
+                f"downloaded ({took})"
+            )
+        hits = [m.name for m in ok if m.hit]
+        hit_note = f"; cache hit for {', '.join(repr(n) for n in hits)}" if hits else ""
+        return (
+            f"warmup complete: {what}: {human_bytes(fetched)} downloaded at "
+            f"{human_rate(fetched, self.elapsed)}, {human_bytes(total - fetched)} from the node "
+            f"cache{hit_note} ({took})"
+        )
+
+    def message_lines(self, on_failure: str = "fail") -> list[str]:
+        """Every line of the final message: summary, failures, warnings, what happens next."""
+        lines = [self.summary()]
+        lines += [f"warmup failed: {f.line}" for f in self.failures]
+        lines += [f"warmup warning: {w}" for w in self.warnings]
+        if self.failures and on_failure == "continue":
+            lines.append(CONTINUE_NOTE)
+        return lines
 
 
 class WarmupError(Exception):
     """One or more models could not be warmed; ``failures`` has one line per failure."""
 
-    def __init__(self, failures: Sequence[str]) -> None:
-        self.failures = list(failures)
+    def __init__(
+        self, failures: Sequence[Failure | str], report: WarmupReport | None = None
+    ) -> None:
+        self.problems = [
+            f if isinstance(f, Failure) else Failure("", "", "error", f) for f in failures
+        ]
+        self.failures = [f.line if f.model else f.message for f in self.problems]
+        self.report = report
         super().__init__("\n".join(self.failures))
+
+    @property
+    def kinds(self) -> list[str]:
+        return [f.kind for f in self.problems]
 
 
 def _natural_key(path: str) -> list[tuple[int, int | str]]:
@@ -93,19 +226,62 @@ def plan_files(files: list[RemoteFile], include: Sequence[str]) -> list[RemoteFi
     return sorted(chosen, key=key)
 
 
-async def _list_with_retries(cache: NodeCache, src: Source) -> list[RemoteFile]:
+def is_weight_file(path: str) -> bool:
+    return path.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _suffixes(files: Sequence[RemoteFile]) -> str:
+    found = sorted({PurePosixPath(f.path).suffix or PurePosixPath(f.path).name for f in files})
+    shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+    return shown
+
+
+def include_problem(
+    listed: Sequence[RemoteFile], plan: Sequence[RemoteFile], include: Sequence[str]
+) -> str:
+    """What is wrong with ``--include`` for this listing, or "" (pure; used for warnings).
+
+    Globs that select nothing, or select no weight file of a model that has weight files
+    (``*.safetensor`` for ``*.safetensors``), would fetch a model the app cannot load.
+    """
+    globs = ",".join(g for g in include if g)
+    if not globs:
+        return ""
+    if not plan:
+        return (
+            f"--include {globs} selects none of the {len(listed)} file(s) the source lists "
+            f"(their types: {_suffixes(listed)}); check the globs"
+        )
+    weights = [f for f in listed if is_weight_file(f.path)]
+    if weights and not any(is_weight_file(f.path) for f in plan):
+        chosen = sum(f.size for f in plan)
+        kinds = ", ".join("*" + s for s in WEIGHT_SUFFIXES)
+        return (
+            f"--include {globs} selects no weight files ({kinds}): "
+            f"only {len(plan)} file(s), {human_bytes(chosen)}, of a model with "
+            f"{len(weights)} weight file(s) (types: {_suffixes(weights)}); check the globs"
+        )
+    return ""
+
+
+async def _list_with_retries(
+    cache: NodeCache, src: Source, retries: int | None = None
+) -> list[RemoteFile]:
+    retries = cache.retries if retries is None else retries
     attempt = 0
     while True:
         try:
             return await src.list_files()
         except SourceUnavailableError as exc:
             attempt += 1
-            if attempt > cache.retries:
-                raise SourceUnavailableError(
-                    f"listing failed after {cache.retries} retries: {exc}"
+            if attempt > retries:
+                # the same class: "unreachable" stays unreachable for the message and metrics
+                head, _, rest = str(exc).partition(": ")
+                raise type(exc)(
+                    f"{head}: {rest} (gave up listing after {retries} retries)"
                 ) from None
             delay = cache.backoff * 2 ** (attempt - 1)
-            log.warning("%s (retry %d/%d in %.1fs)", exc, attempt, cache.retries, delay)
+            log.warning("%s (retry %d/%d in %.1fs)", exc, attempt, retries, delay)
             await asyncio.sleep(delay)
 
 
@@ -113,8 +289,12 @@ async def _list_model(
     cache: NodeCache, model: NamedModel, src: Source
 ) -> tuple[list[RemoteFile], bool]:
     """The model's files and whether they come from the cache because the source is down."""
+    # a complete copy of an anonymous source is served at the first failed listing: retries
+    # would only delay a pod that needs nothing from the source (a source outage used to
+    # cost every such pod ~15 s of backoff before it started)
+    fallback = not getattr(src, "uses_credentials", True) and cache.is_complete(model)
     try:
-        files = await _list_with_retries(cache, src)
+        files = await _list_with_retries(cache, src, retries=0 if fallback else None)
     except SourceAccessError:
         raise
     except SourceUnavailableError as exc:
@@ -135,7 +315,9 @@ async def _list_model(
             ], True
         raise
     if not files:
-        raise SourceError(f"{model.source.uri}: the source lists no files")
+        raise SourceNotFoundError(
+            f"{model.source.uri}: not found (the source lists no files); check the URI"
+        )
     return files, False
 
 
@@ -149,6 +331,7 @@ async def _fill_model(
     parallel: int,
     limiter: asyncio.Semaphore,
     progress: Progress,
+    report: ModelReport,
 ) -> None:
     with cache.hold(model):
         cache.prepare_model(model)
@@ -160,6 +343,7 @@ async def _fill_model(
             def on_bytes(n: int) -> None:
                 nonlocal fetched
                 fetched += n
+                report.fetched_bytes += n
                 progress.add_fetched(n)
 
             async with files_sem:
@@ -203,17 +387,25 @@ async def warm_models(
     timeout: float = 1800,  # noqa: ASYNC109 (the contract: seconds, like --timeout)
     pvc_root: Path | str = DEFAULT_PVC_ROOT,
     progress: Progress | None = None,
-) -> None:
-    """Fetch every model into ``cache``; raise :class:`WarmupError` listing each failure."""
+) -> WarmupReport:
+    """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
+    (carrying the report) listing each failure."""
     progress = progress or Progress()
-    failures: list[str] = []
+    report = WarmupReport(
+        models=[ModelReport(m.name, m.source.uri, m.source.cache_key) for m in models]
+    )
+    started = time.monotonic()
     sources = [open_source(m, pvc_root=pvc_root) for m in models]
     limiter = asyncio.Semaphore(max(1, parallel))
+    pending = {m.name for m in models}
 
-    def fail(m: NamedModel, exc: BaseException) -> None:
+    def fail(m: NamedModel, exc: BaseException, kind: str | None = None) -> None:
         msg = str(exc)
         msg = msg.removeprefix(f"{m.source.uri}: ")  # source errors start with their URI
-        failures.append(f"model {m.name!r} ({m.source.uri}): {msg}")
+        if kind is None:
+            kind = exc.kind if isinstance(exc, SourceError) else "cache"
+        report.failures.append(Failure(m.name, m.source.uri, kind, msg))
+        pending.discard(m.name)
 
     try:
         async with asyncio.timeout(timeout):
@@ -221,8 +413,9 @@ async def warm_models(
                 *(_list_model(cache, m, s) for m, s in zip(models, sources, strict=True)),
                 return_exceptions=True,
             )
-            plans: list[tuple[NamedModel, Source, list[RemoteFile], list[RemoteFile]]] = []
-            for m, s, res in zip(models, sources, listings, strict=True):
+            plans: list[tuple[NamedModel, Source, list[RemoteFile], list[RemoteFile], ModelReport]]
+            plans = []
+            for m, s, res, mr in zip(models, sources, listings, report.models, strict=True):
                 if isinstance(res, BaseException):
                     if not isinstance(res, SourceError | CacheError):
                         raise res
@@ -230,13 +423,18 @@ async def warm_models(
                     continue
                 listed, _offline = res
                 plan = plan_files(listed, include)
+                problem = include_problem(listed, plan, include)
                 if not plan:
-                    fail(m, SourceError(f"no file matches --include {','.join(include)}"))
+                    fail(m, SourceError(problem), "no-files")
                     continue
-                progress.add_total(len(plan), sum(f.size for f in plan))
-                plans.append((m, s, listed, plan))
+                if problem:
+                    report.warnings.append(f"model {m.name!r}: {problem}")
+                    log.warning("model %r: %s", m.name, problem)
+                mr.files, mr.total_bytes = len(plan), sum(f.size for f in plan)
+                progress.add_total(len(plan), mr.total_bytes)
+                plans.append((m, s, listed, plan, mr))
             progress.start()
-            for m, s, listed, plan in plans:
+            for m, s, listed, plan, mr in plans:
                 try:
                     await _fill_model(
                         cache,
@@ -247,24 +445,55 @@ async def warm_models(
                         parallel=parallel,
                         limiter=limiter,
                         progress=progress,
+                        report=mr,
                     )
                 except (SourceError, CacheError) as exc:
                     fail(m, exc)
+                else:
+                    mr.ok = True
+                    pending.discard(m.name)
     except TimeoutError:
-        failures.append(
+        msg = (
             f"timed out after {timeout:g}s with {human_bytes(progress.done_bytes)} of "
-            f"{human_bytes(progress.total_bytes)} in the cache; a rerun resumes from there"
+            f"{human_bytes(progress.total_bytes)} in the node cache; a rerun resumes from there"
         )
+        for m in models:
+            if m.name in pending:
+                fail(m, SourceError(msg), "timeout")
     finally:
-        await progress.stop("failed" if failures else "complete")
+        report.elapsed = time.monotonic() - started
+        report.done_bytes, report.planned_bytes = progress.done_bytes, progress.total_bytes
+        await progress.stop()
+        progress.emit(report.summary())
         for s in sources:
             await s.aclose()
-    if failures:
-        raise WarmupError(failures)
+    if report.failures:
+        raise WarmupError(report.failures, report)
+    return report
+
+
+def write_termination_message(path: str, lines: Sequence[str]) -> None:
+    """Best effort: the kubelet shows this file as the container's termination message.
+
+    The kubelet creates the file in every container; it is never created here, so a run
+    outside a pod leaves nothing in ``/dev``. A missing or unwritable path is ignored: the
+    same lines are in the log."""
+    data = "\n".join(lines).encode()[:TERMINATION_MESSAGE_MAX]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except OSError:
+        return
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``warmup`` role: exit 0 when every model is complete and verified."""
+    """The ``warmup`` role: exit 0 when every model is complete and verified (or, with
+    ``--on-failure continue``, when the ones that failed are left to the app)."""
     try:
         models = [parse_model_arg(v) for v in args.model]
     except ModelSourceError as exc:
@@ -282,17 +511,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         # tuning knob for tests and benchmarks, not part of the webhook contract
         part_size = int(os.environ.get("MODELCACHE_PART_SIZE") or PART_SIZE)
-        cache = NodeCache(args.cache_dir, part_size=part_size)
+        backoff = float(os.environ.get("MODELCACHE_BACKOFF") or BACKOFF)
+        cache = NodeCache(args.cache_dir, part_size=part_size, backoff=backoff)
     except ValueError as exc:
-        print(f"warmup failed: MODELCACHE_PART_SIZE: {exc}", file=sys.stderr)
+        print(f"warmup failed: MODELCACHE_PART_SIZE/MODELCACHE_BACKOFF: {exc}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
+    async def main() -> WarmupReport:
         # every ranged read writes through a thread, plus hashing and fdatasync: the default
         # pool (cores + 4) would queue writes behind a slow fdatasync on a 2-core node
         pool = ThreadPoolExecutor(max_workers=args.parallel + 4, thread_name_prefix="cache-io")
         asyncio.get_running_loop().set_default_executor(pool)
-        await warm_models(
+        return await warm_models(
             cache,
             models,
             include=include,
@@ -302,9 +532,17 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(main())
+        report = asyncio.run(main())
     except WarmupError as exc:
-        for line in exc.failures:
-            print(f"warmup failed: {line}", file=sys.stderr)
-        return 1
-    return 0
+        report = exc.report or WarmupReport(failures=exc.problems)
+    journal.record_warmup(cache.cache_dir, report)
+    lines = report.message_lines(args.on_failure)
+    # failures first in the termination message: the kubelet keeps only its first 4 KiB
+    first = [ln for ln in lines if ln.startswith("warmup failed:")]
+    write_termination_message(args.termination_log, first + [ln for ln in lines if ln not in first])
+    if not report.failures:
+        return 0  # the summary and any warning are in the log already
+    for line in lines[1:]:
+        if not line.startswith("warmup warning:"):
+            print(line, file=sys.stderr)
+    return 0 if args.on_failure == "continue" else 1

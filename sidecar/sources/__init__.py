@@ -8,12 +8,18 @@ Credentials come only from the standard environment variables of each ecosystem
 namespaces, so :meth:`Source.list_files` doubles as the proof that *this* pod may read the
 model before cached bytes are served to it (DESIGN.md, "Bad input never costs data").
 
-Error classes tell the caller what to do next:
+Error classes tell the caller what to do next; each has a ``kind`` (a short word for logs,
+the termination message and metrics) and its message says what to do about it:
 
-* :class:`SourceAccessError`: the credentials cannot read it (401/403/404 or equivalent).
-  Never retried, never papered over by a complete cache.
-* :class:`SourceUnavailableError`: network error, 5xx, truncated body, timeout. Retried
-  with backoff by the cache; after that, a clear error.
+* :class:`SourceAccessError`: the credentials cannot read it. Never retried, never papered
+  over by a complete cache. Three kinds, told apart where the answer arrives (the HTTP
+  status, the S3 error code, the errno), never by matching message text later:
+  :class:`SourceNotFoundError` (404, no such bucket/prefix/directory),
+  :class:`SourceUnauthorizedError` (401, bad or missing credentials) and
+  :class:`SourceForbiddenError` (403: valid credentials without access, gated or private).
+* :class:`SourceUnavailableError`: 5xx, truncated or stalled body. Retried with backoff by
+  the cache; after that, a clear error. :class:`SourceUnreachableError` is the case with no
+  answer at all (DNS, refused connection, connect or read timeout).
 * :class:`SourceError`: anything else wrong with the source (bad listing, unsafe path).
 """
 
@@ -43,13 +49,43 @@ class RemoteFile:
 class SourceError(Exception):
     """The source cannot be used; the message is one clear line naming source and cause."""
 
+    kind = "error"
+
 
 class SourceAccessError(SourceError):
     """The pod's credentials cannot read the source (401/403/404 or equivalent)."""
 
+    kind = "access-denied"
+
+
+class SourceNotFoundError(SourceAccessError):
+    """No such model at the source (HTTP 404, no such bucket or prefix, no such directory)."""
+
+    kind = "not-found"
+
+
+class SourceUnauthorizedError(SourceAccessError):
+    """No credentials, or ones the source rejects (HTTP 401, a bad S3 key or signature)."""
+
+    kind = "unauthorized"
+
+
+class SourceForbiddenError(SourceAccessError):
+    """Valid credentials that may not read it (HTTP 403: a gated or private model)."""
+
+    kind = "forbidden"
+
 
 class SourceUnavailableError(SourceError):
-    """A transient failure (network, 5xx, truncated or stalled body): worth retrying."""
+    """A transient failure (5xx, truncated or stalled body): worth retrying."""
+
+    kind = "unavailable"
+
+
+class SourceUnreachableError(SourceUnavailableError):
+    """No answer at all: DNS failure, refused connection, connect or read timeout."""
+
+    kind = "unreachable"
 
 
 @runtime_checkable
@@ -123,6 +159,10 @@ __all__ = [
     "Source",
     "SourceAccessError",
     "SourceError",
+    "SourceForbiddenError",
+    "SourceNotFoundError",
+    "SourceUnauthorizedError",
     "SourceUnavailableError",
+    "SourceUnreachableError",
     "open_source",
 ]

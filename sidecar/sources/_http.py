@@ -1,8 +1,11 @@
 """The HTTP plumbing shared by the http, s3 and hf sources.
 
-One place maps HTTP outcomes onto the source error classes (401/403/404 → access denied,
-5xx/429/network/stall → retryable, anything else → a plain error) and streams ranged bodies
-while counting bytes, so a short or dropped body can never be mistaken for a complete one.
+One place maps HTTP outcomes onto the source error classes (404 → not found, 401 →
+unauthorized, 403 → forbidden, 5xx/429/stall → retryable, no answer at all → unreachable,
+anything else → a plain error) and streams ranged bodies while counting bytes, so a short or
+dropped body can never be mistaken for a complete one. Each source passes an
+:data:`AccessAdvice` that turns a refusal into the sentence a user can act on (which token to
+set, where to request access), and may refine the class from the body (S3 error codes).
 """
 
 from __future__ import annotations
@@ -13,7 +16,61 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.sources import SourceAccessError, SourceError, SourceUnavailableError
+from sidecar.sources import (
+    SourceAccessError,
+    SourceError,
+    SourceForbiddenError,
+    SourceNotFoundError,
+    SourceUnauthorizedError,
+    SourceUnavailableError,
+    SourceUnreachableError,
+)
+
+#: ``(status, code, body) -> (error class, advice)`` for a 401/403/404 answer; ``code`` is
+#: the machine-readable error code when the server sends one (the hub's ``X-Error-Code``
+#: header, S3's ``<Code>``), else "".
+AccessAdvice = Callable[[int, str, str], tuple[type[SourceAccessError], str]]
+_S3_CODE_RE = re.compile(r"<Code>([^<]*)</Code>")
+
+_ACCESS_CLASSES: dict[int, type[SourceAccessError]] = {
+    401: SourceUnauthorizedError,
+    403: SourceForbiddenError,
+    404: SourceNotFoundError,
+}
+_HEADLINES: dict[type[SourceAccessError], str] = {
+    SourceUnauthorizedError: "unauthorized",
+    SourceForbiddenError: "forbidden",
+    SourceNotFoundError: "not found",
+}
+#: No answer at all (as opposed to a dropped body): worth saying "unreachable".
+_NO_ANSWER = (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, TimeoutError)
+UNREACHABLE_ADVICE = (
+    "check the address, DNS, the proxy settings (HTTPS_PROXY, NO_PROXY) and network "
+    "policies between the node and the source"
+)
+
+
+def default_advice(status: int, code: str, body: str) -> tuple[type[SourceAccessError], str]:
+    cls = _ACCESS_CLASSES[status]
+    if cls is SourceNotFoundError:
+        return cls, "check the URI"
+    if cls is SourceUnauthorizedError:
+        return cls, "the source wants credentials modelcache does not have"
+    return cls, "the source refuses access"
+
+
+def access_error(
+    what: str, cls: type[SourceAccessError], detail: str, advice: str
+) -> SourceAccessError:
+    """``<what>: <not found|unauthorized|forbidden> (<detail>); <advice>``."""
+    return cls(f"{what}: {_HEADLINES.get(cls, 'access denied')} ({detail}); {advice}")
+
+
+def unreachable_error(what: str, target: str, exc: BaseException) -> SourceUnreachableError:
+    return SourceUnreachableError(
+        f"{what}: unreachable ({target}: {type(exc).__name__}: {exc}); {UNREACHABLE_ADVICE}"
+    )
+
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -31,9 +88,12 @@ def _clip(text: str, limit: int = 200) -> str:
 class HttpClient:
     """A lazily created aiohttp session plus error mapping; ``what`` names the source."""
 
-    def __init__(self, what: str, *, read_timeout: float) -> None:
+    def __init__(
+        self, what: str, *, read_timeout: float, advice: AccessAdvice = default_advice
+    ) -> None:
         self.what = what
         self.read_timeout = read_timeout
+        self.advice = advice
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -62,12 +122,16 @@ class HttpClient:
         if resp.status < 300:
             return
         try:
-            body = _clip(await resp.text(errors="replace"))
+            raw = await resp.text(errors="replace")
         except (aiohttp.ClientError, TimeoutError):
-            body = ""
+            raw = ""
+        body = _clip(raw)
+        m = _S3_CODE_RE.search(raw)
+        code = resp.headers.get("X-Error-Code") or (m.group(1) if m else "")
         detail = f"HTTP {resp.status} {resp.reason or ''}".strip() + (f": {body}" if body else "")
-        if resp.status in (401, 403, 404):
-            raise SourceAccessError(f"{self.what}: access denied to {target}: {detail}")
+        if resp.status in _ACCESS_CLASSES:
+            cls, advice = self.advice(resp.status, code, body)
+            raise access_error(self.what, cls, f"{detail}, for {target}", advice)
         if resp.status >= 500 or resp.status in (408, 429):
             raise SourceUnavailableError(f"{self.what}: {target}: {detail}")
         raise SourceError(f"{self.what}: {target}: {detail}")
@@ -79,6 +143,8 @@ class HttpClient:
             async with self.session.get(url, headers=headers) as resp:
                 await self.check_status(resp, target)
                 return await resp.read(), resp
+        except _NO_ANSWER as exc:
+            raise unreachable_error(self.what, target, exc) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SourceUnavailableError(
                 f"{self.what}: {target}: {type(exc).__name__}: {exc}"
@@ -130,6 +196,13 @@ class HttpClient:
                     yield chunk
                     if got >= want:
                         break
+        except _NO_ANSWER as exc:
+            if got == 0:
+                raise unreachable_error(self.what, target, exc) from None
+            raise SourceUnavailableError(
+                f"{self.what}: {target}: stalled after {got} of {want} bytes: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SourceUnavailableError(
                 f"{self.what}: {target}: connection failed after {got} of {want} bytes: "

@@ -8,7 +8,13 @@ Documented hub endpoints only:
   via a redirect to a CDN, which aiohttp follows (dropping ``Authorization`` cross-origin).
 
 Downloads pin the commit the listing returned, so a branch moving mid-download cannot mix
-two revisions. ``HF_TOKEN`` (or the older ``HUGGING_FACE_HUB_TOKEN``) is sent as a bearer.
+two revisions: ``hf://org/name@rev`` lists ``rev`` (a branch, tag or commit) and fetches every
+file from the commit that listing names. ``HF_TOKEN`` (or the older
+``HUGGING_FACE_HUB_TOKEN``) is sent as a bearer.
+
+Refusals say what to do: 401 (no or invalid token), 403 (gated or private: request access),
+404 (no such repository or revision; the hub also answers 404 for a private repository
+when no token is sent, which the message says).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from urllib.parse import quote
 from yarl import URL
 
 from sidecar.layout import UnsafePathError, safe_relpath
-from sidecar.sources import RemoteFile, SourceError
+from sidecar.sources import (
+    RemoteFile,
+    SourceAccessError,
+    SourceError,
+    SourceForbiddenError,
+    SourceNotFoundError,
+    SourceUnauthorizedError,
+)
 from sidecar.sources._http import HttpClient
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -40,8 +53,44 @@ class HfSource:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.uses_credentials = bool(token)
         self.uri = f"hf://{repo}@{revision}"
-        self.http = HttpClient(self.uri, read_timeout=read_timeout)
+        self.http = HttpClient(self.uri, read_timeout=read_timeout, advice=self._advice)
         self.commit: str | None = None
+
+    def _advice(self, status: int, code: str, body: str) -> tuple[type[SourceAccessError], str]:
+        # the hub names the case in X-Error-Code (RepoNotFound, RevisionNotFound,
+        # EntryNotFound, GatedRepo); it answers 401 RepoNotFound for a private or missing
+        # repository when no token is sent
+        page = f"{self.endpoint}/{self.repo}"
+        if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound"):
+            status = 404
+        elif code == "GatedRepo":
+            status = 403
+        if status == 401:
+            if self.uses_credentials:
+                return SourceUnauthorizedError, (
+                    "the hub rejects the token in HF_TOKEN (invalid or revoked); set HF_TOKEN "
+                    "in the pod (from a Secret) to a valid token that can read " + self.repo
+                )
+            return SourceUnauthorizedError, (
+                "no or invalid token; set HF_TOKEN in the pod (from a Secret) to a token "
+                f"that can read {self.repo} (private and gated models need one)"
+            )
+        if status == 403:
+            if not self.uses_credentials:
+                return SourceForbiddenError, (
+                    f"the model is gated or private; request access at {page}, then set "
+                    "HF_TOKEN in the pod (from a Secret) to a token of the account granted it"
+                )
+            return SourceForbiddenError, (
+                f"the model is gated or private and this token has no access to it; request "
+                f"access at {page} with the account whose token is in HF_TOKEN"
+            )
+        if code == "RevisionNotFound":
+            what = f"revision {self.revision!r} of {self.repo} does not exist"
+        else:
+            what = f"no repository {self.repo} (revision {self.revision}) at {self.endpoint}"
+        hint = "" if self.uses_credentials else " (or it is private and no HF_TOKEN is set)"
+        return SourceNotFoundError, f"{what}{hint}; check the model name and revision"
 
     async def list_files(self) -> list[RemoteFile]:
         url = URL(

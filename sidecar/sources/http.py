@@ -16,8 +16,29 @@ import aiohttp
 from yarl import URL
 
 from sidecar.layout import UnsafePathError, safe_relpath
-from sidecar.sources import RemoteFile, SourceError
+from sidecar.sources import (
+    RemoteFile,
+    SourceAccessError,
+    SourceError,
+    SourceForbiddenError,
+    SourceNotFoundError,
+    SourceUnauthorizedError,
+)
 from sidecar.sources._http import HttpClient
+
+
+def _advice(status: int, code: str, body: str) -> tuple[type[SourceAccessError], str]:
+    if status == 404:
+        return SourceNotFoundError, (
+            "check the URL: it names a directory (ending in /) served with a JSON autoindex"
+        )
+    if status == 401:
+        return SourceUnauthorizedError, (
+            "the server asks for credentials, and http(s) sources are read without any; "
+            "serve the model without authentication inside the cluster, or use s3:// or hf://"
+        )
+    return SourceForbiddenError, "the server refuses access; check its access rules"
+
 
 _MAX_ENTRIES = 100_000
 
@@ -29,7 +50,7 @@ class HttpSource:
 
     def __init__(self, base_url: str, *, read_timeout: float) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.http = HttpClient(self.base_url, read_timeout=read_timeout)
+        self.http = HttpClient(self.base_url, read_timeout=read_timeout, advice=_advice)
         self._versions: dict[str, str] = {}
         self._etags: dict[str, str] = {}
 

@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from sidecar.layout import UnsafePathError, safe_relpath
-from sidecar.sources import RemoteFile, SourceAccessError, SourceError
+from sidecar.sources import (
+    RemoteFile,
+    SourceAccessError,
+    SourceError,
+    SourceForbiddenError,
+    SourceNotFoundError,
+)
 
 _CHUNK = 4 << 20
 
@@ -35,17 +41,17 @@ class LocalSource:
             st = os.stat(self.root)
         except FileNotFoundError:
             hint = f" ({self._hint})" if self._hint else ""
-            raise SourceAccessError(
+            raise SourceNotFoundError(
                 f"{self.uri}: directory {self.root} does not exist{hint}"
             ) from None
         except PermissionError as exc:
-            raise SourceAccessError(
+            raise SourceForbiddenError(
                 f"{self.uri}: cannot read {self.root}: {exc.strerror}"
             ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise SourceError(f"{self.uri}: {self.root} is not a directory")
         if not os.access(self.root, os.R_OK | os.X_OK):
-            raise SourceAccessError(f"{self.uri}: permission denied reading {self.root}")
+            raise SourceForbiddenError(f"{self.uri}: permission denied reading {self.root}")
         files: list[RemoteFile] = []
 
         def onerror(exc: OSError) -> None:
@@ -87,9 +93,9 @@ class LocalSource:
         try:
             fd = await asyncio.to_thread(os.open, full, os.O_RDONLY)
         except FileNotFoundError:
-            raise SourceAccessError(f"{self.uri}: {path} disappeared from the source") from None
+            raise SourceNotFoundError(f"{self.uri}: {path} disappeared from the source") from None
         except PermissionError:
-            raise SourceAccessError(f"{self.uri}: permission denied reading {path}") from None
+            raise SourceForbiddenError(f"{self.uri}: permission denied reading {path}") from None
         try:
             pos = start
             while pos < end:

@@ -24,8 +24,24 @@ from botocore.credentials import Credentials
 from yarl import URL
 
 from sidecar.layout import UnsafePathError, safe_relpath
-from sidecar.sources import RemoteFile, SourceError
+from sidecar.sources import (
+    RemoteFile,
+    SourceAccessError,
+    SourceError,
+    SourceForbiddenError,
+    SourceNotFoundError,
+    SourceUnauthorizedError,
+)
 from sidecar.sources._http import HttpClient
+
+#: S3 error codes that mean "these credentials are wrong", whatever the HTTP status.
+_BAD_CREDENTIAL_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+)
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
@@ -63,8 +79,26 @@ class S3Source:
             else None
         )
         self.uses_credentials = self._creds is not None
-        self.http = HttpClient(self.uri, read_timeout=read_timeout)
+        self.http = HttpClient(self.uri, read_timeout=read_timeout, advice=self._advice)
         self._etags: dict[str, str] = {}
+
+    def _advice(self, status: int, code: str, body: str) -> tuple[type[SourceAccessError], str]:
+        if code in _BAD_CREDENTIAL_CODES or status == 401:
+            return SourceUnauthorizedError, (
+                "S3 rejects the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                "AWS_SESSION_TOKEN); set valid ones in the pod from a Secret"
+            )
+        if status == 404 or code in ("NoSuchBucket", "NoSuchKey"):
+            return SourceNotFoundError, f"check the bucket and prefix of {self.uri}"
+        if not self.uses_credentials:
+            return SourceForbiddenError, (
+                "anonymous access is refused; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY in the pod from a Secret"
+            )
+        return SourceForbiddenError, (
+            f"the credentials are valid but may not read {self.uri}; allow s3:ListBucket "
+            "and s3:GetObject for them in the IAM or bucket policy"
+        )
 
     def _signed(self, url: str) -> tuple[URL, dict[str, str]]:
         if self._creds is None:
@@ -106,6 +140,11 @@ class S3Source:
             truncated = (root.findtext(f"{_NS}IsTruncated") or "false").lower() == "true"
             token = root.findtext(f"{_NS}NextContinuationToken")
             if not truncated:
+                if not files:
+                    raise SourceNotFoundError(
+                        f"{self.uri}: not found (no object under prefix {self.prefix!r} in "
+                        f"bucket {self.bucket!r}); check the bucket and prefix"
+                    )
                 return files
             if not token:
                 raise SourceError(f"{self.uri}: truncated listing without a continuation token")

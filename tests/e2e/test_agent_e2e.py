@@ -10,7 +10,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 from sidecar.agent import LABEL_PREFIX
 from sidecar.cache import NodeCache
@@ -30,8 +34,10 @@ def run_agent(
     env = dict(os.environ, KUBECONFIG=str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never the in-cluster config in tests
     cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache), "--node", NODE]
+    # no free-space floor unless a test asks for one: the outcome must not depend on how
+    # full the test machine's disk is (flags given later win)
     return subprocess.run(
-        [*cmd, "--once", *flags],
+        [*cmd, "--once", "--min-free", "0", *flags],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -190,3 +196,150 @@ def test_loop_follows_the_cache_and_stops_cleanly_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_without_a_cluster_one_clear_error_line(tmp_path: Path) -> None:
+    env = dict(os.environ, KUBECONFIG=str(tmp_path / "no-such-kubeconfig"))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(tmp_path), "--node", NODE]
+    done = subprocess.run(
+        [*cmd, "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("agent: no cluster to talk to: not in a pod")
+    assert "set KUBECONFIG" in line
+
+
+def test_version_and_help_for_users() -> None:
+    run = [sys.executable, "-m", "sidecar"]
+    version = subprocess.run(
+        [*run, "--version"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False
+    )
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"modelcache {metadata.version('modelcache')}"
+    helped = subprocess.run(
+        [*run, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, check=False
+    )
+    for role in ("warmup", "mount", "probe", "agent", "uninstall"):
+        assert f"\n  {role} " in helped.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs: a disk that can be filled in a test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "modelcache-test", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_pressure_on_a_real_disk_evicts_until_the_floor(
+    tmp_path: Path, kube_nodes: FakeNodeAPI, small_disk: Path
+) -> None:
+    from tests.fixtures.agent_cache import write_model
+
+    kube_nodes.add_node(NODE)
+    cache = small_disk / "cache"
+    now = time.time()
+    models = [
+        write_model(cache, f"hf://org/m{i}", {"w.bin": os.urandom(3 << 20)}, last_used=now - i)
+        for i in range(3)
+    ]  # 9 MiB of models; m2 is the least recently used, then m1
+    (small_disk / "other-data").write_bytes(b"\0" * (5 << 20))  # images, logs: not ours
+    # 16 MiB disk, ~2 MiB free; a floor of 40% (6.4 MiB) needs ~4.4 MiB: two models
+    done = run_agent(kube_nodes, tmp_path, cache, "--min-free", "40%", "--max-bytes", "0")
+    assert done.returncode == 0, done.stderr
+    assert "disk pressure" in done.stderr
+    left = sorted(p.name for p in models_root(cache).iterdir())
+    assert left == [models[0].key]
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= 0.4 * st.f_blocks * st.f_frsize
+    assert (small_disk / "other-data").exists()  # never touches what is not a model
+
+
+def test_scraped_metrics_count_real_warmups_hits_misses_and_bytes_saved(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    """Warm-ups as the kubelet runs them (processes), then the agent's /metrics over HTTP."""
+    from aiohttp import ClientSession
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar.agent import Agent, AgentSettings, RetryPolicy
+
+    kube_nodes.add_node(NODE)
+    cache = tmp_path / "cache"
+    info, model = make_model(tmp_path, "llm", seed=7)
+    cmd = [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache)]
+    for args in (
+        ["--model", model.to_arg()],  # a miss: everything downloaded
+        ["--model", model.to_arg()],  # a hit
+        ["--model", f"gone=file://{tmp_path}/no-such-model"],  # not found
+    ):
+        subprocess.run(
+            [*cmd, *args, "--termination-log", str(tmp_path / "tl")],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+
+    async def scrape() -> str:
+        settings = AgentSettings(
+            cache_dir=cache,
+            node=NODE,
+            retry=RetryPolicy(attempts=2, base=0.001, cap=0.01),
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+        )
+        agent = Agent(settings, kube_nodes.api_client())
+        await agent.start_metrics()
+        try:
+            assert (await agent.run_pass()).ok
+            async with ClientSession() as http, http.get(agent.metrics_url) as resp:
+                assert resp.status == 200
+                return await resp.text()
+        finally:
+            await agent.close()
+
+    text = asyncio.run(scrape())
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("modelcache_cache_hits_total", ())] == 1
+    assert samples[("modelcache_cache_misses_total", ())] == 1
+    assert samples[("modelcache_cache_saved_bytes_total", ())] == info.total_bytes
+    assert samples[("modelcache_cache_fetched_bytes_total", ())] == info.total_bytes
+    assert samples[("modelcache_warmups_total", (("result", "ok"),))] == 2
+    assert samples[("modelcache_warmups_total", (("result", "failed"),))] == 1
+    assert samples[("modelcache_warmup_failures_total", (("reason", "not-found"),))] == 1
+    assert samples[("modelcache_disk_size_bytes", ())] > 0
+    assert (
+        0
+        < samples[("modelcache_disk_free_bytes", ())]
+        <= samples[("modelcache_disk_size_bytes", ())]
+    )
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["modelcache_cache_hits"] == "counter"
+    assert types["modelcache_disk_free_bytes"] == "gauge"

@@ -179,10 +179,14 @@ def test_access_denied_exits_1_even_with_a_complete_cache(
     assert res.returncode == 1
     failed = [ln for ln in res.stderr.splitlines() if ln.startswith("warmup failed: ")]
     assert len(failed) == 2, res.stderr
-    assert failed[0].startswith("warmup failed: model 'base' (s3://models/tiny-llama/): access")
-    assert "403" in failed[0]
-    assert failed[1].startswith("warmup failed: model 'lora' (hf://acme/tiny-llama@main): access")
-    assert "401" in failed[1]
+    assert failed[0].startswith(
+        "warmup failed: model 'base' (s3://models/tiny-llama/): unauthorized (HTTP 403"
+    )
+    assert "SignatureDoesNotMatch" in failed[0] and "S3 rejects the credentials" in failed[0]
+    assert failed[1].startswith(
+        "warmup failed: model 'lora' (hf://acme/tiny-llama@main): unauthorized (HTTP 401"
+    )
+    assert "no or invalid token; set HF_TOKEN" in failed[1]
 
 
 def test_unsafe_listing_path_is_refused(tmp_path: Path, generated_model: ModelInfo) -> None:

@@ -25,6 +25,8 @@ from sidecar.agent import (
     plan_eviction,
     scan_cache,
 )
+from sidecar.disk import DiskUsage, parse_size
+from sidecar.journal import record_warmup
 from sidecar.layout import ModelDir
 from tests.fixtures.agent_cache import write_model
 from tests.fixtures.kube_nodes import FakeNodeAPI
@@ -117,6 +119,48 @@ def test_plan_eviction_order() -> None:
     assert [m.key for m in order] == ["old", "mid", "new"]
     _, order = plan_eviction(models, 150, keep_last={"old"})
     assert [m.key for m in order] == ["mid", "new", "old"]
+    # disk pressure: the cache is within its bound (or unbounded) but the disk needs room
+    assert plan_eviction(models, 0, need_free=120)[0] == 120
+    assert plan_eviction(models, 1000, need_free=120)[0] == 120
+    assert plan_eviction(models, 250, need_free=20)[0] == 50  # the larger of the two
+
+
+@pytest.mark.parametrize(
+    ("text", "fs", "expected"),
+    [
+        ("0", 1000, 0),
+        ("1073741824", 0, 1 << 30),
+        ("500Gi", 0, 500 << 30),
+        ("200G", 0, 200 * 10**9),
+        ("1.5Ti", 0, int(1.5 * (1 << 40))),
+        ("50%", 1000, 500),
+        ("15%", 2000, 300),
+        ("0%", 1000, 0),
+    ],
+)
+def test_sizes_parse_and_resolve(text: str, fs: int, expected: int) -> None:
+    assert parse_size(text).resolve(fs) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-5", "12X", "150%", "50 percent", "Gi"])
+def test_bad_sizes_say_what_is_accepted(text: str) -> None:
+    with pytest.raises(ValueError, match=r"expected bytes|between 0% and 100%"):
+        parse_size(text)
+
+
+def test_cli_defaults_are_a_bound_and_a_floor() -> None:
+    from sidecar.__main__ import build_parser
+    from sidecar.agent import settings_from_args
+
+    args = build_parser().parse_args(["agent", "--cache-dir", "/c", "--node", "n"])
+    settings = settings_from_args(args)
+    assert settings.max_bytes == parse_size("50%") and settings.min_free == parse_size("15%")
+    with pytest.raises(ValueError, match=r"--min-free '5 apples': expected bytes"):
+        settings_from_args(
+            build_parser().parse_args(
+                ["agent", "--cache-dir", "/c", "--node", "n", "--min-free", "5 apples"]
+            )
+        )
 
 
 # --- against the API stand-in ---------------------------------------------------------------
@@ -226,8 +270,10 @@ async def test_eviction_skips_models_in_use_and_unlabels_first(
     }
     assert not any((tmp_path / "trash").iterdir())
     text = bounded.metrics.render().decode()
-    assert "modelcache_evictions_total 1.0" in text
+    assert 'modelcache_evictions_total{reason="size"} 1.0' in text
+    assert 'modelcache_evictions_total{reason="disk_pressure"} 0.0' in text
     assert "modelcache_cache_limit_bytes 9000.0" in text
+    assert result.eviction_reasons == {idle.key: "size"}
     await agent.close()
     await bounded.close()
 
@@ -312,10 +358,11 @@ models:
     assert result.started_prewarm == []
     assert len(warm.calls) == 1
     text = agent.metrics.render().decode()
-    assert f'modelcache_prewarm_bytes_total{{model="{A}"}} 64.0' in text
+    assert f'modelcache_prewarm_size_bytes{{model="{A}"}} 64.0' in text
     assert f'modelcache_prewarm_bytes_done{{model="{A}"}} 64.0' in text
-    assert f'modelcache_prewarm_bytes_total{{model="{B}"}}' not in text  # not for this node
+    assert f'modelcache_prewarm_size_bytes{{model="{B}"}}' not in text  # not for this node
     assert 'modelcache_prewarm_runs_total{result="ok"} 1.0' in text
+    assert "modelcache_prewarm_fetched_bytes_total 64.0" in text
     await agent.close()
 
 
@@ -477,3 +524,112 @@ def test_the_api_stand_in_speaks_each_patch_type(kube_nodes: FakeNodeAPI) -> Non
 
 
 MERGE_PATCH_TYPE = "application/merge-patch+json"
+
+
+# --- disk pressure, warm-up records, metric names --------------------------------------------
+
+
+async def test_disk_pressure_evicts_lru_until_the_floor_skipping_models_in_use(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node(NODE)
+    now = time.time()
+    busy = write_model(tmp_path, A, {"a.bin": b"a" * 4000}, last_used=now - 300)
+    old = write_model(tmp_path, B, {"b.bin": b"b" * 4000}, last_used=now - 200)
+    mid = write_model(tmp_path, "hf://org/gamma", {"c.bin": b"c" * 4000}, last_used=now - 100)
+    new = write_model(tmp_path, "hf://org/delta", {"d.bin": b"d" * 4000}, last_used=now)
+    start = sum(m.bytes for m in scan_cache(tmp_path))
+
+    def disk(_: Path) -> DiskUsage:
+        # a 100 kB disk with 8 kB free, plus whatever the agent removed since
+        return DiskUsage(
+            size=100_000, free=8_000 + start - sum(m.bytes for m in scan_cache(tmp_path))
+        )
+
+    settings = AgentSettings(cache_dir=tmp_path, node=NODE, retry=FAST, min_free=parse_size("15%"))
+    agent = Agent(settings, kube_nodes.api_client(), disk=disk)
+    fd = os.open(busy.model_lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a mount serves the oldest model
+    try:
+        result = await agent.run_pass()
+    finally:
+        os.close(fd)
+    assert result.ok
+    # 15% of 100 kB = 15 kB floor, 8 kB free: 7 kB to free = two 4 kB models, oldest first
+    assert result.skipped_in_use == [busy.key]
+    assert result.evicted == [old.key, mid.key]
+    assert result.eviction_reasons == {old.key: "disk_pressure", mid.key: "disk_pressure"}
+    assert busy.root.exists() and new.root.exists()
+    assert not old.root.exists() and not mid.root.exists()
+    text = agent.metrics.render().decode()
+    assert 'modelcache_evictions_total{reason="disk_pressure"} 2.0' in text
+    assert 'modelcache_evictions_total{reason="size"} 0.0' in text
+    assert "modelcache_disk_min_free_bytes 15000.0" in text
+    assert "modelcache_disk_size_bytes 100000.0" in text
+    assert "modelcache_disk_free_bytes " in text
+    await agent.close()
+
+
+async def test_no_eviction_above_the_floor(tmp_path: Path, kube_nodes: FakeNodeAPI) -> None:
+    kube_nodes.add_node(NODE)
+    m = write_model(tmp_path, A, {"a.bin": b"a" * 4000})
+    settings = AgentSettings(
+        cache_dir=tmp_path,
+        node=NODE,
+        retry=FAST,
+        min_free=parse_size("15%"),
+        max_bytes=parse_size("50%"),
+    )
+    agent = Agent(settings, kube_nodes.api_client(), disk=lambda _: DiskUsage(100_000, 50_000))
+    result = await agent.run_pass()
+    assert result.ok and result.evicted == [] and m.root.exists()
+    assert agent.limit == 50_000 and agent.floor == 15_000
+    await agent.close()
+
+
+async def test_warmup_records_become_hit_miss_and_saved_bytes_counters(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    from sidecar.warmup import Failure, ModelReport, WarmupReport
+
+    kube_nodes.add_node(NODE)
+    miss = WarmupReport(models=[ModelReport("m", A, key_of(A), 3, 1000, 1000, ok=True)])
+    hit = WarmupReport(models=[ModelReport("m", A, key_of(A), 3, 1000, 0, ok=True)])
+    failed = WarmupReport(
+        models=[
+            ModelReport("m", A, key_of(A), 3, 1000, 0, ok=True),
+            ModelReport("x", B, key_of(B)),
+        ],
+        failures=[Failure("x", B, "not-found", "not found (HTTP 404)")],
+    )
+    for report in (miss, hit, failed):
+        record_warmup(tmp_path, report)
+    agent = make_agent(tmp_path, kube_nodes)
+    assert (await agent.run_pass()).ok
+    text = agent.metrics.render().decode()
+    assert "modelcache_cache_hits_total 2.0" in text
+    assert "modelcache_cache_misses_total 1.0" in text
+    assert "modelcache_cache_saved_bytes_total 2000.0" in text  # bytes not downloaded
+    assert "modelcache_cache_fetched_bytes_total 1000.0" in text
+    assert 'modelcache_warmups_total{result="ok"} 2.0' in text
+    assert 'modelcache_warmups_total{result="failed"} 1.0' in text
+    assert 'modelcache_warmup_failures_total{reason="not-found"} 1.0' in text
+    # counted once: the records are consumed
+    assert (await agent.run_pass()).ok
+    assert "modelcache_cache_hits_total 2.0" in agent.metrics.render().decode()
+    assert not list((tmp_path / "events").iterdir())
+    await agent.close()
+
+
+def test_no_gauge_is_named_like_a_counter() -> None:
+    """Prometheus reserves ``_total`` for counters; a gauge named so misleads rate()."""
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.agent import AgentMetrics
+
+    metrics = AgentMetrics(CollectorRegistry())
+    for family in metrics.registry.collect():
+        if family.type != "counter":
+            assert not family.name.endswith("_total"), family.name
+            for sample in family.samples:
+                assert not sample.name.endswith("_total"), sample.name

@@ -229,3 +229,33 @@ async def test_hf_unknown_revision_is_an_access_error(
             await src.list_files()
     finally:
         await src.aclose()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (401, "", None, "unauthorized", "no or invalid token; set HF_TOKEN"),
+        (401, "", "t", "unauthorized", "rejects the token in HF_TOKEN"),
+        (401, "RepoNotFound", None, "not-found", "or it is private and no HF_TOKEN is set"),
+        (404, "RevisionNotFound", "t", "not-found", "revision 'v2' of org/m does not exist"),
+        (401, "GatedRepo", None, "forbidden", "then set HF_TOKEN in the pod"),
+        (403, "GatedRepo", "t", "forbidden", "request access at https://hub.example/org/m"),
+    ],
+)
+def test_hub_refusals_are_classified_by_status_and_error_code(
+    monkeypatch: pytest.MonkeyPatch, case: tuple[int, str, str | None, str, str]
+) -> None:
+    """The hub's X-Error-Code decides the kind where it is sent (it answers 401 RepoNotFound
+    for a private repository without a token), never the message text."""
+    from sidecar.sources.hf import HfSource
+
+    status, code, token, kind, advice = case
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    src = HfSource("org/m", "v2", read_timeout=5)
+    cls, text = src._advice(status, code, "")
+    assert cls.kind == kind
+    assert advice in text

@@ -94,3 +94,31 @@ def test_cli_with_config_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "registry.local/sidecar:dev" in result.stdout
     assert "path: /data/cache" in result.stdout
+
+
+def _values(container: dict) -> list[str]:
+    out = [*container.get("command", []), *container.get("args", [])]
+    out += [e.get("value", "") for e in container.get("env", [])]
+    return [str(v) for v in out]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_starts_the_same_without_the_webhook(example: Path) -> None:
+    """With the webhook down, pods are created from the manifest as written: it must name the
+    model the way the server fetches it by itself, never a path only the webhook provides."""
+    doc = yaml.safe_load(example.read_text())
+    template = doc["spec"]["template"]
+    for container in template["spec"]["containers"]:
+        for value in _values(container):
+            assert not value.startswith(("/models", "/var/run/modelcache")), (
+                container["name"],
+                value,
+            )
+            assert "modelcache" not in value, (container["name"], value)
+        for mount in container.get("volumeMounts", []):
+            assert not mount["name"].startswith("modelcache-")
+    # the model is the one the app names: detected from its args, not only annotated
+    assert "modelcache.io/model" not in (template["metadata"].get("annotations") or {})
+    result = inject_cli(example)
+    assert result.returncode == 0, result.stderr
+    assert "detected model hf://" in result.stderr
