@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import fnmatch
 import io
 import json
 import os
@@ -102,7 +103,19 @@ SLOT_FIELDS = {
     "hub_refs", "env_set", "env_absent", "model_flag", "warmup_include", "annotations",
     "warnings", "server",
 }  # fmt: skip
-CASE_FIELDS = {"source", "framework", "note", "pods"} | SLOT_FIELDS
+CASE_FIELDS = {"source", "framework", "note", "pods", "pending"} | SLOT_FIELDS
+
+
+def _params(test: str) -> list[Any]:
+    """The cases as parameters; a case whose expectation the implementation does not meet yet
+    says so under ``pending: {inject|server: why}`` and is a strict xfail (it fails the suite
+    as soon as it passes, so the entry is removed with the fix)."""
+    out = []
+    for case in CASES:
+        why = (EXPECTED.get(case, {}).get("pending") or {}).get(test)
+        marks = [pytest.mark.xfail(reason=why, strict=True, raises=AssertionError)] if why else []
+        out.append(pytest.param(case, id=case, marks=marks))
+    return out
 
 
 def _input(case: str) -> str:
@@ -333,12 +346,17 @@ def check_injected(
     # delivery: recorded in the status and mounted where the status says
     volumes = {v["name"]: v for v in (after.get("spec") or {}).get("volumes") or []}
     for want in exp.get("delivery") or []:
+        # hub-cache entries may name the hub directory (the model is in `model`) or the
+        # model's own directory below it
+        paths = {want["path"]}
+        if want["mode"] == "hub-cache":
+            paths.add(want["path"].rsplit("/", 1)[0])
         entries = [
             d
             for d in status["delivery"]
             if d.get("container") == want["container"]
             and d.get("mode") == want["mode"]
-            and d.get("path") == want["path"]
+            and d.get("path") in paths
             and ("model" not in want or d.get("model") == want["model"])
         ]
         assert entries, f"delivery {want} not in {status['delivery']}"
@@ -401,17 +419,38 @@ def check_injected(
             ), tokens
         served = want.get("served_flag")
         if served:
-            assert _flag_values(argv_tokens(c), (served,)), f"{want['container']}: no {served}"
-    for pattern in exp.get("warmup_include") or []:
-        warmups = [c for c in _containers(after) if c["name"] == "modelcache-warmup"]
-        where = json.dumps([warmups, status])
-        assert pattern in where, f"warm-up not restricted to {pattern!r}"
+            names = [v for _, v in _flag_values(argv_tokens(c), (served,))]
+            assert names, f"{want['container']}: no {served}"
+            if "served_value" in want:
+                assert names == [want["served_value"]], f"{served} {names}"
+    if "warmup_include" in exp:
+        globs = warmup_globs(after, status)
+        assert globs, "the warm-up fetches the whole repository"
+        for name in exp["warmup_include"].get("matches") or []:
+            assert any(fnmatch.fnmatchcase(name, g) for g in globs), f"{name} not warmed: {globs}"
+        for name in exp["warmup_include"].get("excludes") or []:
+            assert not any(fnmatch.fnmatchcase(name, g) for g in globs), f"{name} warmed: {globs}"
     for key, regex in (exp.get("annotations") or {}).items():
         assert re.search(regex, str(annotations.get(key, ""))), f"annotation {key}"
     for regex in exp.get("warnings") or []:
         assert any(re.search(regex, w) for w in warnings), f"no warning matching {regex!r}"
     check_credentials(before, after, status)
     check_init_order(after)
+
+
+def warmup_globs(after: dict[str, Any], status: dict[str, Any]) -> list[str]:
+    """The file globs the warm-up is limited to (its ``--include`` arguments)."""
+    globs: list[str] = []
+    for c in _containers(after):
+        if c["name"] != "modelcache-warmup":
+            continue
+        argv = argv_tokens(c)
+        for i, token in enumerate(argv[:-1]):
+            if token == "--include":
+                globs += [g for g in argv[i + 1].split(",") if g]
+    if not any(c["name"] == "modelcache-warmup" for c in _containers(after)):
+        globs = [str(g) for g in status.get("include") or []]
+    return globs
 
 
 def check_credentials(
@@ -484,6 +523,7 @@ def test_corpus_size_and_expectations() -> None:
         exp = EXPECTED[case]
         assert set(exp) <= CASE_FIELDS, f"{case}: unknown fields {set(exp) - CASE_FIELDS}"
         assert exp.get("source"), case
+        assert set(exp.get("pending") or {}) <= {"inject", "server"}, case
         doc_slots = set(slots(workload(_docs(_input(case)))))
         assert set(slot_expectations(case)) == doc_slots, case
         for name, slot in slot_expectations(case).items():
@@ -518,7 +558,7 @@ def test_docs_table_lists_every_case() -> None:
 # --- tests: through inject --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _params("inject"))
 def test_corpus_inject(case: str) -> None:
     text = _input(case)
     rc, out, err = inject(text)
@@ -548,6 +588,8 @@ def test_corpus_inject(case: str) -> None:
     if UPDATE:
         _golden(case).write_text(out, encoding="utf-8")
         return
+    if (EXPECTED[case].get("pending") or {}).get("inject"):
+        pytest.fail("every check passes now: drop pending.inject and regenerate the golden file")
     assert _golden(case).exists(), "no golden file: run with MODELCACHE_UPDATE_GOLDEN=1"
     assert out == _golden(case).read_text(encoding="utf-8")
 
@@ -686,7 +728,7 @@ def check_not_sent(docs: list[Any], pod: dict[str, Any]) -> None:
         assert not called, f"webhook {hook['name']} is called for namespace {ns_labels}"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _params("server"))
 def test_corpus_through_the_server(
     https_webhook: tuple[WebhookProcess, ssl.SSLContext], case: str
 ) -> None:
@@ -711,10 +753,77 @@ def test_corpus_through_the_server(
             cli = cli_slots[name]
             assert patched["spec"] == cli["spec"], "server and inject disagree on the spec"
             cli_meta, meta = cli.get("metadata") or {}, patched.get("metadata") or {}
-            assert meta.get("annotations") == cli_meta.get("annotations")
+            # what the webhook writes must agree; inject also copies the leader's models onto
+            # a LeaderWorkerSet worker template as modelcache.io/model, the controller adds its
+            # own annotations (LeaderWorkerSet size, ...)
+            for key in (ANN_STATUS, ANN_SKIPPED):
+                got = (meta.get("annotations") or {}).get(key)
+                assert got == (cli_meta.get("annotations") or {}).get(key), f"{key} differs"
             assert (cli_meta.get("labels") or {}).items() <= (meta.get("labels") or {}).items()
+        if not want["injected"] and not exp["injected"] and "server" not in exp:
+            reason = (cli_slots[name].get("metadata") or {}).get("annotations", {}).get(ANN_SKIPPED)
+            got = (patched.get("metadata") or {}).get("annotations", {}).get(ANN_SKIPPED)
+            assert got == reason, "server and inject give different reasons"
         again = _admit(https_webhook, patched, namespace)
         assert _apply(patched, again) == patched, "a second admission changed the pod"
         # the pod made from the inject output (the user applied what inject printed)
         from_cli = controller_pod(doc, name, cli_slots[name])
         assert _apply(from_cli, _admit(https_webhook, from_cli, namespace)) == from_cli
+
+
+# --- the checks catch what they are for ---------------------------------------------------------
+
+
+def _tamper_offline(pod: dict[str, Any]) -> None:
+    pod["spec"]["containers"][0].setdefault("env", []).append(
+        {"name": "HF_HUB_OFFLINE", "value": "1"}
+    )
+
+
+def _tamper_argv(pod: dict[str, Any]) -> None:
+    pod["spec"]["containers"][0]["args"] = [*pod["spec"]["containers"][0]["args"], "--x"]
+
+
+def _tamper_flag(pod: dict[str, Any]) -> None:
+    c = pod["spec"]["containers"][0]
+    c["args"] = [c["args"][0] + " --safetensors-load-strategy prefetch"]
+
+
+def _tamper_mount(pod: dict[str, Any]) -> None:
+    c = pod["spec"]["containers"][0]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "modelcache-hub"]
+
+
+def _tamper_credentials(pod: dict[str, Any]) -> None:
+    for c in pod["spec"]["initContainers"]:
+        c["env"] = [e for e in c.get("env") or [] if e["name"] != "HUGGING_FACE_HUB_TOKEN"]
+
+
+def _tamper_status_models(pod: dict[str, Any]) -> None:
+    status = json.loads(pod["metadata"]["annotations"][ANN_STATUS])
+    status["models"][0]["uri"] = status["models"][0]["uri"].replace("@main", "@other")
+    pod["metadata"]["annotations"][ANN_STATUS] = json.dumps(status)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _tamper_offline,
+        _tamper_argv,
+        _tamper_flag,
+        _tamper_mount,
+        _tamper_credentials,
+        _tamper_status_models,
+    ],
+)
+def test_checks_reject_a_broken_result(tamper: Any) -> None:
+    """The checks fail on a result that breaks one rule (they would not pass anything)."""
+    case = "vllm-docs-gpu-pvc-cache"
+    before = slots(workload(_docs(_input(case))))["template"]
+    after = slots(workload(_docs(inject(_input(case))[1])))["template"]
+    (exp,) = slot_expectations(case).values()
+    check_slot(exp, before, after, [])  # the real result passes
+    broken = copy.deepcopy(after)
+    tamper(broken)
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        check_slot(exp, before, broken, [])
