@@ -541,6 +541,8 @@ def test_no_unused_golden_files() -> None:
         if p.name[: -len(".yaml.injected")] not in CASES
     )
     assert unused == []
+    stale = [c for c in CASES if (EXPECTED[c].get("pending") or {}).get("inject")]
+    assert [c for c in stale if _golden(c).exists()] == [], "golden output of a pending case"
 
 
 def test_docs_table_lists_every_case() -> None:
