@@ -159,14 +159,19 @@ def flag_accepted(framework: str, flag: str, image: str) -> bool:
 #: TGI's Dockerfile sets ``HF_HOME=/data`` (2.x and later; 1.x set ``HUGGINGFACE_HUB_CACHE``
 #: to ``/data`` itself); KServe's huggingfaceserver image sets ``HF_HOME=/tmp/huggingface``
 #: (its Dockerfile, "a writable Hugging Face home folder") and runs as uid 1000.
+#: Ray's images (``rayproject/ray*``) run as uid 1000 with ``HOME=/home/ray``.
 _IMAGE_HUB_DEFAULTS: Final = (
     ("text-generation-inference", "/data/hub"),
     ("huggingfaceserver", "/tmp/huggingface/hub"),
+    ("rayproject/ray", "/home/ray/.cache/huggingface/hub"),
 )
 
 
 def image_hub_default(image: str) -> str | None:
-    """Where this image's Hugging Face client caches by default, when the image says so."""
+    """Where this image's Hugging Face client caches by default, when the image says so.
+
+    An image's own ``HF_HOME`` beats the pod's ``HOME`` (the client reads ``HF_HOME`` first),
+    so this is consulted before ``HOME`` and ``XDG_CACHE_HOME`` from the pod's env."""
     lowered = image.lower()
     for needle, path in _IMAGE_HUB_DEFAULTS:
         if needle in lowered:

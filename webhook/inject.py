@@ -16,7 +16,7 @@ import yaml
 from webhook.annotations import ANN_MODEL, ANN_STATUS
 from webhook.config import Config
 from webhook.mutations.status import read_status
-from webhook.pipeline import mutate_pod
+from webhook.pipeline import mutate_pod, skip_pod
 from webhook.workloads import PodSlot, describe, is_workload, pod_slots
 
 
@@ -43,6 +43,7 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
     """Mutate every pod slot of every document; returns (docs, warnings, denial message)."""
     warnings: list[str] = []
     box = list(docs)
+    guarded = _pod_security_guarded(box)
     for i in range(len(box)):
         if not is_workload(box[i]):
             warnings.append(
@@ -54,7 +55,19 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
         for slot in list(pod_slots(box, i)):
             if slot.group == "worker" and leader_models:
                 _give_models(slot, leader_models)
-            mutated, result = mutate_pod(slot.pod, namespace=slot.namespace, config=config)
+            if slot.namespace in guarded:
+                skipped, result = skip_pod(
+                    slot.pod,
+                    f"namespace {slot.namespace} enforces PodSecurity {guarded[slot.namespace]}, "
+                    "which the injected sidecar does not meet yet (the webhook configuration "
+                    "skips such namespaces)",
+                )
+                warnings += [f"{slot.owner}: {w}" for w in result.warnings]
+                slot.replace(skipped)
+                continue
+            mutated, result = mutate_pod(
+                slot.pod, namespace=slot.namespace, config=config, group=slot.group
+            )
             if slot.group == "leader" and result.decision == "injected":
                 leader_models = _models_of(mutated)
             warnings += [f"{slot.owner}: {w}" for w in result.warnings]
@@ -63,6 +76,24 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
             if result.patch:
                 slot.replace(mutated)
     return box, warnings, None
+
+
+#: PodSecurity levels the injected pod does not meet yet (the webhook configuration's
+#: namespaceSelector skips namespaces that enforce them).
+_GUARDED_LEVELS = ("baseline", "restricted")
+
+
+def _pod_security_guarded(docs: list[Any]) -> dict[str, str]:
+    """Namespaces in the input that enforce a PodSecurity level the injected pod fails."""
+    out: dict[str, str] = {}
+    for doc in docs:
+        if not isinstance(doc, dict) or doc.get("kind") != "Namespace":
+            continue
+        meta = doc.get("metadata") or {}
+        level = (meta.get("labels") or {}).get("pod-security.kubernetes.io/enforce")
+        if isinstance(meta.get("name"), str) and level in _GUARDED_LEVELS:
+            out[meta["name"]] = str(level)
+    return out
 
 
 def _models_of(pod: dict[str, Any]) -> str | None:

@@ -60,6 +60,8 @@ MUTATIONS: Final[tuple[tuple[str, Mutation], ...]] = (
 )
 LWS_NAME_LABEL: Final = "leaderworkerset.sigs.k8s.io/name"
 LWS_WORKER_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/worker-index"
+#: KubeRay labels the pods of a RayCluster ``head`` or ``worker``
+RAY_NODE_TYPE_LABEL: Final = "ray.io/node-type"
 SKIP_WARNING_PREFIX: Final = "not injected: "
 #: llama.cpp's ``-hf repo`` without a tag loads this quant (its "latest" tag)
 DEFAULT_GGUF_QUANT: Final = "Q4_K_M"
@@ -232,7 +234,9 @@ def _mutable_view(pod: Pod) -> Pod:
     return view
 
 
-def _no_model_reason(facts: dict[str, ContainerFacts], labels: dict[str, Any]) -> str:
+def _no_model_reason(
+    facts: dict[str, ContainerFacts], labels: dict[str, Any], group: str | None = None
+) -> str:
     """Why no model was found, as precisely as the containers allow."""
     for f in facts.values():
         if f.unresolved:
@@ -250,9 +254,12 @@ def _no_model_reason(facts: dict[str, ContainerFacts], labels: dict[str, Any]) -
             f"NIM downloads its model profile itself; set {ANN_MODEL} to a source modelcache "
             "can fetch and NIM_MODEL_PATH to use it"
         )
-    group = labels.get(LWS_NAME_LABEL) if isinstance(labels, dict) else None
-    if any(f.ray_worker for f in facts.values()) or (
-        group and labels.get(LWS_WORKER_INDEX_LABEL) not in (None, "0")
+    lws = labels.get(LWS_NAME_LABEL) if isinstance(labels, dict) else None
+    if (
+        group == "worker"
+        or any(f.ray_worker for f in facts.values())
+        or (lws and labels.get(LWS_WORKER_INDEX_LABEL) not in (None, "0"))
+        or labels.get(RAY_NODE_TYPE_LABEL) == "worker"
     ):
         return (
             "a worker of a multi-node group loads the model its leader names; set "
@@ -287,7 +294,13 @@ def hub_dir_of(
         if facts.cache_dir_flag.startswith("/"):
             return facts.cache_dir_flag.rstrip("/") or "/", False
         return f"its cache directory flag names a relative path {facts.cache_dir_flag!r}"
-    for name in (*HUB_CACHE_ENV, "HF_HOME", "XDG_CACHE_HOME", "HOME"):
+    default = image_hub_default(facts.image)
+    names = (
+        (*HUB_CACHE_ENV, "HF_HOME")
+        if default
+        else (*HUB_CACHE_ENV, "HF_HOME", "XDG_CACHE_HOME", "HOME")
+    )
+    for name in names:
         if name not in facts.env_names:
             continue
         value = facts.env.get(name)
@@ -301,12 +314,23 @@ def hub_dir_of(
         if name == "XDG_CACHE_HOME":
             return f"{base}/huggingface/hub", False
         return f"{base}/.cache/huggingface/hub", False
-    default = image_hub_default(facts.image)
     if default:
+        # the image's own ENV (HF_HOME) decides, unless the pod sets a Hugging Face variable
         return default, True
     if _runs_as_root(spec, container):
         return "/root/.cache/huggingface/hub", True
     return "it runs as a non-root user and sets neither HOME nor HF_HOME in env"
+
+
+def _read_only_mount_over(container: dict[str, Any], path: str) -> str | None:
+    """The read-only volume mounted at or above ``path`` in this container, else None."""
+    for m in container.get("volumeMounts") or []:
+        if not isinstance(m, dict) or m.get("readOnly") is not True:
+            continue
+        mp = str(m.get("mountPath") or "").rstrip("/") or "/"
+        if path == mp or path.startswith(mp.rstrip("/") + "/"):
+            return str(m.get("name"))
+    return None
 
 
 def _qos_class(spec: dict[str, Any]) -> str:
@@ -363,7 +387,9 @@ def _quant_glob(quant: str) -> str:
     return f"*{letters}*.gguf"
 
 
-def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | AdmissionResult:
+def plan_pod(
+    pod: Pod, *, namespace: str | None, config: Config, group: str | None = None
+) -> Context | AdmissionResult:
     """Gate, validate and detect: the Context the mutations run with, or the final result
     (skipped or denied) when there is nothing to mutate. Reads ``pod`` only."""
     problem = shape_problem(pod)
@@ -410,7 +436,7 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
                     "override"
                 )
     if not models:
-        return _skip(_no_model_reason(facts, labels))
+        return _skip(_no_model_reason(facts, labels, group))
     raw_values = [fd.value for f in facts.values() for fd in f.found] + _annotation_raw_uris(
         annotations
     )
@@ -421,7 +447,7 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
         )
     except AnnotationError as exc:
         return _deny(exc)
-    if options.models is not None and status is None:
+    if options.models is not None and status is None and group != "worker":
         for ref in refs:
             if not any(_references_model(facts[n], (ref,)) for n in targets if n in facts):
                 warnings.append(
@@ -449,6 +475,13 @@ def plan_pod(pod: Pod, *, namespace: str | None, config: Config) -> Context | Ad
                     why = f"cannot tell where its Hugging Face client caches: {where}"
                     break
                 hub_dir, set_env = where
+                ro = _read_only_mount_over(c, hub_dir)
+                if ro:
+                    why = (
+                        f"its Hugging Face cache {hub_dir} is on the read-only volume {ro!r}, "
+                        "where the model's folder cannot be mounted"
+                    )
+                    break
                 if (
                     f.has_env_from
                     and not set_env
@@ -552,15 +585,20 @@ def _annotate_skip(pod: Pod, result: AdmissionResult) -> tuple[Pod, AdmissionRes
     return work, replace(result, patch=patch)
 
 
+def skip_pod(pod: Pod, reason: str) -> tuple[Pod, AdmissionResult]:
+    """Leave an opted-in pod alone for a reason found outside the pod (``inject``)."""
+    return _annotate_skip(pod, _skip(reason))
+
+
 def mutate_pod(
-    pod: dict[str, Any], *, namespace: str | None, config: Config
+    pod: dict[str, Any], *, namespace: str | None, config: Config, group: str | None = None
 ) -> tuple[dict[str, Any], AdmissionResult]:
     """Return the mutated pod and the result; ``pod`` is never changed.
 
     The mutated pod shares the parts no mutation touches (``managedFields``, ``status``, ...)
     with the input: treat both as read-only. When nothing is mutated it is ``pod`` itself.
     """
-    plan = plan_pod(pod, namespace=namespace, config=config)
+    plan = plan_pod(pod, namespace=namespace, config=config, group=group)
     if isinstance(plan, AdmissionResult):
         if plan.decision == "skipped" and plan.annotate:
             return _annotate_skip(pod, plan)

@@ -178,18 +178,39 @@ def identify_framework(container: Container, tokens: list[str]) -> Framework | N
     return None
 
 
+def norm_flag(name: str) -> str:
+    """``--speculative_config`` → ``--speculative-config``: Python servers built on argparse
+    with ``_``/``-`` aliases (vLLM, SGLang) accept both spellings, and manifests use both."""
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
+def split_flag(token: str) -> tuple[str, str, bool, str]:
+    """(flag as written, normalized flag, has ``=VALUE``, value) of one argv token."""
+    name, eq, value = token.partition("=")
+    return name, norm_flag(name), bool(eq), value
+
+
+def flag_at(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, str, str] | None:
+    """If ``tokens[i]`` is ``--flag VALUE`` or ``--flag=VALUE`` for one of flags (either
+    spelling): (index of the token holding the value, value, the flag as written)."""
+    written, name, eq, value = split_flag(tokens[i])
+    for flag in flags:
+        if name != norm_flag(flag):
+            continue
+        if eq:
+            return i, value, written
+        if i + 1 < len(tokens):
+            return i + 1, tokens[i + 1], written
+    return None
+
+
 def flag_value(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, str] | None:
     """If ``tokens[i]`` is ``--flag VALUE`` or ``--flag=VALUE`` for one of flags: the value.
 
     Returns (index of the token holding the value, value).
     """
-    token = tokens[i]
-    for flag in flags:
-        if token == flag and i + 1 < len(tokens):
-            return i + 1, tokens[i + 1]
-        if token.startswith(flag + "="):
-            return i, token[len(flag) + 1 :]
-    return None
+    hit = flag_at(tokens, i, flags)
+    return (hit[0], hit[1]) if hit else None
 
 
 def find_flag(tokens: list[str], flags: tuple[str, ...]) -> str | None:
@@ -202,7 +223,8 @@ def find_flag(tokens: list[str], flags: tuple[str, ...]) -> str | None:
 
 
 def has_flag(tokens: list[str], flag: str) -> bool:
-    return any(t == flag or t.startswith(flag + "=") for t in tokens)
+    want = norm_flag(flag)
+    return any(split_flag(t)[1] == want for t in tokens)
 
 
 def serve_positional_index(container: Container, fw: Framework, tokens: list[str]) -> int | None:
@@ -292,15 +314,19 @@ def _lora_values(fw: Framework, tokens: list[str]) -> list[tuple[str, str]]:
     """(value, where) of every LoRA adapter named by ``--lora-modules`` in both forms:
     ``name=ref`` and JSON ``{"name": ..., "path": ref}`` (one or more values per flag)."""
     values: list[tuple[str, str]] = []
+    wanted = {norm_flag(f): f for f in fw.lora_flags}
     for i, token in enumerate(tokens):
-        for flag in fw.lora_flags:
-            if token == flag:
-                j = i + 1
-                while j < len(tokens) and not tokens[j].startswith("-"):
-                    values.append((tokens[j], flag))
-                    j += 1
-            elif token.startswith(flag + "="):
-                values.append((token[len(flag) + 1 :], flag))
+        _, name, eq, value = split_flag(token)
+        flag = wanted.get(name)
+        if flag is None:
+            continue
+        if eq:
+            values.append((value, flag))
+            continue
+        j = i + 1
+        while j < len(tokens) and not tokens[j].startswith("-"):
+            values.append((tokens[j], flag))
+            j += 1
     out: list[tuple[str, str]] = []
     for v, flag in values:
         if v.startswith("{"):

@@ -26,8 +26,11 @@ from webhook.mutations.context import Container, Context, ModelRef, Pod
 from webhook.mutations.detect import (
     container_argv,
     expand_k8s,
+    flag_at,
+    has_flag,
     hub_repo_id,
     identify_framework,
+    norm_flag,
     quant_tag,
     script_index,
     serve_positional_index,
@@ -38,7 +41,7 @@ HUB_CACHE_VAR: Final = "HF_HUB_CACHE"
 _TOKEN_END: Final = r"(?=$|[\s\"';&|)])"
 _TOKEN_START: Final = r"(?<![^\s\"'=])"
 _SCRIPT_MODEL_POS: Final = re.compile(
-    r"(?:\bserve|--model|--model-path|--model-id|-m|--hf-repo|-hfr|-hf)[\s=]+$"
+    r"(?:\bserve|--model|--model[-_]path|--model[-_]id|-m|--hf[-_]repo|-hfr|-hf)[\s=]+$"
 )
 
 
@@ -54,8 +57,7 @@ def _match(value: str, ctx: Context) -> tuple[ModelRef, str] | None:
     return None
 
 
-def _has_flag(tokens: list[str], flag: str) -> bool:
-    return any(t == flag or t.startswith(flag + "=") for t in tokens)
+_has_flag = has_flag
 
 
 def _extras(fw: Framework, tokens: list[str], original: str, image: str) -> list[str]:
@@ -105,15 +107,7 @@ class _Argv:
         return self.pos[at][0]
 
 
-def _flag_at(tokens: list[str], i: int, flags: tuple[str, ...]) -> tuple[int, str, str] | None:
-    """(value index, value, flag) when tokens[i] is one of flags with its value."""
-    token = tokens[i]
-    for flag in flags:
-        if token == flag and i + 1 < len(tokens):
-            return i + 1, tokens[i + 1], flag
-        if token.startswith(flag + "="):
-            return i, token[len(flag) + 1 :], flag
-    return None
+_flag_at = flag_at
 
 
 def _rewrite_argv(container: Container, fw: Framework, ctx: Context, all_tokens: list[str]) -> int:
@@ -243,7 +237,7 @@ def _rewrite_lora(container: Container, fw: Framework, ctx: Context) -> int:
     tokens = argv.tokens()
     done = 0
     for i, token in enumerate(tokens):
-        if token != "--lora-modules":
+        if norm_flag(token) != "--lora-modules":
             continue
         j = i + 1
         while j < len(tokens) and not tokens[j].startswith("-"):
@@ -282,7 +276,7 @@ def _rewrite_script(container: Container, fw: Framework, ctx: Context) -> int:
             pos = 0
             while m := pattern.search(script, pos):
                 before = script[: m.start()]
-                if re.search(r"(--served-model-name|--alias)[\s=]+$", before):
+                if re.search(r"(--served[-_]model[-_]name|--alias)[\s=]+$", before):
                     pos = m.end()
                     continue
                 new = ctx.model_path(ref.model) + (m.group(1) or "")
