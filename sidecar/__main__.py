@@ -79,7 +79,19 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
         default="/var/run/modelcache/pvc",
         help="where pvc://CLAIM sources are mounted: <pvc-root>/<CLAIM>",
     )
+    _add_file_root(p)
     p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
+
+
+def _add_file_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--file-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory file:// sources may read (repeat for several); none by default, "
+        "so every file:// source is refused",
+    )
 
 
 def version() -> str:
@@ -182,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="free space to keep on the disk holding the cache; below it models are evicted "
         f"(default {DEFAULT_MIN_FREE} of the disk; 0: no floor)",
     )
+    a.add_argument(
+        "--max-labels",
+        type=int,
+        default=64,
+        help="at most this many cache labels on the node, most recently used models first",
+    )
     a.add_argument("--prewarm-config", default=None, help="pre-warm YAML (re-read every pass)")
+    _add_file_root(a)
     a.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
     a.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: none)"

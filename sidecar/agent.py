@@ -3,17 +3,24 @@
 Data affinity only helps if nodes say what they hold. Every pass the agent
 
 1. scans the node cache (``sidecar.layout``): a model is *ready* when ``manifest.json``
-   exists and every file it lists is under ``data/`` with the listed size (the sha256 was
-   checked when the file was written; re-hashing every scan would read the whole cache);
+   exists, lists at least one file, and every file it lists is under ``data/`` with the
+   listed size and the stamp (inode, size, mtime, ctime) it was verified at (the sha256 was
+   checked when the file was written; re-hashing every scan would read the whole cache, so a
+   changed stamp only withdraws the label until the next warm-up verifies the file again);
 2. evicts least-recently-used models while the cache is over ``--max-bytes`` (size bound)
    or the filesystem holding it has less than ``--min-free`` free (disk pressure: the disk is
    shared with images, logs and emptyDirs, and the kubelet evicts pods when it runs low): a
    model whose ``.model.lock`` cannot be taken exclusively without blocking is in use (a
-   mount serving it, a warm-up filling it) and stays; for the others the node label goes
-   first, then the directory is renamed into ``trash/`` while the exclusive lock is still
-   held, so no reader ever sees a half-deleted model, and only then removed;
+   mount serving it, a warm-up filling it) and stays, and so does a model a pod pinned
+   recently (between its warm-up and its sidecar, or while its sidecar restarts: see "Pins"
+   in ``sidecar.layout``; expired pins are removed every pass); for the others the node
+   label goes first, then the directory is renamed into ``trash/`` while the exclusive lock
+   is still held, so no reader ever sees a half-deleted model, and only then removed;
 3. makes the node's ``cache.modelcache.io/<cache-key>`` labels equal the ready set with one
-   merge-patch, and none when nothing changed; other labels are never touched;
+   merge-patch, and none when nothing changed; other labels are never touched. At most
+   ``--max-labels`` models (64 by default, the most recently used first) are labelled, so
+   the Node object stays small however many models the cache holds (every label is read by
+   every scheduler and kubelet watching nodes);
 4. starts the pre-warm entries of ``--prewarm-config`` that select this node and are due;
 5. counts the warm-ups that ran on the node since the last pass (``sidecar.journal``): cache
    hits, misses, bytes not downloaded thanks to the cache, failures by reason.
@@ -49,9 +56,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sidecar import journal
-from sidecar.cache import NodeCache
+from sidecar.cache import NodeCache, file_stamp, read_file_meta
 from sidecar.disk import DiskUsage, Size, disk_usage, parse_size
-from sidecar.layout import MANIFEST_FILE, ModelDir, UnsafePathError, models_root, trash_root
+from sidecar.layout import (
+    MANIFEST_FILE,
+    PIN_TTL,
+    ModelDir,
+    UnsafePathError,
+    models_root,
+    trash_root,
+)
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
 from sidecar.progress import Progress
 
@@ -136,6 +150,8 @@ def check_ready(mdir: ModelDir) -> str:
         return "manifest has no file list"
     if manifest.get("key") not in (None, mdir.key):
         return f"manifest is for key {manifest.get('key')!r}"
+    if not manifest["files"]:
+        return "manifest lists no files"
     for item in manifest["files"]:
         if not isinstance(item, dict) or not isinstance(item.get("size"), int):
             return f"manifest entry {item!r} has no size"
@@ -148,6 +164,10 @@ def check_ready(mdir: ModelDir) -> str:
             return f"{item.get('path')} is missing"
         if st.st_size != item["size"]:
             return f"{item['path']} has {st.st_size} bytes, manifest says {item['size']}"
+        meta = read_file_meta(mdir, str(item["path"]))
+        if meta is not None and meta.get("stamp") not in (None, file_stamp(st)):
+            # written to since it was verified: not advertised until a warm-up verifies it
+            return f"{item['path']} changed on disk since it was verified"
     return ""
 
 
@@ -184,6 +204,18 @@ def scan_cache(cache_dir: Path) -> list[ModelState]:
             )
         )
     return states
+
+
+#: Default bound on the node's cache labels (``--max-labels``).
+DEFAULT_MAX_LABELS: Final = 64
+
+
+def labelled_keys(models: Iterable[ModelState], cap: int = DEFAULT_MAX_LABELS) -> list[str]:
+    """The keys to label: ready models whose key can be a label, most recently used first,
+    at most ``cap`` of them."""
+    ready = [m for m in models if m.ready and _LABEL_NAME_RE.match(m.key)]
+    ready.sort(key=lambda m: (-m.last_used, m.key))
+    return [m.key for m in ready[: max(0, cap)]]
 
 
 def label_patch(current: Mapping[str, str], ready_keys: Iterable[str]) -> dict[str, str | None]:
@@ -526,6 +558,8 @@ class AgentSettings:
     #: free-space floor of the disk holding the cache; 0: none
     min_free: int | Size = 0
     prewarm_config: Path | None = None
+    #: At most this many cache labels on the node, the most recently used models first.
+    max_labels: int = DEFAULT_MAX_LABELS
     interval: float = 30.0
     #: None: no metrics server; 0: any free port (tests).
     metrics_port: int | None = None
@@ -539,8 +573,12 @@ class AgentSettings:
     parallel: int = 8
     prewarm_timeout: float = 1800.0
     pvc_root: str = "/var/run/modelcache/pvc"
+    #: Directories the pre-warm config's file:// models may read (none: refused).
+    file_roots: tuple[str, ...] = ()
     #: After a failed pre-warm run, wait at least this long (doubling, up to an hour).
     prewarm_backoff: float = 60.0
+    #: Seconds a pod's pin keeps its model from eviction after its last renewal.
+    pin_ttl: float = PIN_TTL
 
 
 @dataclass
@@ -666,6 +704,7 @@ class Agent:
             if record.get("type") == "warmup":
                 self.metrics.count_warmup(record)
         models = await asyncio.to_thread(scan_cache, cache_dir)
+        await asyncio.to_thread(self._prune_pins, models)
         usage = await self._measure_disk()
         try:
             labels = await self.api.get_labels()
@@ -684,7 +723,7 @@ class Agent:
                 models = [m for m in models if m.key not in result.evicted]  # no rescan needed
                 if result.evicted:
                     await self._measure_disk()
-            patch = label_patch(labels, [m.key for m in models if m.ready])
+            patch = label_patch(labels, labelled_keys(models, self.settings.max_labels))
             if patch:
                 labels = await self.api.patch_labels(patch)
                 self.metrics.label_patches.inc()
@@ -701,6 +740,10 @@ class Agent:
         if result.ok:
             self.metrics.last_pass.set(time.time())
         return result
+
+    def _prune_pins(self, models: list[ModelState]) -> None:
+        for m in models:
+            self.cache.prune_pins(m.key, self.settings.pin_ttl)
 
     async def _evict(
         self,
@@ -735,6 +778,13 @@ class Agent:
                 if not idle:
                     result.skipped_in_use.append(model.key)
                     log.info("not evicting %s: in use by a mount or a warm-up", model.key)
+                    continue
+                # checked under the lock: a pod between its warm-up and its sidecar, or
+                # whose sidecar is restarting, holds no lock but still sees data/
+                pins = self.cache.live_pins(model.key, self.settings.pin_ttl)
+                if pins:
+                    result.skipped_in_use.append(model.key)
+                    log.info("not evicting %s: pinned by %s", model.key, ", ".join(pins))
                     continue
                 if labels.get(model.label) is not None:
                     # The label goes first: no pod is steered here for a model being removed.
@@ -852,6 +902,7 @@ class Agent:
                 parallel=self.settings.parallel,
                 timeout=self.settings.prewarm_timeout,
                 pvc_root=self.settings.pvc_root,
+                file_roots=self.settings.file_roots,
                 progress=state.progress,
             )
         except Exception as exc:  # noqa: BLE001 - any failure of a source must not stop the agent
@@ -960,6 +1011,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
             raise ValueError(f"{flag} {exc}") from None
     if args.interval <= 0:
         raise ValueError(f"--interval {args.interval}: must be positive")
+    if not 0 <= args.max_labels <= 1000:
+        raise ValueError(f"--max-labels {args.max_labels}: must be 0-1000")
     if not 0 <= args.metrics_port <= 65535:
         raise ValueError(f"--metrics-port {args.metrics_port}: must be 0-65535")
     return AgentSettings(
@@ -968,6 +1021,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         max_bytes=sizes["--max-bytes"],
         min_free=sizes["--min-free"],
         prewarm_config=Path(args.prewarm_config) if args.prewarm_config else None,
+        file_roots=tuple(args.file_root),
+        max_labels=args.max_labels,
         interval=args.interval,
         metrics_port=None if args.once or args.metrics_port == 0 else args.metrics_port,
     )
@@ -1022,6 +1077,7 @@ __all__ = [
     "RetryPolicy",
     "check_ready",
     "label_patch",
+    "labelled_keys",
     "plan_eviction",
     "scan_cache",
 ]

@@ -29,13 +29,15 @@ import json
 import logging
 import os
 import random
+import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.layout import ModelDir, file_id
+from sidecar.layout import PIN_TTL, ModelDir
 from sidecar.modelsource import NamedModel
 from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
 
@@ -50,6 +52,10 @@ _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 class CacheError(Exception):
     """The node cache cannot take the file (full disk, corrupt download, ...); one clear line."""
+
+
+class CacheFullError(CacheError):
+    """No space left in the node cache (ENOSPC, EDQUOT)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,16 +108,17 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += n
 
 
-def _copy_range(src: Path, fd: int, start: int, end: int) -> None:
-    """Copy ``[start, end)`` of a local file into ``fd`` at the same offset, in the kernel."""
-    with open(src, "rb") as f:
-        sfd = f.fileno()
-        pos = start
+def _copy_range(open_local: Callable[[str], int], path: str, fd: int, start: int, end: int) -> None:
+    """Copy ``[start, end)`` of a local source file into ``fd`` at the same offset, in the
+    kernel; the source opens (and checks) its own file."""
+    sfd = open_local(path)
+    pos = start
+    try:
         try:
             while pos < end:
                 n = os.copy_file_range(sfd, fd, end - pos, pos, pos)
                 if n == 0:
-                    raise SourceError(f"{src} is shorter than listed ({pos} < {end} bytes)")
+                    raise SourceError(f"{path} is shorter than listed ({pos} < {end} bytes)")
                 pos += n
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -120,10 +127,12 @@ def _copy_range(src: Path, fd: int, start: int, end: int) -> None:
                 chunk = os.pread(sfd, min(WRITE_BUFFER, end - pos), pos)
                 if not chunk:
                     raise SourceError(
-                        f"{src} is shorter than listed ({pos} < {end} bytes)"
+                        f"{path} is shorter than listed ({pos} < {end} bytes)"
                     ) from None
                 _pwrite_all(fd, chunk, pos)
                 pos += len(chunk)
+    finally:
+        os.close(sfd)
 
 
 def _hash_range(fd: int, h: Any, start: int, end: int) -> None:
@@ -134,6 +143,39 @@ def _hash_range(fd: int, h: Any, start: int, end: int) -> None:
             raise OSError(errno.EIO, "partial file shorter than expected")
         h.update(chunk)
         pos += len(chunk)
+
+
+def safe_pin_name(holder: str) -> str:
+    """A pin file name for ``holder``: letters, digits, ``.``, ``_``, ``-`` only."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", holder)[:253].lstrip(".")
+    return name or "unnamed"
+
+
+def pin_holder() -> str:
+    """Who this process pins for: ``MODELCACHE_POD`` (e.g. the pod's uid from the Downward
+    API) or else the host name, which is the pod's name in a pod."""
+    return safe_pin_name(os.environ.get("MODELCACHE_POD") or socket.gethostname())
+
+
+#: States of a file in ``data/`` (``NodeCache._file_state``).
+CURRENT = "current"
+STALE = "stale"
+UNVERIFIED = "unverified"
+
+
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes may have: inode, size, mtime and ctime (ctime
+    cannot be set back from user space, so restoring the mtime does not hide a write)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def read_file_meta(md: ModelDir, relpath: str) -> dict[str, Any] | None:
+    """``.locks/<id>.meta`` of a complete file, or None (absent or unreadable)."""
+    try:
+        meta = json.loads(md.file_meta(relpath).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _version_of(source: Source, path: str) -> str | None:
@@ -196,9 +238,10 @@ class NodeCache:
         return data
 
     def is_complete(self, model: NamedModel | str) -> bool:
-        """A manifest exists and every file it names is in ``data/`` with its size."""
+        """A manifest exists, names at least one file, and every file it names is in
+        ``data/`` with its size (a model with no files is never complete)."""
         manifest = self.read_manifest(model)
-        if manifest is None:
+        if manifest is None or not manifest["files"]:
             return False
         md = self.model_dir(model)
         try:
@@ -207,6 +250,13 @@ class NodeCache:
             )
         except (OSError, KeyError, TypeError, ValueError):
             return False
+
+    def is_file_current(self, model: NamedModel | str, source: Source, f: RemoteFile) -> bool:
+        """``f`` is in ``data/`` as the source lists it and unchanged since it was verified
+        (a stat and a small read; no hashing). Otherwise ``ensure_file`` verifies or
+        fetches it."""
+        md = self.model_dir(model)
+        return self._file_state(md, f, _version_of(source, f.path)) == CURRENT
 
     def is_file_complete(self, model: NamedModel | str, f: RemoteFile) -> bool:
         try:
@@ -218,29 +268,83 @@ class NodeCache:
     def _meta_path(md: ModelDir, relpath: str) -> Path:
         # what the file in data/ was downloaded as: lets a later listing spot a file that
         # changed at the source but kept its size (same-size edits, a moved hub branch)
-        return md.locks_dir / f"{file_id(relpath)}.meta"
+        return md.file_meta(relpath)
 
-    def _is_current(self, md: ModelDir, f: RemoteFile, version: str | None) -> bool:
+    def _file_state(self, md: ModelDir, f: RemoteFile, version: str | None) -> str:
+        """``CURRENT``, ``STALE`` (missing or changed at the source: fetch it) or
+        ``UNVERIFIED`` (changed on disk since it was verified: verify it before use)."""
         try:
-            if md.data_file(f.path).stat().st_size != f.size:
-                return False
+            st = md.data_file(f.path).stat()
         except OSError:
-            return False
-        try:
-            meta = json.loads(self._meta_path(md, f.path).read_bytes())
-        except (OSError, ValueError):
-            return True  # complete, and nothing recorded to compare with
-        if not isinstance(meta, dict):
-            return True
+            return STALE
+        if st.st_size != f.size:
+            return STALE
+        meta = read_file_meta(md, f.path)
+        if meta is None:
+            return UNVERIFIED  # complete, and nothing recorded to compare with
         if f.sha256 and meta.get("sha256"):
-            return bool(meta["sha256"] == f.sha256)
-        if version and meta.get("version"):
-            return bool(meta["version"] == version)
-        return True
+            if meta["sha256"] != f.sha256:
+                return STALE
+        elif version and meta.get("version") and meta["version"] != version:
+            return STALE
+        return CURRENT if meta.get("stamp") == file_stamp(st) else UNVERIFIED
+
+    def _reverify(self, md: ModelDir, f: RemoteFile, identity: dict[str, Any]) -> bool:
+        """Hash a file whose stamp changed (blocking). True: intact, its stamp recorded
+        again. False: it was moved to ``.quarantine/`` and must be fetched again.
+
+        The expected sha256 is the source's (now or when it was fetched). A file fetched
+        without one cannot be proven intact once it changed on disk, so it is fetched again;
+        a file with no stamp at all (cached before stamps were recorded) is adopted as it
+        is when there is nothing to compare with.
+        """
+        path = md.data_file(f.path)
+        meta = read_file_meta(md, f.path)
+        expected = f.sha256 or (meta or {}).get("sha256")
+        had_stamp = meta is not None and meta.get("stamp") is not None
+        digest = None
+        if expected:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                before = os.fstat(fd)
+                h = hashlib.sha256()
+                _hash_range(fd, h, 0, before.st_size)
+                digest = h.hexdigest()
+                # written to while we hashed: what we hashed proves nothing
+                intact = digest == expected and file_stamp(os.fstat(fd)) == file_stamp(before)
+            finally:
+                os.close(fd)
+        else:
+            before = os.stat(path)
+            intact = not had_stamp
+        if intact:
+            atomic_write_json(
+                md.file_meta(f.path),
+                {**(meta or identity), "sha256": expected, "stamp": file_stamp(before)},
+                durable=False,
+            )
+            return True
+        md.quarantine_dir.mkdir(exist_ok=True)
+        os.replace(path, md.quarantine_file(f.path))
+        with contextlib.suppress(FileNotFoundError):
+            md.file_meta(f.path).unlink()
+        if expected:
+            why = f"sha256 {digest}, expected {expected}"
+        else:
+            why = "changed on disk and the source gives no sha256 to prove it intact"
+        log.warning(
+            "%s: cached copy failed verification (%s); moved to %s, fetching it again",
+            f.path,
+            why,
+            md.quarantine_file(f.path),
+        )
+        return False
 
     def write_manifest(self, model: NamedModel, files: list[RemoteFile]) -> None:
         """Atomically mark the model complete; every file must already be in ``data/``."""
         md = self.model_dir(model)
+        if not files:
+            raise CacheError(f"{model.name}: cannot write a manifest that lists no files")
         missing = [f.path for f in files if not self.is_file_complete(model, f)]
         if missing:
             raise CacheError(
@@ -300,6 +404,87 @@ class NodeCache:
         finally:
             os.close(fd)
 
+    def discard_partials(self, model: NamedModel | str) -> int:
+        """Remove the model's partial downloads that nobody is fetching now; bytes freed.
+
+        For a full disk: the other files of a warm-up that failed with ENOSPC were cancelled
+        with their preallocated partials still in place, holding the disk full for every
+        other pod. A partial whose file lock is held (a fetch in this or another process)
+        is left alone.
+        """
+        md = self.model_dir(model)
+        freed = 0
+        try:
+            parts = sorted(md.partial_dir.glob("*.part"))
+        except OSError:
+            return 0
+        for part in parts:
+            fid = part.name.removesuffix(".part")
+            try:
+                fd = os.open(md.locks_dir / f"{fid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    freed += part.stat().st_blocks * 512
+                    part.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    (md.partial_dir / f"{fid}.json").unlink()
+            finally:
+                os.close(fd)
+        if freed:
+            log.warning("%s: removed %d bytes of partial downloads (disk full)", md.key, freed)
+        return freed
+
+    def pin(self, model: NamedModel | str, holder: str) -> None:
+        """Pin the model for ``holder`` (a pod) now: the agent does not evict it while the
+        pin is younger than ``layout.PIN_TTL`` (see "Pins" in ``sidecar.layout``)."""
+        md = self.model_dir(model)
+        path = md.pin_file(safe_pin_name(holder))
+        try:
+            md.pins_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.close(fd)
+            os.utime(path)
+        except OSError as exc:
+            raise CacheError(f"cannot pin {md.key} at {path}: {exc.strerror or exc}") from None
+
+    def live_pins(
+        self, model: NamedModel | str, ttl: float = PIN_TTL, now: float | None = None
+    ) -> list[str]:
+        """Holders whose pin on the model was renewed within ``ttl`` seconds."""
+        now = time.time() if now is None else now
+        live = []
+        try:
+            with os.scandir(self.model_dir(model).pins_dir) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime < ttl:
+                            live.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(live)
+
+    def prune_pins(self, model: NamedModel | str, ttl: float = PIN_TTL) -> int:
+        """Remove the pins that expired (their pods are gone); how many were removed."""
+        now = time.time()
+        removed = 0
+        try:
+            with os.scandir(self.model_dir(model).pins_dir) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime >= ttl:
+                            os.unlink(entry.path)
+                            removed += 1
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        return removed
+
     def touch(self, model: NamedModel | str) -> None:
         """Mark the model used now (its ``.last-used`` mtime orders LRU eviction)."""
         path = self.model_dir(model).last_used
@@ -327,7 +512,7 @@ class NodeCache:
         """
         md = self.prepare_model(model)
         dest = md.data_file(f.path)
-        if self._is_current(md, f, _version_of(source, f.path)):
+        if self._file_state(md, f, _version_of(source, f.path)) == CURRENT:
             return dest
         key = (str(md.root), f.path)
         while (running := self._inflight.get(key)) is not None:
@@ -373,7 +558,23 @@ class NodeCache:
                         log.info("%s: another process on this node is fetching it", job.f.path)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.2)
-            if not self._is_current(job.md, job.f, _version_of(job.source, job.f.path)):
+            version = _version_of(job.source, job.f.path)
+            state = self._file_state(job.md, job.f, version)
+            if state == UNVERIFIED:
+                identity = {"path": job.f.path, "size": job.f.size, "sha256": job.f.sha256}
+                try:
+                    ok = await asyncio.to_thread(
+                        self._reverify, job.md, job.f, {**identity, "version": version}
+                    )
+                except FileNotFoundError:
+                    ok = False  # gone meanwhile: fetch it
+                except OSError as exc:
+                    raise CacheError(
+                        f"node cache {self.cache_dir}: cannot verify {job.f.path}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+                state = CURRENT if ok else STALE
+            if state == STALE:
                 # stale or missing: fetch it and rename over any old copy (readers that
                 # have the old one open keep reading it; new opens get the new one)
                 await self._download(job)
@@ -451,7 +652,12 @@ class NodeCache:
             job.dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(part_path, job.dest)
             _fsync_dir(job.dest.parent)
-            atomic_write_json(self._meta_path(md, f.path), identity, durable=False)
+            # the stamp after the rename (which changes ctime): any later write, truncate,
+            # utime or replacement of the file changes it, and the file is verified again
+            stamp = file_stamp(os.stat(job.dest))
+            atomic_write_json(
+                self._meta_path(md, f.path), {**identity, "stamp": stamp}, durable=False
+            )
         except OSError as exc:
             raise self._disk_error(f, exc) from None
         with contextlib.suppress(FileNotFoundError):
@@ -459,7 +665,7 @@ class NodeCache:
 
     def _disk_error(self, f: RemoteFile, exc: OSError) -> CacheError:
         if _is_space_error(exc):
-            return CacheError(
+            return CacheFullError(
                 f"no space left in the node cache {self.cache_dir} for {f.path} "
                 f"({f.size} bytes); the partial download was removed"
             )
@@ -483,7 +689,7 @@ class NodeCache:
         ready = [asyncio.Event() for _ in range(n_parts)]
         for i in job.done:
             ready[i].set()
-        local_path = getattr(job.source, "local_path", None)
+        open_local = getattr(job.source, "open_local", None)
 
         written: set[int] = set()
         wake = asyncio.Event()
@@ -491,8 +697,8 @@ class NodeCache:
         async def fetch(i: int) -> None:
             start, end = i * part, min((i + 1) * part, f.size)
             async with job.sem:
-                if callable(local_path):
-                    await asyncio.to_thread(_copy_range, local_path(f.path), job.fd, start, end)
+                if callable(open_local):
+                    await asyncio.to_thread(_copy_range, open_local, f.path, job.fd, start, end)
                     job.add_bytes(end - start)
                 else:
                     await self._fetch_range(job, start, end)

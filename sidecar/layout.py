@@ -9,8 +9,13 @@ processes at once (``warmup`` in many pods, ``mount --warmup``, the agent's pre-
         .partial/<id>.part     downloads in progress (resumable), never visible under data/
         .partial/<id>.json     resume state of that part (size, etag/sha, ranges done)
         .locks/<id>.lock       per-file single-flight lock (fcntl LOCK_EX while fetching)
-        .locks/<id>.meta       what the complete file was fetched as (size, version), so a
-                               file that changed at the source is fetched again
+        .locks/<id>.meta       what the complete file was fetched as (size, sha256, version)
+                               and the stamp it was verified at (inode, size, mtime, ctime):
+                               a file that changed at the source is fetched again, and one
+                               whose stamp changed on disk is verified again before use
+        .quarantine/<id>       the last copy of a file that failed re-verification (moved
+                               aside, never served; removed with the model)
+        .pins/<holder>         a pod using the model (see "Pins" below); mtime = last renewal
         .model.lock            LOCK_SH by every mount serving it and every warm-up filling it;
                                the agent evicts only with LOCK_EX | LOCK_NB
         source.json            {"uri": ..., "key": ...}, written when the directory is created
@@ -20,6 +25,14 @@ processes at once (``warmup`` in many pods, ``mount --warmup``, the agent's pre-
         .last-used             touched by mount (start, then periodically) and warm-up (end);
                                its mtime orders LRU eviction
       trash/                   evicted model directories are renamed here, then removed
+
+Pins. ``.model.lock`` is held only while a process runs: between the warm-up init container
+and the sidecar, and while a crashed sidecar restarts, nothing holds it. Evicting the model
+then would leave the pod's read-only view (a bind mount of the old ``data/``) empty for good.
+So the warm-up and the mount also write ``.pins/<holder>`` (the pod: ``MODELCACHE_POD`` or
+the host name) and the mount renews it while it runs; the agent never evicts a model with a
+pin younger than ``PIN_TTL``. A pin outlives a restart (the kubelet restarts a container
+within 5 minutes at most) and expires by itself once its pod is gone.
 
 App containers see a model's ``data/`` directory read-only at ``<APP_CACHE_ROOT>/<cache-key>``
 (the ``modelcache-cache`` volume with ``subPath: models/<cache-key>/data``). The FUSE mount
@@ -45,6 +58,11 @@ MODEL_LOCK: Final = ".model.lock"
 SOURCE_FILE: Final = "source.json"
 MANIFEST_FILE: Final = "manifest.json"
 LAST_USED_FILE: Final = ".last-used"
+QUARANTINE_DIR: Final = ".quarantine"
+PINS_DIR: Final = ".pins"
+#: Seconds a pin keeps its model from eviction after its last renewal: more than the mount's
+#: renewal period (5 minutes) and the kubelet's longest restart back-off (5 minutes).
+PIN_TTL: Final = 900.0
 
 #: Where the sidecar and warm-up containers mount the node cache (hostPath).
 CONTAINER_CACHE_DIR: Final = "/var/cache/modelcache"
@@ -120,6 +138,23 @@ class ModelDir:
 
     def file_lock(self, relpath: str) -> Path:
         return self.locks_dir / f"{file_id(relpath)}.lock"
+
+    def file_meta(self, relpath: str) -> Path:
+        return self.locks_dir / f"{file_id(relpath)}.meta"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / QUARANTINE_DIR
+
+    def quarantine_file(self, relpath: str) -> Path:
+        return self.quarantine_dir / file_id(relpath)
+
+    @property
+    def pins_dir(self) -> Path:
+        return self.root / PINS_DIR
+
+    def pin_file(self, holder: str) -> Path:
+        return self.pins_dir / holder
 
 
 def models_root(cache_dir: Path | str) -> Path:

@@ -43,7 +43,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from sidecar import fusefs
-from sidecar.cache import CacheError, NodeCache
+from sidecar.cache import CacheError, NodeCache, pin_holder
 from sidecar.layout import ModelDir, models_root, safe_relpath
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from sidecar.probe import find_mount, is_fuse
@@ -196,8 +196,9 @@ class Provider:
         data = served.mdir.data_file(relpath)
         if relpath in served.complete:
             return data
-        # data/ holds complete, verified files only (they appear there by atomic rename)
-        if data.is_file() and data.stat().st_size == served.files[relpath].size:
+        # data/ holds complete, verified files only (they appear there by atomic rename); one
+        # changed on disk since then is verified (or fetched) again by ensure_file below
+        if self.cache.is_file_current(served.model, served.source, served.files[relpath]):
             served.complete.add(relpath)
             return data
         if self.stopping.is_set():
@@ -345,13 +346,19 @@ class MountService:
     def prepare(self) -> None:
         for model in self.models:
             try:
-                source = open_source(model, pvc_root=self.pvc_root)
+                source = open_source(
+                    model,
+                    pvc_root=self.pvc_root,
+                    file_roots=self.args.file_root,
+                    private_dirs=[self.cache_dir],
+                )
             except SourceError as exc:
                 raise MountError(f"model {model.name}: {exc}") from exc
             self.served[model.name] = ServedModel(
                 model, source, ModelDir(self.cache_dir, model.source.cache_key), {}
             )
             self.stack.enter_context(self.cache.hold(model))
+            self.cache.pin(model, pin_holder())  # outlives a restart of this container
             files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
             self.served[model.name].files = files
             self.cache.touch(model)
@@ -369,6 +376,7 @@ class MountService:
             for served in self.served.values():
                 try:
                     self.cache.touch(served.model)
+                    self.cache.pin(served.model, pin_holder())
                 except (OSError, CacheError) as exc:
                     log.warning("model %s: cannot touch .last-used: %s", served.model.name, exc)
 
@@ -383,6 +391,7 @@ class MountService:
                 parallel=self.args.parallel,
                 timeout=self.args.timeout,
                 pvc_root=self.pvc_root,
+                file_roots=self.args.file_root,
             )
 
         def _done(fut: concurrent.futures.Future[Any]) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from sidecar import journal
-from sidecar.cache import BACKOFF, PART_SIZE, CacheError, NodeCache
+from sidecar.cache import BACKOFF, PART_SIZE, CacheError, CacheFullError, NodeCache, pin_holder
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from sidecar.progress import Progress, human_bytes, human_rate
 from sidecar.sources import (
@@ -358,7 +358,10 @@ async def _fill_model(
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if any(isinstance(r, CacheFullError) for r in results):
+                # the cancelled files' partials would only keep the disk full
+                await asyncio.to_thread(cache.discard_partials, model)
         # the manifest keeps files an earlier warm-up (other --include) completed, as long
         # as the source still lists them unchanged
         by_path = {f.path: f for f in listed}
@@ -386,16 +389,26 @@ async def warm_models(
     parallel: int = 8,
     timeout: float = 1800,  # noqa: ASYNC109 (the contract: seconds, like --timeout)
     pvc_root: Path | str = DEFAULT_PVC_ROOT,
+    file_roots: Sequence[Path | str] = (),
     progress: Progress | None = None,
+    pin: str | None = None,
 ) -> WarmupReport:
     """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
-    (carrying the report) listing each failure."""
+    (carrying the report) listing each failure.
+
+    ``file://`` models are read only under ``file_roots`` (none: refused), and no local
+    source may read the node cache itself. ``pin`` (the pod) pins each model before and
+    after filling it, so the agent does not evict it before the pod's sidecar holds it.
+    """
     progress = progress or Progress()
     report = WarmupReport(
         models=[ModelReport(m.name, m.source.uri, m.source.cache_key) for m in models]
     )
     started = time.monotonic()
-    sources = [open_source(m, pvc_root=pvc_root) for m in models]
+    sources = [
+        open_source(m, pvc_root=pvc_root, file_roots=file_roots, private_dirs=[cache.cache_dir])
+        for m in models
+    ]
     limiter = asyncio.Semaphore(max(1, parallel))
     pending = {m.name for m in models}
 
@@ -436,6 +449,8 @@ async def warm_models(
             progress.start()
             for m, s, listed, plan, mr in plans:
                 try:
+                    if pin:
+                        cache.pin(m, pin)
                     await _fill_model(
                         cache,
                         m,
@@ -447,6 +462,8 @@ async def warm_models(
                         progress=progress,
                         report=mr,
                     )
+                    if pin:
+                        cache.pin(m, pin)  # renewed: a fill may take longer than a pin lasts
                 except (SourceError, CacheError) as exc:
                     fail(m, exc)
                 else:
@@ -529,6 +546,8 @@ def run(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             timeout=args.timeout,
             pvc_root=args.pvc_root,
+            file_roots=args.file_root,
+            pin=pin_holder(),
         )
 
     try:

@@ -25,7 +25,7 @@ the termination message and metrics) and its message says what to do about it:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -100,6 +100,8 @@ class Source(Protocol):
 
     * ``uses_credentials: bool``: whether requests carry the pod's credentials; decides
       whether a complete cache may be served while the source is unreachable.
+    * ``open_local(path) -> int``: a read-only descriptor of the listed file, for sources on
+      a local filesystem (the cache copies it in the kernel).
     * ``version(path) -> str | None``: an identity of the file's current content (ETag,
       mtime, commit) recorded with a partial download so a resume never mixes two versions.
     """
@@ -119,14 +121,26 @@ def open_source(
     model: NamedModel,
     *,
     pvc_root: Path | str = DEFAULT_PVC_ROOT,
+    file_roots: Sequence[Path | str] = (),
+    private_dirs: Sequence[Path | str] = (),
     read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> Source:
-    """The source for ``model``; credentials from the standard env vars only. No I/O here."""
+    """The source for ``model``; credentials from the standard env vars only. No I/O here.
+
+    ``file://`` sources are read only under ``file_roots`` (none: every one is refused) and a
+    ``pvc://`` source only inside its claim; neither may overlap ``private_dirs`` (the node
+    cache). See ``sidecar.sources.local``.
+    """
     src = model.source
     if src.scheme == "file":
         from sidecar.sources.local import LocalSource
 
-        return LocalSource(Path(src.location), uri=src.uri)
+        return LocalSource(
+            Path(src.location),
+            uri=src.uri,
+            allowed_roots=list(file_roots),
+            private_dirs=private_dirs,
+        )
     if src.scheme == "pvc":
         from sidecar.sources.local import LocalSource
 
@@ -136,6 +150,9 @@ def open_source(
             root / src.pvc_subpath if src.pvc_subpath else root,
             uri=src.uri,
             missing_hint=f"is claim {claim!r} mounted at {root}?",
+            allowed_roots=[root],
+            private_dirs=private_dirs,
+            kind="claim mount",
         )
     if src.scheme in ("http", "https"):
         from sidecar.sources.http import HttpSource

@@ -79,7 +79,10 @@ def ensure_cache(src: Path) -> tuple[Path, str]:
     if not NodeCache(cache).is_complete(parse_model_arg(arg)):
         print("filling the node cache (warm-up) ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), "--model", arg],
+            [
+                *(sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache)),
+                *("--model", arg, "--file-root", str(src)),
+            ],
             check=True,
             cwd=REPO,
         )

@@ -71,7 +71,9 @@ def test_prewarm_fills_the_cache_and_the_label_appears(
         f"    nodeSelector: {{gpu: t4}}\n"
     )
     cache = tmp_path / "cache"
-    done = run_agent(kube_nodes, tmp_path, cache, "--prewarm-config", str(config))
+    done = run_agent(
+        kube_nodes, tmp_path, cache, "--prewarm-config", str(config), "--file-root", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
 
     data = ModelDir(cache, model.source.cache_key).data
@@ -87,7 +89,9 @@ def test_prewarm_fills_the_cache_and_the_label_appears(
 
     # a second run finds everything in place: no fetch, no PATCH
     kube_nodes.clear_requests()
-    again = run_agent(kube_nodes, tmp_path, cache, "--prewarm-config", str(config))
+    again = run_agent(
+        kube_nodes, tmp_path, cache, "--prewarm-config", str(config), "--file-root", str(tmp_path)
+    )
     assert again.returncode == 0, again.stderr
     assert [r.method for r in kube_nodes.recorded()] == ["GET"]
 
@@ -112,7 +116,7 @@ def test_eviction_keeps_the_model_a_live_mount_serves(
     served_info, served = make_model(tmp_path, "served", seed=3)
     _, idle = make_model(tmp_path, "idle", seed=4)
     _, fresh = make_model(tmp_path, "fresh", seed=5)
-    asyncio.run(warm_models(NodeCache(cache), [served, idle, fresh]))
+    asyncio.run(warm_models(NodeCache(cache), [served, idle, fresh], file_roots=[tmp_path]))
     kube_nodes.add_node(NODE, {"gpu": "a100"})
     assert run_agent(kube_nodes, tmp_path, cache).returncode == 0
     assert {label(m) for m in (served, idle, fresh)} <= set(kube_nodes.labels(NODE))
@@ -290,6 +294,7 @@ def test_scraped_metrics_count_real_warmups_hits_misses_and_bytes_saved(
     cache = tmp_path / "cache"
     info, model = make_model(tmp_path, "llm", seed=7)
     cmd = [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache)]
+    cmd += ["--file-root", str(tmp_path)]  # the test's own model directories
     for args in (
         ["--model", model.to_arg()],  # a miss: everything downloaded
         ["--model", model.to_arg()],  # a hit

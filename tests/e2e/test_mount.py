@@ -53,6 +53,10 @@ def model_src(tmp_path: Path) -> Path:
     return src
 
 
+#: The warm-up command; tests allow their own model directory with ``--file-root``.
+WARMUP = [sys.executable, "-m", "sidecar", "warmup"]
+
+
 def model_arg(src: Path, name: str = "tiny") -> str:
     return f"{name}=file://{src}"
 
@@ -301,7 +305,7 @@ def test_async_warmup_fills_the_cache_while_serving(
     m.wait_ready(["tiny"])
     # a concurrent block-mode warm-up on the same node shares the fetches (single-flight)
     warm = subprocess.run(
-        [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), "--model", arg],
+        [*WARMUP, "--cache-dir", str(cache), "--model", arg, "--file-root", str(model_src)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -349,7 +353,7 @@ def test_complete_model_is_served_from_its_manifest(
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
     arg = model_arg(model_src)
     subprocess.run(
-        [sys.executable, "-m", "sidecar", "warmup", "--cache-dir", str(cache), "--model", arg],
+        [*WARMUP, "--cache-dir", str(cache), "--model", arg, "--file-root", str(model_src)],
         capture_output=True,
         timeout=120,
         check=True,

@@ -16,6 +16,12 @@ from sidecar.prewarm import parse_prewarm_config
 
 AGENT_DIR = Path(__file__).resolve().parents[2] / "manifests" / "agent"
 K8S_VERSION = "1.30"
+CLUSTER_SCOPED = (
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
 
 
 def load_resources() -> list[dict[str, Any]]:
@@ -49,7 +55,7 @@ def test_namespace_is_the_webhook_namespace() -> None:
     kustomization = yaml.safe_load((AGENT_DIR / "kustomization.yaml").read_text())
     assert kustomization["namespace"] == WEBHOOK_NAMESPACE
     for doc in load_resources():
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] == WEBHOOK_NAMESPACE, doc["kind"]
         for subject in doc.get("subjects", []):
             assert subject == {

@@ -229,7 +229,7 @@ async def test_concurrent_requests_in_one_process_fetch_once(
 
 async def test_local_source_copies_in_kernel(tmp_path: Path, generated_model: ModelInfo) -> None:
     m = parse_model_arg(f"m=file://{generated_model.root}")
-    src = open_source(m)
+    src = open_source(m, file_roots=[generated_model.root])
     cache = NodeCache(tmp_path, part_size=PART)
     files = await src.list_files()
     for f in files:
@@ -356,7 +356,7 @@ async def test_empty_file_is_cached(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "empty.txt").write_bytes(b"")
     m = parse_model_arg(f"m=file://{tmp_path / 'src'}")
-    src = open_source(m)
+    src = open_source(m, file_roots=[tmp_path / "src"])
     cache = NodeCache(tmp_path / "cache")
     [f] = await src.list_files()
     path = await cache.ensure_file(m, src, RemoteFile(f.path, 0, hashlib.sha256().hexdigest()))

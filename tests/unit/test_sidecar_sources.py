@@ -52,7 +52,10 @@ async def _check_listing_and_reads(src: Source, info: ModelInfo, *, with_sha: bo
 
 
 async def test_file_source_lists_and_reads(generated_model: ModelInfo) -> None:
-    src = open_source(parse_model_arg(f"m=file://{generated_model.root}"))
+    src = open_source(
+        parse_model_arg(f"m=file://{generated_model.root}"),
+        file_roots=[generated_model.root.parent],
+    )
     await _check_listing_and_reads(src, generated_model, with_sha=False)
 
 

@@ -233,7 +233,7 @@ async def test_each_failure_gets_its_own_line(
         denied = parse_model_arg(f"denied={server}{generated_model.root.name}/")
         cache = NodeCache(tmp_path / "cache")
         with pytest.raises(WarmupError) as err:
-            await warm_models(cache, [good, gone, denied])
+            await warm_models(cache, [good, gone, denied], file_roots=[tmp_path])
     assert len(err.value.failures) == 2
     assert err.value.failures[0].startswith("model 'gone' (file://")
     assert "does not exist" in err.value.failures[0]
