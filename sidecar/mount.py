@@ -358,8 +358,9 @@ class MountService:
                 model, source, ModelDir(self.cache_dir, model.source.cache_key), {}
             )
             self.stack.enter_context(self.cache.hold(model))
-            self.cache.pin(model, pin_holder())  # outlives a restart of this container
             files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
+            # after the access check; the pin outlives a restart of this container
+            self.cache.pin(model, pin_holder())
             self.served[model.name].files = files
             self.cache.touch(model)
             log.info("model %s: %d files from %s", model.name, len(files), model.source.uri)
