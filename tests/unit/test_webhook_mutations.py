@@ -330,6 +330,22 @@ def test_init_container_order(init: list[dict[str, Any]], expected: list[str]) -
     assert [c["name"] for c in out["spec"]["initContainers"]] == expected
 
 
+def test_file_sources_under_allowed_roots_reach_the_warmup_read_only() -> None:
+    cfg = Config(file_roots=("/srv/models",))
+    p = pod(vllm("/srv/models/m"), model="m=file:///srv/models/m")
+    out, result = mutate_pod(p, namespace="ns", config=cfg)
+    assert result.decision == "injected", result.reason
+    warm, side = out["spec"]["initContainers"]
+    for c in (warm, side):
+        cmd = c["command"]
+        assert cmd[cmd.index("--file-root") + 1] == "/srv/models"
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/srv/models")
+        assert mount["readOnly"] is True
+    vol = next(v for v in out["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["hostPath"] == {"path": "/srv/models", "type": "Directory"}
+    assert_pod_ok(out)
+
+
 def test_guaranteed_pod_stays_guaranteed_and_best_effort_stays_best_effort() -> None:
     fixed = {"limits": {"cpu": "4", "memory": "8Gi"}, "requests": {"cpu": "4", "memory": "8Gi"}}
     out, _ = _inject(pod(vllm(resources=fixed)))
@@ -353,7 +369,8 @@ def test_app_credentials_reach_our_containers() -> None:
     token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}
     out, _ = _inject(pod(vllm(env=[token], envFrom=[{"secretRef": {"name": "s3"}}])))
     for c in out["spec"]["initContainers"]:
-        assert c["env"] == [token], "the app's own token, no cluster fallback over envFrom"
+        assert c["env"][1:] == [token], "the app's own token, no cluster fallback over envFrom"
+        assert c["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
         assert c["envFrom"] == [{"secretRef": {"name": "s3"}}]
 
 
@@ -378,11 +395,13 @@ def test_credentials_only_for_used_schemes_and_only_in_our_containers(
 ) -> None:
     out, _ = _inject(pod(vllm(), model=model))
     for c in out["spec"]["initContainers"]:
-        assert [e["name"] for e in c.get("env", [])] == env
-        for e in c.get("env", []):
+        creds = [e for e in c.get("env", []) if e["name"] != "MODELCACHE_POD"]
+        assert [e["name"] for e in creds] == env
+        for e in creds:
             assert "value" not in e
             assert e["valueFrom"]["secretKeyRef"]["optional"] is True
-    assert "env" not in out["spec"]["containers"][0]
+    app_env = {e["name"] for e in out["spec"]["containers"][0].get("env", [])}
+    assert not app_env & {"HF_TOKEN", "HF_ENDPOINT", *S3_ENV}
 
 
 def test_credentials_secret_name_from_config() -> None:
@@ -390,7 +409,7 @@ def test_credentials_secret_name_from_config() -> None:
         {"credentials": {"hf": {"secretName": "team-hf", "keys": {"tok": "HF_TOKEN"}}}}
     )
     out, _ = _inject(pod(vllm()), cfg)
-    env = out["spec"]["initContainers"][0]["env"]
+    env = out["spec"]["initContainers"][0]["env"][1:]
     assert env == [
         {
             "name": "HF_TOKEN",

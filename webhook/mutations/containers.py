@@ -39,7 +39,14 @@ from webhook.mutations.context import (
     Pod,
     containers_of,
 )
-from webhook.mutations.volumes import app_mounts, pod_volumes, pvc_claims, pvc_mounts
+from webhook.mutations.volumes import (
+    app_mounts,
+    file_root_mounts,
+    file_roots_used,
+    pod_volumes,
+    pvc_claims,
+    pvc_mounts,
+)
 
 #: The startupProbe runs only until the mount serves, and the kubelet starts the app at the
 #: first success: a 1 s period costs a python start per second during start-up and saves up
@@ -61,6 +68,8 @@ def _model_flags(ctx: Context) -> list[str]:
 
 def _source_flags(ctx: Context) -> list[str]:
     out: list[str] = []
+    for root in file_roots_used(ctx):
+        out += ["--file-root", root]
     if ctx.options.include:
         out += ["--include", ",".join(ctx.options.include)]
     if pvc_claims(ctx):
@@ -132,9 +141,12 @@ def _our_container(ctx: Context, name: str, command: list[str], resources: Resou
         "command": command,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    env = credential_env(ctx)
-    if env:
-        container["env"] = env
+    # pins in the node cache name this pod (its uid), so they survive sidecar restarts
+    env = [
+        {"name": "MODELCACHE_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        *credential_env(ctx),
+    ]
+    container["env"] = env
     if ctx.app_env_from:
         container["envFrom"] = [copy.deepcopy(e) for e in ctx.app_env_from]
     shaped = shape_resources(resources, ctx.qos)
@@ -168,7 +180,7 @@ def build_warmup_container(ctx: Context) -> Container:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    container["volumeMounts"] = [_cache_mount(), *pvc_mounts(ctx)]
+    container["volumeMounts"] = [_cache_mount(), *pvc_mounts(ctx), *file_root_mounts(ctx)]
     return container
 
 
@@ -217,6 +229,7 @@ def build_sidecar_container(ctx: Context) -> Container:
         _cache_mount(),
         {"name": MNT_VOLUME, "mountPath": SIDECAR_MOUNTPOINT, "mountPropagation": "Bidirectional"},
         *pvc_mounts(ctx),
+        *file_root_mounts(ctx),
     ]
     if ctx.hub_models:
         container["volumeMounts"].append({"name": HUB_VOLUME, "mountPath": SIDECAR_HUB_DIR})

@@ -64,6 +64,32 @@ def pvc_mounts(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
+def file_roots_used(ctx: Context) -> list[str]:
+    """The configured ``fileRoots`` that this pod's ``file://`` models live under."""
+    roots: list[str] = []
+    for m in ctx.named_models:
+        if m.source.scheme != "file":
+            continue
+        path = m.source.location.rstrip("/")
+        for r in ctx.config.file_roots:
+            root = r.rstrip("/") or "/"
+            if (path == root or path.startswith(root.rstrip("/") + "/")) and root not in roots:
+                roots.append(root)
+    return roots
+
+
+def file_root_volume_name(root: str) -> str:
+    return "modelcache-file-" + hashlib.sha256(root.encode()).hexdigest()[:12]
+
+
+def file_root_mounts(ctx: Context) -> list[dict[str, Any]]:
+    """Read-only mounts of the allowed roots the pod's file:// models use (warm-up, sidecar)."""
+    return [
+        {"name": file_root_volume_name(r), "mountPath": r, "readOnly": True}
+        for r in file_roots_used(ctx)
+    ]
+
+
 def pod_volumes(ctx: Context) -> list[dict[str, Any]]:
     vols: list[dict[str, Any]] = [
         {
@@ -74,6 +100,10 @@ def pod_volumes(ctx: Context) -> list[dict[str, Any]]:
     ]
     if ctx.hub_models:
         vols.append({"name": HUB_VOLUME, "emptyDir": {}})
+    for root in file_roots_used(ctx):
+        vols.append(
+            {"name": file_root_volume_name(root), "hostPath": {"path": root, "type": "Directory"}}
+        )
     for claim in pvc_claims(ctx):
         vols.append(
             {
