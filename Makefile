@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST  ?= $(BIN)/pytest
 
 .PHONY: help run test test-fast lint fmt lock bench bench-warmup bench-fuse bench-coldstart \
-        bench-admission golden system-deps images clean
+        bench-admission golden system-deps images push test-images lock-runtime clean
 
 help:
 	@echo "make run        inject the examples and run the local demo (no cluster needed)"
@@ -15,7 +15,10 @@ help:
 	@echo "make bench      benchmarks (tests/bench), results to compare with BENCHMARKS.md"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml (make lock-runtime: the images' lock)"
 	@echo "make golden     regenerate golden files (MODELCACHE_UPDATE_GOLDEN=1)"
-	@echo "make images     build the container images (needs a container engine)"
+	@echo "make images     build the container images (docker, podman or buildah; REGISTRY=, TAG=,"
+	@echo "                BASE_IMAGE=debootstrap for a base made from the Debian archive)"
+	@echo "make images REGISTRY=registry.example.com/modelcache push   build and push both images"
+	@echo "make test-images build both images from scratch and smoke-run them (root; buildah, podman)"
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -72,8 +75,21 @@ bench-coldstart: $(STAMP) system-deps
 lock-runtime:
 	sh scripts/build-images.sh lock-runtime
 
+# Image variables reach scripts/build-images.sh only when set (its defaults: ghcr.io/modelcache,
+# the version in pyproject.toml, the first engine that answers, the Dockerfiles' base).
+IMAGE_VARS := $(strip $(foreach v,REGISTRY TAG ENGINE BASE_IMAGE WHEELS NO_CACHE STORAGE_DRIVER \
+                CONTAINERS_ROOT CONTAINERS_RUNROOT,$(if $($(v)),$(v)="$($(v))")))
+
+# `make images REGISTRY=... push` builds, then pushes (push alone does both as well)
 images:
-	sh scripts/build-images.sh
+	$(if $(filter push,$(MAKECMDGOALS)),,$(IMAGE_VARS) sh scripts/build-images.sh)
+
+push:
+	$(IMAGE_VARS) sh scripts/build-images.sh push
+
+test-images: $(STAMP)
+	sh scripts/image-deps.sh
+	$(BIN)/python -m tests.images.smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,8 @@
-"""Dockerfiles, the runtime lock and the image build script (no container engine needed)."""
+"""Dockerfiles, the runtime lock, the image build script and the release workflow.
+
+No container engine needed: `make test-images` (tests/images/smoke.py) builds and runs the
+images themselves.
+"""
 
 from __future__ import annotations
 
@@ -67,12 +71,19 @@ def image(request):
     return request.param, *parse_dockerfile(DOCKERFILES[request.param])
 
 
-def test_multi_stage_with_a_pinned_base(image):
-    _, _, stages = image
-    assert len(stages) >= 2
-    for s in stages:
-        assert PINNED_BASE.match(s.base), f"base {s.base!r} is not an exact python 3.11 tag"
-    assert stages[-1].name == "final"
+def test_multi_stage_on_a_base_given_as_build_argument_with_a_pinned_default(image):
+    _, args, stages = image
+    assert PINNED_BASE.match(args["BASE_IMAGE"]), args
+    assert len(stages) >= 3
+    # build and runtime stages run on the base; the image itself starts from nothing and
+    # receives the root filesystem the runtime stage assembled
+    for s in stages[:-1]:
+        assert s.base == args["BASE_IMAGE"], f"stage {s.name} is not FROM ${{BASE_IMAGE}}"
+    final = stages[-1]
+    assert final.name == "final" and final.base == "scratch"
+    assert final.text("COPY") == ["--from=runtime /rootfs /"]
+    runtime = next(s for s in stages if s.name == "runtime")
+    assert any("image-rootfs.sh /rootfs" in r for r in runtime.text("RUN"))
 
 
 def test_installs_only_the_hash_locked_runtime_wheels_in_the_build_stage(image):
@@ -82,13 +93,20 @@ def test_installs_only_the_hash_locked_runtime_wheels_in_the_build_stage(image):
     assert len(installs) == 1
     assert "--require-hashes" in installs[0] and "requirements-runtime.lock" in installs[0]
     assert "--only-binary=:all:" in installs[0]
-    final_runs = " ".join(final.text("RUN"))
-    assert "pip" not in final_runs
+    # offline when the host downloaded the wheels: no index, the same hashes checked again
+    assert "--no-index --find-links /tmp/install" in installs[0]
+    assert any(
+        c.startswith("requirements-runtime.lock .build/wheel[s] ") for c in build.text("COPY")
+    )
+    later_runs = " ".join(r for s in stages[1:] for r in s.text("RUN"))
+    assert "pip" not in later_runs
     for tool in ("gcc", "build-essential", "git", "curl"):
-        assert tool not in final_runs
-    # the final stage takes the venv and our code from the build stage, nothing from context
-    copies = final.text("COPY")
-    assert copies and all(c.startswith(f"--from={build.name} ") for c in copies)
+        assert tool not in later_runs
+    assert not final.text("RUN")
+    # the runtime stage takes the venv and our code from the build stage, nothing else
+    runtime = stages[-2]
+    venv_copies = [c for c in runtime.text("COPY") if not c.startswith("scripts/")]
+    assert venv_copies and all(c.startswith(f"--from={build.name} ") for c in venv_copies)
 
 
 def test_webhook_runs_as_the_numeric_user_the_deployment_requires():
@@ -116,10 +134,17 @@ def test_webhook_image_holds_every_sidecar_module_the_webhook_imports():
 
 def test_sidecar_image_has_fuse3_and_runs_the_sidecar():
     _, stages = parse_dockerfile(DOCKERFILES["sidecar"])
-    final = stages[-1]
-    assert any("apt-get install" in r and " fuse3" in r for r in final.text("RUN"))
-    assert any("rm -rf /var/lib/apt/lists" in r for r in final.text("RUN"))
+    runtime, final = stages[-2], stages[-1]
+    runs = runtime.text("RUN")
+    assert any("apt-get install" in r and " fuse3" in r for r in runs)
+    # fusermount3 and the library the FUSE binding loads go into the image's root filesystem
+    assert any(
+        "image-rootfs.sh /rootfs" in r and "fusermount3" in r and "libfuse3.so.3" in r for r in runs
+    )
     assert final.text("ENTRYPOINT") == ['["python", "-m", "sidecar"]']
+    assert not final.text("USER"), (
+        "the agent runs as root (manifests/agent); the pod side sets its user"
+    )
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -163,8 +188,10 @@ def test_dockerignore_lets_every_copy_source_in():
                 if copy.startswith("--from="):
                     continue
                 for src in copy.split()[:-1]:
-                    assert any(src == a or src.startswith(a + "/") for a in allowed), src
-                    assert (ROOT / src).exists(), src
+                    # a bracket makes a source optional (the wheels exist only after a download)
+                    source = re.sub(r"\[(\w)\]", r"\1", src)
+                    assert any(source == a or source.startswith(a + "/") for a in allowed), src
+                    assert (ROOT / source).exists() or source != src, src
 
 
 def _fake_engine(tmp_path: Path, info_ok: bool) -> tuple[dict[str, str], Path]:
@@ -218,3 +245,122 @@ def test_build_script_builds_both_images_with_the_manifest_tags(tmp_path):
         webhook_image: "Dockerfile.webhook",
         config["sidecarImage"]: "Dockerfile.sidecar",
     }
+
+
+# ---- what the release workflow publishes is what manifests/ installs --------------------------
+
+RELEASE = ROOT / ".github" / "workflows" / "release.yml"
+
+
+def _version() -> str:
+    match = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert match
+    return match.group(1)
+
+
+def _release() -> dict:
+    workflow = yaml.safe_load(RELEASE.read_text())
+    # PyYAML reads the bare key `on` as True
+    workflow["on"] = workflow.pop(True, workflow.get("on"))
+    return workflow
+
+
+def _published() -> set[str]:
+    workflow = _release()
+    job = workflow["jobs"]["images"]
+    push = next(s for s in job["steps"] if "build-push-action" in s.get("uses", ""))
+    tags = push["with"]["tags"]
+    names = job["strategy"]["matrix"]["image"]
+    published = set()
+    for name in names:
+        tag = tags.replace("${{ env.REGISTRY }}", workflow["env"]["REGISTRY"])
+        tag = tag.replace("${{ matrix.image }}", name)
+        published.add(tag.replace("${{ steps.version.outputs.version }}", _version()))
+    return published
+
+
+def _manifest_images() -> dict[str, str]:
+    """Every image reference in manifests/ (container images and the config's sidecarImage)."""
+    found: dict[str, str] = {}
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "image" and isinstance(value, str):
+                    found[value] = where
+                elif key == "config.yaml" and isinstance(value, str):
+                    walk(yaml.safe_load(value), where)
+                elif key == "sidecarImage":
+                    found[value] = where
+                else:
+                    walk(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+
+    for path in sorted((ROOT / "manifests").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            walk(doc, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_release_publishes_both_images_for_amd64_and_arm64_on_a_version_tag():
+    workflow = _release()
+    assert workflow["on"] == {"push": {"tags": ["v*"]}}
+    job = workflow["jobs"]["images"]
+    assert sorted(job["strategy"]["matrix"]["image"]) == ["sidecar", "webhook"]
+    push = next(s for s in job["steps"] if "build-push-action" in s.get("uses", ""))
+    assert push["with"]["file"] == "Dockerfile.${{ matrix.image }}"
+    assert push["with"]["push"] is True
+    assert set(workflow["env"]["PLATFORMS"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert push["with"]["platforms"] == "${{ env.PLATFORMS }}"
+    assert any("setup-qemu-action" in s.get("uses", "") for s in job["steps"])
+    # a tag that is not v<pyproject version> publishes nothing
+    check = next(s for s in job["steps"] if s.get("id") == "version")
+    assert '"v$version" != "$GITHUB_REF_NAME"' in check["run"] and "exit 1" in check["run"]
+    assert workflow["permissions"]["packages"] == "write"
+
+
+def test_manifests_name_exactly_the_images_the_release_publishes():
+    published = _published()
+    images = _manifest_images()
+    assert images, "no image references found in manifests/"
+    for image, where in images.items():
+        assert image in published, f"{where}: {image} is not published by {RELEASE.name}"
+    # both images are used: the webhook (Deployment, certs-install) and the sidecar (config,
+    # agent DaemonSet)
+    assert set(images) == published
+
+
+def test_build_script_push_pushes_what_it_built_to_the_given_registry(tmp_path):
+    env, log = _fake_engine(tmp_path, info_ok=True)
+    env.update(ENGINE="docker", REGISTRY="registry.example.com/mirror/")
+    result = subprocess.run(
+        ["sh", str(ROOT / "scripts" / "build-images.sh"), "push"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [line.split() for line in log.read_text().splitlines()]
+    built = [c[c.index("-t") + 1] for c in calls if c[0] == "build"]
+    pushed = [c[1] for c in calls if c[0] == "push"]
+    version = _version()
+    expected = [f"registry.example.com/mirror/{n}:{version}" for n in ("webhook", "sidecar")]
+    assert built == expected and pushed == expected
+    # the push comes after both builds
+    assert [c[0] for c in calls if c[0] in ("build", "push")] == ["build", "build", "push", "push"]
+
+
+def test_build_script_rejects_an_unknown_command():
+    result = subprocess.run(
+        ["sh", str(ROOT / "scripts" / "build-images.sh"), "publish"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "push" in result.stderr
