@@ -19,8 +19,8 @@
 #   STORAGE_DRIVER, CONTAINERS_ROOT, CONTAINERS_RUNROOT  storage of podman/buildah (e.g. vfs
 #               where overlay is not available); unset: the engine's own configuration
 #   NO_CACHE    1: reuse no layer of an earlier build
-#   BUILDAH_ISOLATION  isolation of `buildah bud` RUN steps (default chroot: works as root
-#               with no runtime and no user namespaces)
+#   BUILDAH_ISOLATION  isolation of RUN steps in buildah and podman builds (default chroot:
+#               works as root with no OCI runtime, cgroups or user namespaces)
 # The tag must match the sidecarImage in manifests/core/configmap.yaml and the webhook image in
 # manifests/core/deployment.yaml (a test checks the manifests against pyproject's version).
 set -eu
@@ -229,6 +229,8 @@ else
     layers="--layers"
     no_cache=""
 fi
+# podman build reads it too
+export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
 build() {
     image="$REGISTRY/$1:$TAG"
     dockerfile="$2"
@@ -236,8 +238,7 @@ build() {
     echo "building $image with $ENGINE from $dockerfile on $base_note" >&2
     # shellcheck disable=SC2046,SC2086
     case "$ENGINE" in
-        buildah) buildah $(storage_flags) bud --isolation "${BUILDAH_ISOLATION:-chroot}" \
-            $layers -f "$dockerfile" -t "$image" "$@" . ;;
+        buildah) buildah $(storage_flags) bud $layers -f "$dockerfile" -t "$image" "$@" . ;;
         podman) podman $(storage_flags) build $no_cache -f "$dockerfile" -t "$image" "$@" . ;;
         *) "$ENGINE" build $no_cache -f "$dockerfile" -t "$image" "$@" . ;;
     esac

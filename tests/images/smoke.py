@@ -31,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ STORAGE_ROOT = BUILD_DIR / "containers" / "storage"
 # conmon's socket paths must stay short, so the run root is not under the work tree
 RUN_ROOT = Path("/run/modelcache-images")
 BUDGET_MB = {"webhook": 150, "sidecar": 250}
+#: The names the images are built under (what manifests/ and the release use).
+REGISTRY = "ghcr.io/modelcache"
 #: Seconds for one image build and for one container run.
 BUILD_TIMEOUT = 1800
 RUN_TIMEOUT = 120
@@ -133,11 +136,12 @@ def tail(text: str, lines: int = 3) -> str:
 
 def build(tag: str) -> None:
     # Only the cached base and wheels survive between runs: earlier images and their layers go.
+    BUILD_DIR.mkdir(exist_ok=True)
     env = storage_env()
     for name in ("webhook", "sidecar"):
-        run(["buildah", *_storage_flags(), "rmi", "--force", f"ghcr.io/modelcache/{name}:{tag}"])
+        run(["buildah", *_storage_flags(), "rmi", "--force", f"{REGISTRY}/{name}:{tag}"])
     run(["buildah", *_storage_flags(), "rmi", "--prune"])
-    env.update(ENGINE="buildah", BASE_IMAGE="debootstrap", NO_CACHE="1", TAG=tag)
+    env.update(ENGINE="buildah", BASE_IMAGE="debootstrap", NO_CACHE="1", REGISTRY=REGISTRY, TAG=tag)
     env.setdefault("PIP", str(ROOT / ".venv/bin/pip"))
     log = BUILD_DIR / "images-build.log"
     with log.open("w") as out:
@@ -265,21 +269,21 @@ def wait_until_serving(name: str) -> Path:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + SERVE_TIMEOUT
+    # the output ends when the container exits, or when this timer ends the follower
+    timer = threading.Timer(SERVE_TIMEOUT, logs.kill)
+    timer.start()
     ca: Path | None = None
     seen: list[str] = []
     try:
         assert logs.stdout is not None
-        os.set_blocking(logs.stdout.fileno(), True)
-        for line in logs.stdout:  # ends when the container exits
+        for line in logs.stdout:
             seen.append(line.rstrip())
             if line.startswith("dev CA certificate: "):
                 ca = Path(line.split(": ", 1)[1].strip())
             if line.startswith("serving on ") and ca is not None:
                 return ca
-            if time.monotonic() > deadline:
-                break
     finally:
+        timer.cancel()
         logs.kill()
         logs.wait()
     raise SmokeFailure(f"webhook: never said it serves ({' | '.join(seen[-3:]) or 'no output'})")
@@ -348,7 +352,7 @@ def main() -> int:
         )
     else:
         tag = version()
-        images = {n: f"ghcr.io/modelcache/{n}:{tag}" for n in ("webhook", "sidecar")}
+        images = {n: f"{REGISTRY}/{n}:{tag}" for n in ("webhook", "sidecar")}
         uids = manifest_uids()
         try:
             build(tag)
@@ -358,6 +362,8 @@ def main() -> int:
                     report.failures.append(
                         f"{name} image is {report.sizes[name]} MB, budget {BUDGET_MB[name]} MB"
                     )
+        except subprocess.TimeoutExpired as e:
+            report.failures.append(f"timed out after {e.timeout:.0f} s: {' '.join(e.cmd[:3])}")
         except SmokeFailure as e:
             report.failures.append(str(e))
         else:

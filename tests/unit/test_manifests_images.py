@@ -364,3 +364,18 @@ def test_build_script_rejects_an_unknown_command():
     )
     assert result.returncode == 2
     assert "usage:" in result.stderr and "push" in result.stderr
+
+
+def test_ci_builds_and_smoke_runs_the_images_after_the_test_suite():
+    commands = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert "make test" in commands and "make test-images" in commands
+    assert commands.index("make test") < commands.index("make test-images")
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test-images:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe is not None
+    assert "scripts/image-deps.sh" in recipe.group(1)
+    assert "tests.images.smoke" in recipe.group(1)
