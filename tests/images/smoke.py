@@ -209,10 +209,13 @@ assert ssl.create_default_context().cert_store_stats()["x509_ca"] > 0, "no CA ce
 print(os.getuid(), os.getgid(), len(names))
 """
 
-#: Beyond our packages: the FUSE binding must have found and loaded libfuse3.
+#: Beyond our packages: the FUSE binding must have found and loaded libfuse3, and the tools
+#: sidecar.mount unmounts with must run.
 FUSE_LOADS = """
-import mfusepy
+import mfusepy, subprocess
 assert "fuse3" in str(mfusepy._libfuse_path), mfusepy._libfuse_path
+for tool in (["fusermount3", "-V"], ["umount", "--version"]):
+    subprocess.run(tool, check=True, capture_output=True)
 print(mfusepy._libfuse_path)
 """
 

@@ -139,7 +139,11 @@ def test_sidecar_image_has_fuse3_and_runs_the_sidecar():
     assert any("apt-get install" in r and " fuse3" in r for r in runs)
     # fusermount3 and the library the FUSE binding loads go into the image's root filesystem
     assert any(
-        "image-rootfs.sh /rootfs" in r and "fusermount3" in r and "libfuse3.so.3" in r for r in runs
+        "image-rootfs.sh /rootfs" in r
+        and "fusermount3" in r
+        and "umount" in r
+        and "libfuse3.so.3" in r
+        for r in runs
     )
     assert final.text("ENTRYPOINT") == ['["python", "-m", "sidecar"]']
     assert not final.text("USER"), (
