@@ -26,7 +26,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-BUILD_DIR="${BUILD_DIR:-.build}"
+# the Dockerfiles read the wheels from here (.dockerignore lets only this part of it in)
+BUILD_DIR=.build
 WHEEL_DIR="$BUILD_DIR/wheels"
 LOCK=requirements-runtime.lock
 # The local base: Debian bookworm, minimal, with the interpreter the public image has (3.11),

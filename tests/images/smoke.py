@@ -23,6 +23,7 @@ and exits 1 on any failure (sizes over the budget count as failures).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import re
@@ -42,8 +43,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = ROOT / ".build"
 STORAGE_ROOT = BUILD_DIR / "containers" / "storage"
-# conmon's socket paths must stay short, so the run root is not under the work tree
-RUN_ROOT = Path("/run/modelcache-images")
+# conmon's socket paths must stay short, so the run root is not under the work tree; one per
+# storage root (a run root left by another checkout's storage would not match this one)
+RUN_ROOT = Path(f"/run/modelcache-images-{hashlib.sha256(bytes(STORAGE_ROOT)).hexdigest()[:8]}")
 BUDGET_MB = {"webhook": 150, "sidecar": 250}
 #: The names the images are built under (what manifests/ and the release use).
 REGISTRY = "ghcr.io/modelcache"
