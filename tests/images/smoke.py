@@ -139,6 +139,9 @@ def tail(text: str, lines: int = 3) -> str:
 def build(tag: str) -> None:
     # Only the cached base and wheels survive between runs: earlier images and their layers go.
     BUILD_DIR.mkdir(exist_ok=True)
+    # podman's own state (containers, not images; every container here is --rm) starts
+    # afresh: it records the run root, which an earlier checkout may have had elsewhere
+    shutil.rmtree(STORAGE_ROOT / "libpod", ignore_errors=True)
     env = storage_env()
     for name in ("webhook", "sidecar"):
         run(["buildah", *_storage_flags(), "rmi", "--force", f"{REGISTRY}/{name}:{tag}"])
