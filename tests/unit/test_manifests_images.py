@@ -269,10 +269,15 @@ def _release() -> dict:
     return workflow
 
 
+def _push_step(job: dict) -> dict:
+    pushes = [s for s in job["steps"] if "build-push-action" in s.get("uses", "")]
+    return next(s for s in pushes if s["with"].get("push") is True)
+
+
 def _published() -> set[str]:
     workflow = _release()
     job = workflow["jobs"]["images"]
-    push = next(s for s in job["steps"] if "build-push-action" in s.get("uses", ""))
+    push = _push_step(job)
     tags = push["with"]["tags"]
     names = job["strategy"]["matrix"]["image"]
     published = set()
@@ -313,12 +318,21 @@ def test_release_publishes_both_images_for_amd64_and_arm64_on_a_version_tag():
     assert workflow["on"] == {"push": {"tags": ["v*"]}}
     job = workflow["jobs"]["images"]
     assert sorted(job["strategy"]["matrix"]["image"]) == ["sidecar", "webhook"]
-    push = next(s for s in job["steps"] if "build-push-action" in s.get("uses", ""))
+    push = _push_step(job)
     assert push["with"]["file"] == "Dockerfile.${{ matrix.image }}"
     assert push["with"]["push"] is True
     assert set(workflow["env"]["PLATFORMS"].split(",")) == {"linux/amd64", "linux/arm64"}
     assert push["with"]["platforms"] == "${{ env.PLATFORMS }}"
     assert any("setup-qemu-action" in s.get("uses", "") for s in job["steps"])
+    # the image is built and run before the step that pushes
+    steps = job["steps"]
+    tried = next(
+        i
+        for i, s in enumerate(steps)
+        if "build-push-action" in s.get("uses", "") and s["with"].get("load") is True
+    )
+    ran = next(i for i, s in enumerate(steps) if "docker run" in s.get("run", ""))
+    assert tried < ran < steps.index(push)
     # a tag that is not v<pyproject version> publishes nothing
     check = next(s for s in job["steps"] if s.get("id") == "version")
     assert '"v$version" != "$GITHUB_REF_NAME"' in check["run"] and "exit 1" in check["run"]
