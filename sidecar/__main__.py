@@ -156,6 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--warmup", action="store_true", help="also fill the cache in the background")
     m.add_argument(
+        "--hub-cache",
+        default=None,
+        metavar="DIR",
+        help="lay out every hf:// model in the Hugging Face cache layout under DIR "
+        "(models--ORG--NAME/refs, snapshots/<commit>/<file> linking into the mount)",
+    )
+    m.add_argument(
+        "--hub-link-root",
+        default=None,
+        metavar="PATH",
+        help="the mountpoint as app containers see it: snapshot links point to "
+        "PATH/<NAME>/<file> (default: --mountpoint)",
+    )
+    m.add_argument(
+        "--on-failure",
+        choices=("fail", "continue"),
+        default="fail",
+        help="a model whose source cannot be listed: end the mount (fail) or leave it out, "
+        "publish .left-out/<NAME> and serve the others (continue)",
+    )
+    m.add_argument(
+        "--gguf-alias",
+        action="append",
+        default=[],
+        metavar="NAME:QUANT",
+        help="show <QUANT>.gguf in model NAME's directory, a link to its GGUF file of QUANT",
+    )
+    m.add_argument(
         "--timeout",
         type=float,
         default=1800.0,

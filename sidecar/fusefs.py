@@ -21,6 +21,12 @@ Two data paths (see DESIGN.md, "Measured facts that shape the design"):
     happens in C (no Python ``bytes`` per request), and the kernel page cache keeps what was
     read (``keep_cache``): the second read of a file never reaches the daemon.
 
+Besides the models' files the namespace may hold two kinds of entries the mount adds:
+*notes*, small read-only files whose bytes the daemon holds (``.left-out/<NAME>``, the
+reason a model was left out), and *aliases*, symlinks inside a model's directory to another
+file of the same model (``<QUANT>.gguf`` naming the GGUF file of that quantization). An
+alias is relative, so following it lands on the model's own entry, fetched as any other.
+
 The namespace never changes while mounted and a file's attributes are the same before and
 after it completes (the size comes from the listing or manifest, the fetch is verified
 against it), so the kernel may cache entries and attributes for long. libfuse's high-level
@@ -93,11 +99,31 @@ class FileEntry:
     size: int
 
 
-class Namespace:
-    """The fixed tree: model names at the top, their files below, directories synthesized."""
+def _parts(relpath: str, what: str) -> list[str]:
+    parts = relpath.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{what}: unsafe path {relpath!r}")
+    return parts
 
-    def __init__(self, models: Mapping[str, Iterable[tuple[str, int]]]) -> None:
+
+class Namespace:
+    """The fixed tree: model names at the top, their files below, directories synthesized.
+
+    ``notes`` are read-only files at paths outside every model (their bytes are the
+    value); ``aliases`` maps a model name to ``{name in the model's directory: path of the
+    file it links to}``.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, Iterable[tuple[str, int]]],
+        *,
+        notes: Mapping[str, bytes] | None = None,
+        aliases: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.files: dict[str, FileEntry] = {}
+        self.notes: dict[str, bytes] = {}
+        self.aliases: dict[str, str] = {}
         self.dirs: dict[str, list[str]] = {"/": []}
         children: dict[str, set[str]] = {"/": set()}
         for name, files in models.items():
@@ -122,6 +148,36 @@ class Namespace:
                     raise ValueError(f"model {name}: {relpath!r} is both a file and a directory")
                 children[parent].add(parts[-1])
                 self.files[path] = FileEntry(name, relpath, size)
+        for name, links in (aliases or {}).items():
+            if f"/{name}" not in children:
+                raise ValueError(f"alias in {name!r}: no such model")
+            for alias, target in links.items():
+                _parts(target, f"alias {name}/{alias}")
+                path = f"/{name}/{alias}"
+                if "/" in alias or alias in ("", ".", ".."):
+                    raise ValueError(f"alias {alias!r} in {name!r}: must be a plain file name")
+                if path in self.files or path in children:
+                    raise ValueError(f"alias {name}/{alias}: the model has that path already")
+                if f"/{name}/{target}" not in self.files:
+                    raise ValueError(f"alias {name}/{alias}: {target!r} is not a file of it")
+                children[f"/{name}"].add(alias)
+                self.aliases[path] = target
+        for relpath, data in (notes or {}).items():
+            parts = _parts(relpath, "note")
+            if not parts[0].startswith("."):
+                raise ValueError(f"note {relpath!r}: must be below a hidden top directory")
+            parent = ""
+            for part in parts[:-1]:
+                children.setdefault(parent or "/", set()).add(part)
+                parent = f"{parent}/{part}"
+                if parent in self.notes:
+                    raise ValueError(f"note {relpath!r} is below another note")
+                children.setdefault(parent, set())
+            path = f"{parent}/{parts[-1]}"
+            if path in children or path in self.notes:
+                raise ValueError(f"note {relpath!r} clashes with another entry")
+            children[parent or "/"].add(parts[-1])
+            self.notes[path] = bytes(data)
         self.dirs = {d: sorted(c) for d, c in children.items()}
 
 
@@ -186,6 +242,12 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
                 target = self.link_target(entry)
                 return self._attrs(stat.S_IFLNK | 0o777, len(target.encode()), 1)
             return self._attrs(stat.S_IFREG | 0o444, entry.size, 1)
+        alias = self.ns.aliases.get(path)
+        if alias is not None:
+            return self._attrs(stat.S_IFLNK | 0o777, len(alias.encode()), 1)
+        note = self.ns.notes.get(path)
+        if note is not None:
+            return self._attrs(stat.S_IFREG | 0o444, len(note), 1)
         if path in self.ns.dirs:
             return self._attrs(stat.S_IFDIR | 0o555, 0, 2)
         raise mfusepy.FuseOSError(errno.ENOENT)
@@ -193,13 +255,17 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
     def readdir(self, path: str, fh: Any) -> list[str]:
         names = self.ns.dirs.get(path)
         if names is None:
-            raise mfusepy.FuseOSError(errno.ENOTDIR if path in self.ns.files else errno.ENOENT)
+            known = path in self.ns.files or path in self.ns.notes or path in self.ns.aliases
+            raise mfusepy.FuseOSError(errno.ENOTDIR if known else errno.ENOENT)
         return [".", "..", *names]
 
     def readlink(self, path: str) -> str:
+        alias = self.ns.aliases.get(path)
+        if alias is not None:
+            return alias  # relative: resolving it goes through the target's own entry
         entry = self.ns.files.get(path)
         if entry is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
+            raise mfusepy.FuseOSError(errno.ENOENT if path not in self.ns.notes else errno.EINVAL)
         if self.link_target is None:
             raise mfusepy.FuseOSError(errno.EINVAL)
         # The target is returned only once it exists complete: path resolution of an app
@@ -211,7 +277,12 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
     def access(self, path: str, amode: int) -> int:
-        if path not in self.ns.files and path not in self.ns.dirs:
+        if not (
+            path in self.ns.files
+            or path in self.ns.dirs
+            or path in self.ns.notes
+            or path in self.ns.aliases
+        ):
             raise mfusepy.FuseOSError(errno.ENOENT)
         if amode & os.W_OK:
             raise mfusepy.FuseOSError(errno.EROFS)
@@ -220,10 +291,18 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
     # -- data (none mode) -------------------------------------------------------------------
     def open(self, path: str, fi: Any) -> int:
         entry = self.ns.files.get(path)
-        if entry is None:
+        note = self.ns.notes.get(path)
+        if entry is None and note is None:
             raise mfusepy.FuseOSError(errno.ENOENT if path not in self.ns.dirs else errno.EISDIR)
         if fi.flags & os.O_ACCMODE != os.O_RDONLY or fi.flags & os.O_TRUNC:
             raise mfusepy.FuseOSError(errno.EROFS)
+        if note is not None:
+            # a memfd holding the bytes: read_buf serves it like any data file
+            fi.fh = os.memfd_create("modelcache-note", os.MFD_CLOEXEC)
+            os.pwrite(fi.fh, note, 0)
+            fi.keep_cache = 1
+            return 0
+        assert entry is not None
         data = self.provider.ensure_file(entry.model, entry.relpath)
         fi.fh = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         fi.keep_cache = 1

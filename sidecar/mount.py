@@ -10,6 +10,17 @@ Orchestration only; the filesystem itself is ``sidecar.fusefs``. At start, for e
 3. hold the model's shared lock for the whole lifetime (the node agent never evicts a model
    that is being served) and touch ``.last-used`` now and every few minutes (LRU order).
 
+With ``--on-failure continue`` a model whose source cannot be listed (not found, refused,
+unreachable, timed out) is left out instead of ending the process: the reason is logged and
+published as ``<mountpoint>/.left-out/<NAME>`` (which ``probe`` accepts for that model), the
+other models are served, and nothing is written for it in the hub cache, so the app loads
+it by itself exactly as without modelcache.
+
+With ``--hub-cache DIR`` every ``hf://`` model is also laid out in the Hugging Face cache
+layout under DIR (``sidecar.hubcache``), linking to ``<hub-link-root>/<NAME>/<path>``, before
+the mount appears (so before ``probe`` can succeed). ``--gguf-alias NAME:QUANT`` adds
+``<QUANT>.gguf`` to a model's directory, a symlink to its GGUF file of that quantization.
+
 Then the FUSE loop runs in a thread while the main thread waits for SIGTERM/SIGINT. Fetches
 (files opened before they are complete, and the ``--warmup`` background fill) run on one
 asyncio loop in a background thread; FUSE worker threads submit to it and wait.
@@ -29,8 +40,10 @@ import concurrent.futures
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,11 +55,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from sidecar import fusefs
+from sidecar import fusefs, hubcache
 from sidecar.cache import CacheError, NodeCache, pin_holder
-from sidecar.layout import ModelDir, models_root, safe_relpath
+from sidecar.layout import ModelDir, file_id, models_root, safe_relpath
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
-from sidecar.probe import find_mount, is_fuse
+from sidecar.probe import LEFT_OUT_DIR, find_mount, is_fuse
 from sidecar.sources import (
     RemoteFile,
     Source,
@@ -65,8 +78,19 @@ TOUCH_INTERVAL = 300.0
 UNMOUNT_GRACE = 5.0
 
 
+#: ``--on-failure`` values: end the process, or leave the model out and serve the others.
+ON_FAILURE = ("fail", "continue")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
 class MountError(Exception):
     """The mount cannot start; the message is one line naming what is wrong."""
+
+
+class SourceListingError(MountError):
+    """A model's source cannot be listed (refused, missing, unreachable): ``--on-failure``
+    decides whether that ends the mount or leaves the model out."""
 
 
 @dataclass
@@ -76,6 +100,7 @@ class ServedModel:
     mdir: ModelDir
     files: dict[str, RemoteFile]
     complete: set[str] = field(default_factory=set)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def parse_link_root(value: str, cache_dir: Path) -> Path | None:
@@ -87,6 +112,64 @@ def parse_link_root(value: str, cache_dir: Path) -> Path | None:
     if not value.startswith("/"):
         raise MountError(f"--link-root {value!r}: expected an absolute path, 'cache' or 'none'")
     return Path(value)
+
+
+def parse_gguf_aliases(values: list[str], names: list[str]) -> dict[str, str]:
+    """``--gguf-alias NAME:QUANT`` values → ``{NAME: QUANT}``."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, quant = value.partition(":")
+        if not sep or not quant or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", quant):
+            raise MountError(f"--gguf-alias {value!r}: expected NAME:QUANT (e.g. base:Q4_K_M)")
+        if name not in names:
+            raise MountError(f"--gguf-alias {value!r}: no --model named {name!r}")
+        if name in out:
+            raise MountError(f"--gguf-alias {value!r}: {name} has an alias already")
+        out[name] = quant
+    return out
+
+
+def pick_gguf(paths: list[str], quant: str) -> str | None:
+    """The GGUF file of ``quant``: its name contains the tag (any case), the first shard
+    (``-00001-of-0000N``) of a split file. Among several matches the shortest path wins
+    (``Q4_K`` must not pick ``Q4_K_M`` when both exist: an exact tag comes first)."""
+    tag = quant.lower()
+
+    def exact(path: str) -> bool:
+        stem = _SPLIT_RE.sub("", path.rsplit("/", 1)[-1].lower())
+        stem = stem.removesuffix(".gguf")
+        return re.search(rf"(^|[^a-z0-9]){re.escape(tag)}($|[^a-z0-9_])", stem) is not None
+
+    matches = []
+    for path in paths:
+        name = path.rsplit("/", 1)[-1].lower()
+        if not name.endswith(".gguf") or tag not in name:
+            continue
+        split = _SPLIT_RE.search(name)
+        if split and int(split.group(1)) != 1:
+            continue
+        matches.append(path)
+    if not matches:
+        return None
+    return min(matches, key=lambda p: (not exact(p), len(p), p))
+
+
+def recorded_commit(mdir: ModelDir, files: list[str]) -> str | None:
+    """The hub commit the complete files of a model were fetched at, when they agree.
+
+    The node cache records, per file, the version it was downloaded as (``.locks/<id>.meta``,
+    see ``sidecar.layout``); for hub sources that is the commit.
+    """
+    seen: set[str] = set()
+    for path in files:
+        try:
+            meta = json.loads((mdir.locks_dir / f"{file_id(path)}.meta").read_bytes())
+        except (OSError, ValueError):
+            continue
+        version = meta.get("version") if isinstance(meta, dict) else None
+        if isinstance(version, str) and version:
+            seen.add(version)
+    return seen.pop() if len(seen) == 1 else None
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> bool:
@@ -279,12 +362,14 @@ async def _prepare_model(
     try:
         listing = await _list_with_retries(cache, source)
     except SourceAccessError as exc:
-        raise MountError(f"model {model.name} ({model.source.uri}): access denied: {exc}") from exc
+        raise SourceListingError(
+            f"model {model.name} ({model.source.uri}): access denied: {exc}"
+        ) from exc
     except SourceUnavailableError as exc:
         # A complete cache may be served while the source is down, unless requests carry
         # credentials: then the listing is the only proof this pod may read the model.
         if not complete or getattr(source, "uses_credentials", True):
-            raise MountError(
+            raise SourceListingError(
                 f"model {model.name} ({model.source.uri}): source unavailable: {exc}"
             ) from exc
         log.warning(
@@ -292,7 +377,7 @@ async def _prepare_model(
         )
         listing = None
     except SourceError as exc:
-        raise MountError(f"model {model.name} ({model.source.uri}): {exc}") from exc
+        raise SourceListingError(f"model {model.name} ({model.source.uri}): {exc}") from exc
     manifest = cache.read_manifest(model) if complete else None
     files = listing or []
     if manifest is not None:
@@ -332,9 +417,19 @@ class MountService:
         if args.parallel < 1:
             raise MountError(f"--parallel {args.parallel}: must be at least 1")
         self.link_root = parse_link_root(args.link_root, self.cache_dir)
+        self.on_failure = getattr(args, "on_failure", "fail")
+        if self.on_failure not in ON_FAILURE:
+            raise MountError(f"--on-failure {self.on_failure!r}: expected fail or continue")
+        hub_cache = getattr(args, "hub_cache", None)
+        self.hub_cache = Path(hub_cache).absolute() if hub_cache else None
+        self.hub_link_root = getattr(args, "hub_link_root", None) or self.mountpoint
+        if not self.hub_link_root.startswith("/"):
+            raise MountError(f"--hub-link-root {self.hub_link_root!r}: expected an absolute path")
+        self.gguf_aliases = parse_gguf_aliases(list(getattr(args, "gguf_alias", None) or []), names)
         self.cache = NodeCache(self.cache_dir)
         self.loop = LoopThread()
         self.served: dict[str, ServedModel] = {}
+        self.left_out: dict[str, str] = {}
         self.stack = contextlib.ExitStack()
         self.stop_requested = False
         self.warmup: concurrent.futures.Future[Any] | None = None
@@ -344,26 +439,128 @@ class MountService:
 
     # -- start ------------------------------------------------------------------------------
     def prepare(self) -> None:
+        if self.hub_cache is not None and not self.hub_cache.is_dir():
+            raise MountError(f"--hub-cache {self.hub_cache}: not a directory")
         for model in self.models:
             try:
-                source = open_source(
-                    model,
-                    pvc_root=self.pvc_root,
-                    file_roots=self.args.file_root,
-                    private_dirs=[self.cache_dir],
+                self._prepare_one(model)
+            except SourceListingError as exc:
+                if self.on_failure != "continue":
+                    raise
+                self.left_out[model.name] = str(exc)
+                log.warning(
+                    "model %s left out (--on-failure continue): %s; the app loads it by itself",
+                    model.name,
+                    exc,
                 )
-            except SourceError as exc:
-                raise MountError(f"model {model.name}: {exc}") from exc
-            self.served[model.name] = ServedModel(
-                model, source, ModelDir(self.cache_dir, model.source.cache_key), {}
+        for name, quant in self.gguf_aliases.items():
+            if name in self.served:
+                self._alias_gguf(name, quant)
+        seen: set[tuple[str, str]] = set()
+        for served in self.served.values():
+            if self.hub_cache is not None and served.model.source.is_hub:
+                self._lay_out_hub(served, seen)
+
+    def _prepare_one(self, model: NamedModel) -> None:
+        try:
+            source = open_source(
+                model,
+                pvc_root=self.pvc_root,
+                file_roots=self.args.file_root,
+                private_dirs=[self.cache_dir],
             )
-            self.stack.enter_context(self.cache.hold(model))
-            files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
+        except SourceError as exc:
+            raise SourceListingError(f"model {model.name}: {exc}") from exc
+        with contextlib.ExitStack() as held:
+            held.enter_context(self.cache.hold(model))
+            try:
+                files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.loop.call(source.aclose(), timeout=10)
+                raise
             # after the access check; the pin outlives a restart of this container
             self.cache.pin(model, pin_holder())
-            self.served[model.name].files = files
-            self.cache.touch(model)
-            log.info("model %s: %d files from %s", model.name, len(files), model.source.uri)
+            self.stack.enter_context(held.pop_all())
+        mdir = ModelDir(self.cache_dir, model.source.cache_key)
+        self.served[model.name] = ServedModel(model, source, mdir, files)
+        self.cache.touch(model)
+        log.info("model %s: %d files from %s", model.name, len(files), model.source.uri)
+
+    def _alias_gguf(self, name: str, quant: str) -> None:
+        target = pick_gguf(sorted(self.served[name].files), quant)
+        if target is None:
+            raise MountError(
+                f"--gguf-alias {name}:{quant}: model {name} has no GGUF file of {quant}"
+            )
+        self.served[name].aliases = {f"{quant}.gguf": target}
+        log.info("model %s: %s.gguf -> %s", name, quant, target)
+
+    def _hub_commit(self, served: ServedModel) -> str | None:
+        """The commit to lay out: what the cached files were fetched at, else the listing's."""
+        src = served.model.source
+        commit = getattr(served.source, "commit", None)
+        listed = commit if isinstance(commit, str) and commit else None
+        recorded = recorded_commit(served.mdir, sorted(served.files))
+        revision = src.revision or "main"
+        if recorded is not None and listed is not None and recorded != listed:
+            if self.cache.is_complete(served.model):
+                log.warning(
+                    "model %s: the node cache holds commit %s, %s is now %s at the hub: "
+                    "laying out %s (the app downloads the newer commit by itself)",
+                    served.model.name,
+                    recorded,
+                    revision,
+                    listed,
+                    recorded,
+                )
+                return recorded
+            return listed
+        if listed is not None:
+            return listed
+        assert self.hub_cache is not None
+        return (
+            recorded
+            or hubcache.read_ref(self.hub_cache, src.location, revision)
+            or (revision if _COMMIT_RE.match(revision) else None)
+        )
+
+    def _lay_out_hub(self, served: ServedModel, seen: set[tuple[str, str]]) -> None:
+        assert self.hub_cache is not None
+        src, name = served.model.source, served.model.name
+        commit = self._hub_commit(served)
+        if commit is None:
+            log.warning(
+                "model %s: the hub commit of %s is unknown (source unreachable, nothing "
+                "recorded); no hub-cache layout, the app resolves it by itself",
+                name,
+                src.uri,
+            )
+            return
+        if (src.location, commit) in seen:
+            log.info("model %s: %s@%s is laid out already", name, src.location, commit)
+            return
+        seen.add((src.location, commit))
+        try:
+            plan = hubcache.plan_repo(
+                src.location,
+                src.revision or "main",
+                commit,
+                served.files,
+                f"{self.hub_link_root.rstrip('/')}/{name}",
+            )
+            done = hubcache.write_repo(self.hub_cache, plan)
+        except (hubcache.HubCacheError, OSError) as exc:
+            raise MountError(f"model {name}: cannot write the hub cache layout: {exc}") from exc
+        log.info(
+            "model %s: hub cache %s/%s at commit %s (%d links, %d new)",
+            name,
+            self.hub_cache,
+            plan.folder,
+            commit,
+            len(plan.links),
+            done.links,
+        )
 
     def link_target(self, entry: fusefs.FileEntry) -> str:
         assert self.link_root is not None
@@ -387,7 +584,7 @@ class MountService:
         async def _warm() -> Any:
             return await warm_models(
                 self.cache,
-                self.models,
+                [s.model for s in self.served.values()],
                 include=self.include,
                 parallel=self.args.parallel,
                 timeout=self.args.timeout,
@@ -416,7 +613,11 @@ class MountService:
     def serve(self) -> int:
         try:
             namespace = fusefs.Namespace(
-                {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()}
+                {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()},
+                notes={
+                    f"{LEFT_OUT_DIR}/{n}": f"{why}\n".encode() for n, why in self.left_out.items()
+                },
+                aliases={n: s.aliases for n, s in self.served.items() if s.aliases},
             )
         except ValueError as exc:
             raise MountError(f"cannot build the file tree: {exc}") from exc
@@ -442,10 +643,11 @@ class MountService:
             if not announced and is_fuse(find_mount(self.mountpoint)):
                 announced = True
                 log.info(
-                    "serving %s at %s (%s)",
-                    ", ".join(self.served),
+                    "serving %s at %s (%s)%s",
+                    ", ".join(self.served) or "no model",
                     self.mountpoint,
                     f"links to {self.link_root}" if self.link_root else "bytes via FUSE",
+                    f"; left out: {', '.join(self.left_out)}" if self.left_out else "",
                 )
                 if self.args.warmup:
                     self._start_warmup()

@@ -8,7 +8,12 @@ library and does three cheap checks, in order:
    directory, or another filesystem mounted there, is not the sidecar's mount);
 2. listing the mountpoint answers within a bound (a dead daemon answers ``ENOTCONN``, a hung
    one not at all: both are failures, the hung one after ``LIST_TIMEOUT`` seconds);
-3. every ``--model NAME`` is a directory at the top of the mount.
+3. every ``--model NAME`` is a directory at the top of the mount, or was left out on
+   purpose: ``mount --on-failure continue`` leaves out a model whose source cannot be listed
+   and publishes the reason as the read-only file ``<mountpoint>/.left-out/<NAME>`` instead
+   (model names never start with a dot, so the marker cannot clash with a model). Such a
+   model counts as served: the app loads it by itself, exactly as without modelcache, and the
+   probe's command line stays the same whatever the mount decided.
 
 Failures print one line on stderr naming the reason; the exit code is 1 (and 2 for bad
 usage), so a failing probe explains itself in ``kubectl describe pod``.
@@ -24,6 +29,8 @@ import time
 from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
+#: Directory at the top of the mount holding one file per model left out on purpose.
+LEFT_OUT_DIR = ".left-out"
 #: Seconds to wait for the mount to answer a listing before calling it hung.
 LIST_TIMEOUT = 5.0
 #: Seconds between attempts with ``--wait``.
@@ -130,15 +137,22 @@ def check_mount(
     if not is_fuse(entry):
         raise ProbeFailure(f"{mountpoint}: mounted filesystem is {entry.fstype}, not FUSE")
     names = set(_list_with_timeout(mountpoint, list_timeout))
-    missing = [m for m in models if m not in names]
+    missing = [m for m in models if m not in names and not is_left_out(mountpoint, m)]
     if missing:
         raise ProbeFailure(
             f"{mountpoint}: model(s) {', '.join(missing)} not served"
             f" (the mount has: {', '.join(sorted(names)) or 'nothing'})"
         )
     for model in models:
-        if not os.path.isdir(os.path.join(mountpoint, model)):
+        if model in names and not os.path.isdir(os.path.join(mountpoint, model)):
             raise ProbeFailure(f"{mountpoint}: {model} is not a directory")
+
+
+def is_left_out(mountpoint: str, model: str) -> bool:
+    """The mount left ``model`` out on purpose (its marker file is there)."""
+    if "/" in model or model.startswith("."):
+        return False
+    return os.path.isfile(os.path.join(mountpoint, LEFT_OUT_DIR, model))
 
 
 def run(args: argparse.Namespace) -> int:
