@@ -10,6 +10,9 @@ Accepted sources (see DESIGN.md):
     A Hugging Face Hub repository; revision defaults to ``main``.
 ``s3://bucket/prefix``
     Every object under the prefix.
+``gs://bucket/prefix``
+    Every object under the prefix in Google Cloud Storage, read through its S3-compatible
+    XML API (``sidecar.sources.gs``).
 ``http://host/path/`` and ``https://host/path/``
     A directory served with nginx's JSON autoindex.
 ``pvc://claim/sub/path``
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-SCHEMES: Final = ("hf", "s3", "http", "https", "pvc", "file")
+SCHEMES: Final = ("hf", "s3", "gs", "http", "https", "pvc", "file")
 DEFAULT_HF_REVISION: Final = "main"
 CACHE_KEY_MAX: Final = 63
 _HASH_LEN: Final = 12
@@ -36,6 +39,9 @@ _SLUG_MAX: Final = CACHE_KEY_MAX - _HASH_LEN - 1
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _HF_PART_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _S3_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Cloud Storage: 3-63 characters (up to 222 with dots, each dot-separated part at most 63),
+# lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit
+_GS_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _DNS_LABEL_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -47,7 +53,7 @@ class ModelSourceError(ValueError):
 class ModelSource:
     """A parsed, normalized model source.
 
-    ``location`` is scheme-specific: ``org/name`` (hf), ``bucket/prefix`` (s3),
+    ``location`` is scheme-specific: ``org/name`` (hf), ``bucket/prefix`` (s3, gs),
     ``host[:port]/path/`` (http, https), ``claim/sub/path`` (pvc), ``/abs/path`` (file).
     ``revision`` is set for ``hf`` only.
     """
@@ -140,6 +146,18 @@ def parse_model_uri(uri: str) -> ModelSource:
             raise ModelSourceError(f"model URI {raw!r}: {bucket!r} is not a valid S3 bucket name")
         prefix = _clean_path(prefix, f"model URI {raw!r}")
         return ModelSource("s3", f"{bucket}/{prefix}/" if prefix else f"{bucket}/")
+    if scheme == "gs":
+        bucket, _, prefix = rest.partition("/")
+        if (
+            not _GS_BUCKET_RE.match(bucket)
+            or ("." not in bucket and len(bucket) > 63)
+            or any(len(part) > 63 or not part for part in bucket.split("."))
+        ):
+            raise ModelSourceError(
+                f"model URI {raw!r}: {bucket!r} is not a valid Cloud Storage bucket name"
+            )
+        prefix = _clean_path(prefix, f"model URI {raw!r}")
+        return ModelSource("gs", f"{bucket}/{prefix}/" if prefix else f"{bucket}/")
     if scheme in ("http", "https"):
         split = urlsplit(raw)
         if not split.hostname:

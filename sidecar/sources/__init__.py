@@ -1,11 +1,12 @@
 """Model sources: list the files of a model and read byte ranges of them.
 
-One small protocol for every scheme (``file``, ``pvc``, ``http(s)``, ``s3``, ``hf``) so the
-node cache (``sidecar.cache``) and the FUSE lazy fetch never know where bytes come from.
+One small protocol for every scheme (``file``, ``pvc``, ``http(s)``, ``s3``, ``gs``, ``hf``)
+so the node cache (``sidecar.cache``) and the FUSE lazy fetch never know where bytes come
+from.
 
 Credentials come only from the standard environment variables of each ecosystem
-(``AWS_*``, ``HF_TOKEN``), i.e. from the pod's own env: the node cache is shared across
-namespaces, so :meth:`Source.list_files` doubles as the proof that *this* pod may read the
+(``AWS_*``, ``GCS_*``, ``HF_TOKEN``), i.e. from the pod's own env: the node cache is shared
+across namespaces, so :meth:`Source.list_files` doubles as the proof that *this* pod may read the
 model before cached bytes are served to it (DESIGN.md, "Bad input never costs data").
 
 Error classes tell the caller what to do next; each has a ``kind`` (a short word for logs,
@@ -163,6 +164,11 @@ def open_source(
 
         bucket, _, prefix = src.location.partition("/")
         return S3Source(bucket, prefix, read_timeout=read_timeout)
+    if src.scheme == "gs":
+        from sidecar.sources.gs import open_gs
+
+        bucket, _, prefix = src.location.partition("/")
+        return open_gs(bucket, prefix, read_timeout=read_timeout)
     if src.scheme == "hf":
         from sidecar.sources.hf import HfSource
 

@@ -9,6 +9,11 @@ Environment (the standard AWS names): ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_U
 (custom endpoints use path-style addressing), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
 (default ``us-east-1``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``. Without keys, requests are anonymous (public buckets).
+
+``gs://`` sources reuse this class with Cloud Storage's endpoint and HMAC keys
+(``sidecar.sources.gs``): the class takes an :class:`S3Access` instead of reading the AWS
+variables, and list responses are read whatever their XML namespace (Cloud Storage answers
+in its own).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from botocore.auth import S3SigV4Auth
@@ -43,61 +49,90 @@ _BAD_CREDENTIAL_CODES = (
     "TokenRefreshRequired",
 )
 
-_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-
 
 def _q(value: str, safe: str = "-_.~") -> str:
     return quote(value, safe=safe)
 
 
+@dataclass(frozen=True)
+class S3Access:
+    """Where a bucket is, how requests to it are signed, and what error advice names."""
+
+    base: str  # the bucket's URL, no trailing slash
+    region: str
+    credentials: Credentials | None
+    service: str = "S3"
+    #: the variables the keys come from, as error messages name them
+    key_vars: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    session_var: str | None = "AWS_SESSION_TOKEN"
+    #: what a valid key needs to be granted to read a model
+    permissions: str = "allow s3:ListBucket and s3:GetObject for them in the IAM or bucket policy"
+
+
+def aws_access(bucket: str) -> S3Access:
+    """The bucket on AWS S3 (or ``AWS_ENDPOINT_URL*``), keys from the ``AWS_*`` variables."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        base = f"{endpoint.rstrip('/')}/{bucket}"
+    elif "." in bucket:
+        # dotted bucket names break virtual-host TLS certificates: path-style instead
+        base = f"https://s3.{region}.amazonaws.com/{bucket}"
+    else:
+        base = f"https://{bucket}.s3.{region}.amazonaws.com"
+    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    creds = (
+        Credentials(key_id, secret, os.environ.get("AWS_SESSION_TOKEN"))
+        if key_id and secret
+        else None
+    )
+    return S3Access(base, region, creds)
+
+
 class S3Source:
-    """Every object under ``s3://bucket/prefix``."""
+    """Every object under ``s3://bucket/prefix`` (or another S3-compatible store's)."""
 
     def __init__(
-        self, bucket: str, prefix: str, *, read_timeout: float, page_size: int | None = None
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        read_timeout: float,
+        page_size: int | None = None,
+        access: S3Access | None = None,
+        scheme: str = "s3",
     ) -> None:
         self.bucket = bucket
         self.page_size = page_size
         self.prefix = prefix
-        self.uri = f"s3://{bucket}/{prefix}"
-        self.region = os.environ.get("AWS_REGION") or os.environ.get(
-            "AWS_DEFAULT_REGION", "us-east-1"
-        )
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            self.base = f"{endpoint.rstrip('/')}/{bucket}"
-        elif "." in bucket:
-            # dotted bucket names break virtual-host TLS certificates: path-style instead
-            self.base = f"https://s3.{self.region}.amazonaws.com/{bucket}"
-        else:
-            self.base = f"https://{bucket}.s3.{self.region}.amazonaws.com"
-        key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-        self._creds = (
-            Credentials(key_id, secret, os.environ.get("AWS_SESSION_TOKEN"))
-            if key_id and secret
-            else None
-        )
+        self.uri = f"{scheme}://{bucket}/{prefix}"
+        access = access or aws_access(bucket)
+        self.region = access.region
+        self.base = access.base
+        self._creds = access.credentials
+        self.access = access
         self.uses_credentials = self._creds is not None
         self.http = HttpClient(self.uri, read_timeout=read_timeout, advice=self._advice)
         self._etags: dict[str, str] = {}
 
     def _advice(self, status: int, code: str, body: str) -> tuple[type[SourceAccessError], str]:
+        a = self.access
+        keys = " and ".join(a.key_vars)
+        every = ", ".join([*a.key_vars, *([a.session_var] if a.session_var else [])])
         if code in _BAD_CREDENTIAL_CODES or status == 401:
             return SourceUnauthorizedError, (
-                "S3 rejects the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                "AWS_SESSION_TOKEN); set valid ones in the pod from a Secret"
+                f"{a.service} rejects the credentials ({every}); set valid ones in the pod "
+                "from a Secret"
             )
         if status == 404 or code in ("NoSuchBucket", "NoSuchKey"):
             return SourceNotFoundError, f"check the bucket and prefix of {self.uri}"
         if not self.uses_credentials:
             return SourceForbiddenError, (
-                "anonymous access is refused; set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY in the pod from a Secret"
+                f"anonymous access is refused; set {keys} in the pod from a Secret"
             )
         return SourceForbiddenError, (
-            f"the credentials are valid but may not read {self.uri}; allow s3:ListBucket "
-            "and s3:GetObject for them in the IAM or bucket policy"
+            f"the credentials are valid but may not read {self.uri}; {a.permissions}"
         )
 
     def _signed(self, url: str) -> tuple[URL, dict[str, str]]:
@@ -123,9 +158,12 @@ class S3Source:
                 root = ET.fromstring(body)
             except ET.ParseError:
                 raise SourceError(f"{self.uri}: ListObjectsV2 returned malformed XML") from None
-            for item in root.iter(f"{_NS}Contents"):
-                key = item.findtext(f"{_NS}Key") or ""
-                size_text = item.findtext(f"{_NS}Size") or ""
+            # AWS answers in its 2006-03-01 namespace, Cloud Storage in its own: take the
+            # namespace from the root element
+            ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            for item in root.iter(f"{ns}Contents"):
+                key = item.findtext(f"{ns}Key") or ""
+                size_text = item.findtext(f"{ns}Size") or ""
                 if key.endswith("/"):
                     continue  # "directory" marker objects
                 rel = key[len(self.prefix) :] if key.startswith(self.prefix) else key
@@ -135,10 +173,10 @@ class S3Source:
                     raise SourceError(f"{self.uri}: {exc}") from None
                 if not size_text.isdigit():
                     raise SourceError(f"{self.uri}: {key}: listing has no valid size")
-                self._etags[path] = (item.findtext(f"{_NS}ETag") or "").strip('"')
+                self._etags[path] = (item.findtext(f"{ns}ETag") or "").strip('"')
                 files.append(RemoteFile(path, int(size_text)))
-            truncated = (root.findtext(f"{_NS}IsTruncated") or "false").lower() == "true"
-            token = root.findtext(f"{_NS}NextContinuationToken")
+            truncated = (root.findtext(f"{ns}IsTruncated") or "false").lower() == "true"
+            token = root.findtext(f"{ns}NextContinuationToken")
             if not truncated:
                 if not files:
                     raise SourceNotFoundError(
