@@ -1,14 +1,19 @@
 """``make run``: an unmodified vLLM Deployment, injected and started on a cold, then a warm node.
 
 No cluster and no network: a small but real model is generated under ``.demo/`` and served by
-nginx on loopback as an enterprise Hugging Face mirror (the two documented hub endpoints as
+nginx on loopback as an enterprise Hugging Face mirror (the documented hub endpoints as
 static files). ``examples/vllm.yaml`` is injected by the real ``python -m webhook inject``,
-untouched: the webhook detects the hub model in ``vllm serve ORG/NAME`` and the model source
-is the mirror through ``HF_ENDPOINT`` in the Secret ``modelcache-hf-credentials``, the per-scheme
+untouched: the webhook detects the hub model in ``vllm serve ORG/NAME`` and chooses hub-cache
+delivery, so the app's command line stays as written. modelcache's containers reach the
+mirror through ``HF_ENDPOINT`` in the Secret ``modelcache-hf-credentials``, the per-scheme
 credentials Secret the webhook wires into its containers (how a platform team points
-modelcache at its internal mirror). The pod then runs with the local pod runner
-(``tests/localpod/runner.py``): warm-up init container, FUSE sidecar, and a stand-in for the
-vLLM process that loads every tensor from the rewritten path and answers ``/v1/models``.
+modelcache at its internal mirror); on this loopback-only node the mirror also stands for the
+Hub the app reaches by default (the runner's ``hub_endpoint``). The pod then runs with the
+local pod runner (``tests/localpod/runner.py``): warm-up init container, FUSE sidecar, which
+lays the model out in the Hugging Face cache layout of the pod's ``modelcache-hub`` volume,
+and a stand-in for the vLLM process that loads the model the way vLLM does, with
+``huggingface_hub.snapshot_download(ORG/NAME)`` and the pod's env, reads every tensor and
+answers ``/v1/models``. The mirror's byte counters show the app fetched no model byte.
 
 Needs root (mount namespaces, FUSE). Prints progress lines, the pod diff, and the summary
 lines ``cold node: time to ready <seconds>`` and ``warm node: time to ready <seconds>``.
@@ -150,7 +155,15 @@ def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple
     """Run one pod to ready, then stop it; (run, model bytes fetched, all bytes fetched)."""
     model0, all0 = mirror.bytes_sent("/resolve/"), mirror.bytes_sent()
     secrets = mirror_secrets(mirror.url)
-    lp = LocalPod(pod, node, name=name, secrets=secrets, progress=say, ready_timeout=300)
+    lp = LocalPod(
+        pod,
+        node,
+        name=name,
+        secrets=secrets,
+        progress=say,
+        ready_timeout=300,
+        hub_endpoint=mirror.url,
+    )
     with lp, LogFollower(lp.dir, ("modelcache-warmup", "modelcache-sidecar")):
         try:
             run = lp.run()
@@ -160,6 +173,11 @@ def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple
             raise DemoError(f"pod {name} failed: {exc}") from exc
         for line in run.report_lines():
             print(line)
+        for c in run.containers:
+            if c.kind == "app":
+                for line in c.log.read_text(errors="replace").splitlines():
+                    if line.startswith("standin: "):
+                        say(f"  {c.name}: {line.removeprefix('standin: ')[-160:]}")
         say(f"{name}: GET /v1/models answers {run.served_models}")
     return run, mirror.bytes_sent("/resolve/") - model0, mirror.bytes_sent() - all0
 

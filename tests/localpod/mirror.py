@@ -2,12 +2,14 @@
 
 The model itself comes from ``tests.fixtures.modelgen.generate_model`` and nginx from
 ``tests.fixtures.servers.nginx_server``; what is specific to a mirror lives here.
-``publish_hub_repo`` lays a generated model out as static files that answer the two
-documented Hugging Face Hub endpoints an enterprise hub mirror serves (model info with
-``blobs=true`` and ``resolve``), so an unmodified ``vllm serve org/name`` pod with
-``HF_ENDPOINT`` pointing at the mirror, and modelcache's ``hf://`` source, both fetch from it.
-``Mirror`` serves that layout (model info as JSON) and counts the bytes it sent by path, which
-is how the runner's callers report bytes fetched. ``NicLimit`` caps the sum of all
+``publish_hub_repo`` lays a generated model out as static files that answer the documented
+Hugging Face Hub endpoints an enterprise hub mirror serves (model info with ``blobs=true``,
+the recursive tree listing, and ``resolve``), so an unmodified ``vllm serve org/name`` pod
+whose ``huggingface_hub`` client has ``HF_ENDPOINT`` pointing at the mirror, and modelcache's
+``hf://`` source, both fetch from it. ``Mirror`` serves that layout (JSON under ``/api/``) and
+adds the ``X-Repo-Commit`` header the client needs on ``resolve/<commit>/`` answers (nginx
+sends the ``ETag``), and counts the bytes it sent by path, which is how the runner's callers
+report bytes fetched. ``NicLimit`` caps the sum of all
 connections' bandwidth, like a node's NIC.
 """
 
@@ -37,10 +39,19 @@ def publish_hub_repo(store: Path, repo: str, model: ModelInfo, revision: str = "
     digests = json.dumps(sorted((rel, f.sha256) for rel, f in model.files.items()))
     commit_id = hashlib.sha1(f"{repo}:{digests}".encode()).hexdigest()
     info = {"id": repo, "modelId": repo, "sha": commit_id, "siblings": siblings}
-    api = store / "api" / "models" / repo / "revision"
-    api.mkdir(parents=True, exist_ok=True)
-    for rev in {revision, commit_id}:
-        (api / rev).write_text(json.dumps(info))
+    tree: list[dict[str, object]] = []
+    for rel, f in sorted(model.files.items()):
+        blob = hashlib.sha1(b"blob %d\0" % f.size + (model.root / rel).read_bytes())
+        entry: dict[str, object] = {"type": "file", "oid": blob.hexdigest(), "size": f.size}
+        entry["path"] = rel
+        if rel.endswith(".safetensors"):
+            entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+        tree.append(entry)
+    for kind, body in (("revision", info), ("tree", tree)):
+        api = store / "api" / "models" / repo / kind
+        api.mkdir(parents=True, exist_ok=True)
+        for rev in {revision, commit_id}:
+            (api / rev).write_text(json.dumps(body))
     resolve = store / repo / "resolve"
     resolve.mkdir(parents=True, exist_ok=True)
     for rev in {revision, commit_id}:
@@ -49,6 +60,9 @@ def publish_hub_repo(store: Path, repo: str, model: ModelInfo, revision: str = "
             link.unlink()
         link.symlink_to(model.root.resolve(), target_is_directory=True)
     return commit_id
+
+
+_RESOLVE_AT_COMMIT = '~ "^/[^/]+/[^/]+/resolve/(?<hub_commit>[0-9a-f]{40})/"'
 
 
 class MirrorError(RuntimeError):
@@ -95,7 +109,12 @@ class Mirror:
                 nginx_server(
                     self.root,
                     limit_rate=self.limit_rate,
-                    locations={"/api/": "default_type application/json;"},
+                    locations={
+                        "/api/": "default_type application/json;",
+                        # huggingface_hub trusts a file answer only with the commit it
+                        # belongs to; files are read at a commit (a snapshot's revision)
+                        _RESOLVE_AT_COMMIT: "add_header X-Repo-Commit $hub_commit always;",
+                    },
                 )
             )
         except (OSError, RuntimeError) as exc:

@@ -14,6 +14,9 @@ stand-in model server through a shim directory put first on ``PATH``), network n
 (all containers share the host loopback; the stand-in binds a free port instead of the one
 in its args and tells the runner which, like a pod IP), resource limits, restarts of failed
 containers, and probes other than the sidecar's startupProbe and the app's readiness.
+The network is loopback only: with ``hub_endpoint`` given, the Hugging Face Hub a container
+reaches by default (no ``HF_ENDPOINT`` of its own) is that loopback stand-in, as a node's
+DNS and proxy would route ``huggingface.co``; the pod spec itself is never changed for it.
 
 Sequence (KEP-753 native sidecars): init containers in order, each to completion (non-zero
 exit = pod failed); an init container with ``restartPolicy: Always`` is started and its
@@ -222,13 +225,17 @@ def _image_entrypoint(image: str) -> list[str]:
     )
 
 
-def _shim_text(framework: str | None, port_file: Path) -> str:
+def _shim_text(framework: str | None, port_file: Path, hub_endpoint: str | None = None) -> str:
     py = shlex.quote(str(VENV_PYTHON))
     head = (
         "#!/bin/sh\n"
         f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}\n"
         f"export LOCALPOD_PORT_FILE={shlex.quote(str(port_file))}\n"
     )
+    if hub_endpoint:
+        # the node's network: the default hub is the loopback stand-in (the container's
+        # own HF_ENDPOINT, when it has one, wins as it would anywhere)
+        head += f'export HF_ENDPOINT="${{HF_ENDPOINT:-{hub_endpoint.rstrip("/")}}}"\n'
     if framework is not None:
         return head + f'exec {py} -m tests.localpod.standin {framework} "$@"\n'
     cases = "".join(
@@ -379,6 +386,7 @@ class LocalPod:
         ready_timeout: float = 600.0,
         source_bytes: Callable[[], int] | None = None,
         grace: float = 15.0,
+        hub_endpoint: str | None = None,
     ) -> None:
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             raise RunnerError("the local pod runner needs root and unshare(1) for mounts")
@@ -396,6 +404,13 @@ class LocalPod:
         # a counter of bytes the model source has sent (e.g. the mirror's access log)
         self.source_bytes = source_bytes
         self._bytes_at_start = 0
+        # where "the Hub" is on this loopback-only network (see the module docstring)
+        if hub_endpoint is not None and (
+            not hub_endpoint.startswith(("http://", "https://"))
+            or any(c in hub_endpoint for c in '"$`\\ ')
+        ):
+            raise RunnerError(f"hub_endpoint {hub_endpoint!r}: expected an http(s) URL")
+        self.hub_endpoint = hub_endpoint
         # the pod's own grace period, capped so a test never waits minutes on a stuck process
         self.grace = min(float(self.spec.get("terminationGracePeriodSeconds", 30)), grace)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
@@ -632,7 +647,7 @@ class LocalPod:
         shims.update(STANDIN_EXECUTABLES)
         for exe, framework in shims.items():
             path = bindir / exe
-            path.write_text(_shim_text(framework, port_file))
+            path.write_text(_shim_text(framework, port_file, self.hub_endpoint))
             path.chmod(0o755)
         return bindir
 

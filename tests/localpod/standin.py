@@ -7,11 +7,15 @@ every tensor so all the bytes are really read, reads the other files (config, to
 whole, and only then listens and answers ``GET /v1/models`` with the served model name and
 ``GET /health``. The loading is real; the serving is not.
 
-A model that is not a local directory is downloaded first, file by file over one connection,
-into ``--download-dir`` (default ``$HF_HOME`` or ``~/.cache/huggingface``), the way a server
-pulls from a hub without modelcache (the baseline of the cold-start benchmark): a hub id
-``org/name`` from ``$HF_ENDPOINT`` (model info, then ``resolve``), or an ``http(s)://.../``
-directory (nginx JSON autoindex).
+A hub id ``org/name`` is loaded the way the real servers load it, with the real Hugging Face
+client: ``huggingface_hub.snapshot_download(org/name, revision=--revision,
+cache_dir=--download-dir)``, which honours the container's ``HF_ENDPOINT``, ``HF_TOKEN`` and
+cache variables (``HF_HUB_CACHE``, ``HF_HOME``) and returns the snapshot directory of the
+Hugging Face cache: served from the cache when the files are there (modelcache's hub-cache
+delivery), downloaded from the hub otherwise (the baseline of the cold-start benchmark).
+Without ``HF_ENDPOINT`` it refuses, so it never reaches out of the machine. An
+``http(s)://.../`` directory (nginx JSON autoindex) is downloaded file by file over one
+connection into ``--download-dir`` (default ``$HF_HOME`` or ``~/.cache/huggingface``).
 
 Under the local pod runner ``LOCALPOD_PORT_FILE`` is set: then it binds a free loopback port
 instead of the one in its args (pods share the host network here) and writes
@@ -49,6 +53,7 @@ class ServerArgs:
     host: str
     port: int
     download_dir: str | None
+    revision: str | None = None
 
 
 def _flag(argv: Sequence[str], *names: str) -> str | None:
@@ -98,6 +103,8 @@ def parse_server_args(framework: str, argv: Sequence[str]) -> ServerArgs:
         host=_flag(argv, "--host") or "0.0.0.0",
         port=port_n,
         download_dir=_flag(argv, "--download-dir"),
+        revision=_flag(argv, "--revision")
+        or (os.environ.get("REVISION") if framework == "tgi" else None),
     )
 
 
@@ -117,32 +124,35 @@ def _list_http(url: str) -> list[tuple[str, int]]:
     return out
 
 
-def _list_hub(repo: str) -> tuple[str, list[tuple[str, int]]]:
-    """(base URL of the files, files) of a hub repo at ``$HF_ENDPOINT``, revision main."""
-    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/")
-    if not endpoint:
+def hub_snapshot(repo: str, revision: str | None, cache_dir: str | None) -> Path:
+    """The snapshot directory of hub model ``repo``, through ``huggingface_hub`` exactly as
+    the servers call it: from the Hugging Face cache when it holds the files, else
+    downloaded from ``$HF_ENDPOINT`` into that cache."""
+    if not os.environ.get("HF_ENDPOINT"):
         raise UsageError(f"{repo} is no local directory and HF_ENDPOINT is not set (offline)")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UsageError(f"{repo} is no local directory and HF_HUB_OFFLINE=1")
-    quoted = urllib.parse.quote(repo)
-    with urllib.request.urlopen(
-        f"{endpoint}/api/models/{quoted}/revision/main?blobs=true", timeout=30
-    ) as resp:
-        info = json.load(resp)
-    files = [(s["rfilename"], int(s.get("size", 0))) for s in info["siblings"]]
-    for rel, _ in files:
-        if rel.startswith("/") or ".." in rel.split("/"):
-            raise UsageError(f"refusing hub file name {rel!r}")
-    return f"{endpoint}/{quoted}/resolve/{info.get('sha') or 'main'}/", files
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # one line per event in logs
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    t0 = time.monotonic()
+    try:
+        path = Path(huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise UsageError(f"snapshot_download({repo!r}) failed: {exc}") from None
+    blobs = path.parent.parent / "blobs"
+    downloaded = sum(p.stat().st_size for p in blobs.iterdir()) if blobs.is_dir() else 0
+    print(
+        f"standin: snapshot_download({repo!r}) -> {path} in {time.monotonic() - t0:.2f}s "
+        f"({downloaded} bytes downloaded into the cache's blobs)",
+        flush=True,
+    )
+    return path
 
 
 def download(model: str, dest_root: Path) -> Path:
-    """Single-stream download of a whole model; returns the local directory."""
-    if model.startswith(("http://", "https://")):
-        base = model if model.endswith("/") else model + "/"
-        files = _list_http(base)
-    else:
-        base, files = _list_hub(model)
+    """Single-stream download of a whole ``http(s)://`` directory; returns the local one."""
+    base = model if model.endswith("/") else model + "/"
+    files = _list_http(base)
     dest = dest_root / "standin" / hashlib.sha256(model.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -221,9 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         local = Path(args.model)
         if args.model.startswith("/") and not local.is_dir():
             raise UsageError(f"model path {args.model} is not a directory")
-        if not local.is_dir():
+        if not local.is_dir() and args.model.startswith(("http://", "https://")):
             root = args.download_dir or os.environ.get("HF_HOME") or "~/.cache/huggingface"
             local = download(args.model, Path(root).expanduser())
+        elif not local.is_dir():
+            local = hub_snapshot(args.model, args.revision, args.download_dir)
         files, nbytes = load_weights(local)
     except (UsageError, OSError) as exc:
         print(f"standin: error: {exc}", file=sys.stderr)
