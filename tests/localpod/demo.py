@@ -177,7 +177,7 @@ def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple
             if c.kind == "app":
                 for line in c.log.read_text(errors="replace").splitlines():
                     if line.startswith("standin: "):
-                        say(f"  {c.name}: {line.removeprefix('standin: ')[-160:]}")
+                        say(f"  {c.name}: {line.removeprefix('standin: ')}")
         say(f"{name}: GET /v1/models answers {run.served_models}")
     return run, mirror.bytes_sent("/resolve/") - model0, mirror.bytes_sent() - all0
 

@@ -34,7 +34,7 @@ def publish_hub_repo(store: Path, repo: str, model: ModelInfo, revision: str = "
     for rel, f in sorted(model.files.items()):
         sib: dict[str, object] = {"rfilename": rel, "size": f.size}
         if rel.endswith(".safetensors"):
-            sib["lfs"] = {"sha256": f.sha256, "size": f.size}
+            sib["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
         siblings.append(sib)
     digests = json.dumps(sorted((rel, f.sha256) for rel, f in model.files.items()))
     commit_id = hashlib.sha1(f"{repo}:{digests}".encode()).hexdigest()
