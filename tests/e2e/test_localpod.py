@@ -1,11 +1,14 @@
 """End to end on one machine: the vLLM example, injected by the real CLI, run as a local pod.
 
 Real parts only: ``python -m webhook inject``, the warm-up and FUSE sidecar (``python -m
-sidecar ...``) in their own mount namespaces, nginx as a hub mirror on loopback, and the
-stand-in server loading every tensor from the rewritten path. Checked: the app reads through
-the FUSE mount and answers ``/v1/models`` with the original model name, a second pod on the
-same node fetches no model bytes, the cold pod fetches each byte once (block and async), and
-nothing (mount, process, created mountpoint) is left behind.
+sidecar ...``) in their own mount namespaces, nginx as a hub mirror on loopback (which also
+stands for the Hub the app reaches by default), and the stand-in server loading the model
+with the real ``huggingface_hub.snapshot_download`` from the unchanged command line and
+reading every tensor. Checked: hub-cache delivery: the app finds the model in its Hugging
+Face cache, laid out by the sidecar with links through the FUSE mount, downloads nothing
+itself and answers ``/v1/models`` with the original model name; a second pod on the same node
+fetches no model bytes, the cold pod fetches each byte once (block and async), and nothing
+(mount, process, created mountpoint) is left behind.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ def _inject(
     mode: str, example: Path = EXAMPLE, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
     return inject_example(example, {"modelcache.io/warmup": mode, **(annotations or {})})
+
+
+def _assert_loaded_from_hub_cache(log: str, repo: str) -> None:
+    """The stand-in's own lines: ``snapshot_download`` returned the snapshot the sidecar laid
+    out (nothing downloaded by the client) and every tensor was read from there."""
+    folder = "models--" + repo.replace("/", "--")
+    assert f"snapshot_download({repo!r}) -> " in log, log
+    assert "(0 bytes downloaded into the cache's blobs)" in log, log
+    assert "weights loaded" in log and f"/{folder}/snapshots/" in log, log
 
 
 def _status(injected: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +101,7 @@ def test_injected_example_cold_then_warm_node(
             name=name,
             secrets=secrets,
             ready_timeout=90,
+            hub_endpoint=mirror.url,
             source_bytes=lambda: mirror.bytes_sent("/resolve/"),
         ) as lp:
             run = lp.run()
@@ -104,7 +117,7 @@ def test_injected_example_cold_then_warm_node(
             assert run.served_models == [repo]
             app = next(c for c in run.containers if c.kind == "app")
             log = app.log.read_text()
-            assert "weights loaded" in log and "from /models/" in log, log
+            _assert_loaded_from_hub_cache(log, repo)
             pids += [c.pid for c in run.containers if c.pid is not None]
         fetched.append(run.bytes_fetched)
     assert fetched[0] == model_size, "the cold node fetches every byte exactly once"
@@ -121,22 +134,23 @@ def test_tgi_example_loads_through_the_mount(
     tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """The TGI example sets no command: the image's entrypoint (text-generation-launcher)
-    runs with the rewritten ``--model-id``."""
+    runs with its own ``--model-id`` and finds the model in its hub cache."""
     store, mirror = hub
     injected = _inject("block", REPO_ROOT / "examples" / "tgi.yaml")
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
     secrets = mirror_secrets(mirror.url)
     node = Node(tmp_path / "node")
-    with LocalPod(injected, node, name="tgi", secrets=secrets, ready_timeout=90) as lp:
+    with LocalPod(
+        injected, node, name="tgi", secrets=secrets, ready_timeout=90, hub_endpoint=mirror.url
+    ) as lp:
         run = lp.run()
         app = next(c for c in run.containers if c.kind == "app")
         assert app.argv[0] == "text-generation-launcher"
-        assert "--model-id" in app.argv
-        model_path = app.argv[app.argv.index("--model-id") + 1]
-        assert model_path.startswith("/models/")
-        assert f"from {model_path}" in app.log.read_text()
-        assert run.served_models == [model_path]  # TGI names the model by its --model-id
+        # hub-cache delivery: the arguments are the user's, byte for byte
+        assert app.argv[app.argv.index("--model-id") + 1] == repo
+        _assert_loaded_from_hub_cache(app.log.read_text(), repo)
+        assert run.served_models == [repo]  # TGI names the model by its --model-id
     assert mountpoints_under(node.root) == []
 
 
@@ -173,6 +187,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
         name=f"classic-{mode}",
         secrets=secrets,
         ready_timeout=90,
+        hub_endpoint=mirror.url,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
     ) as lp:
         run = lp.run()
@@ -182,7 +197,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
         assert sidecar.hook_ok <= app.started, "the app started before postStart returned"
         assert run.served_models == [repo]
         log = app.log.read_text()
-        assert "weights loaded" in log and "from /models/" in log, log
+        _assert_loaded_from_hub_cache(log, repo)
         pids = [c.pid for c in run.containers if c.pid is not None]
     assert run.bytes_fetched == model_size, "the cold node fetches every byte exactly once"
     assert mountpoints_under(node.root) == []
@@ -212,12 +227,13 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
         name="warmup-off",
         secrets=secrets,
         ready_timeout=90,
+        hub_endpoint=mirror.url,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
     ) as lp:
         run = lp.run()
         assert run.served_models == [repo]
         log = run.container("vllm").log.read_text()
-        assert "weights loaded" in log and "from /models/" in log, log
+        _assert_loaded_from_hub_cache(log, repo)
     # the app read every tensor, so every weight file was fetched (on demand, ranged)
     assert run.bytes_fetched is not None and run.bytes_fetched > 0
     assert mountpoints_under(node.root) == []

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def publish_hub_repo(store: Path, repo: str, model: ModelInfo, revision: str = "
     digests = json.dumps(sorted((rel, f.sha256) for rel, f in model.files.items()))
     commit_id = hashlib.sha1(f"{repo}:{digests}".encode()).hexdigest()
     info = {"id": repo, "modelId": repo, "sha": commit_id, "siblings": siblings}
+    # nginx's ETag is "<mtime>-<size>" and huggingface_hub names its blobs after the ETag:
+    # two shards of one size and one mtime would become one blob. An mtime derived from the
+    # content makes the ETag a content identity, stable across runs.
+    for rel, f in model.files.items():
+        stamp = (1_600_000_000 + int(f.sha256[:7], 16)) * 1_000_000_000
+        os.utime(model.root / rel, ns=(stamp, stamp))
     tree: list[dict[str, object]] = []
     for rel, f in sorted(model.files.items()):
         blob = hashlib.sha1(b"blob %d\0" % f.size + (model.root / rel).read_bytes())
