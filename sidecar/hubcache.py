@@ -224,6 +224,21 @@ def write_repo(cache_dir: Path | str, plan: RepoPlan) -> WriteResult:
     return result
 
 
+def ensure_repo_dir(cache_dir: Path | str, repo_id: str) -> Path:
+    """Only the repository's folder (mode 0o777), for a model that gets no layout.
+
+    The app mounts that folder (a ``subPath`` of the volume); were it missing, the kubelet
+    would create it owned by root and not writable by an app running as another uid, and
+    the client could not download the model there by itself.
+    """
+    root = Path(cache_dir)
+    if not root.is_dir():
+        raise HubCacheError(f"hub cache {root}: not a directory")
+    path = root / repo_folder_name(repo_id)
+    _ensure_dir(path)
+    return path
+
+
 def read_ref(cache_dir: Path | str, repo_id: str, revision: str) -> str | None:
     """The commit ``refs/<revision>`` names in ``cache_dir``, or None."""
     try:

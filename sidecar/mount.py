@@ -457,9 +457,16 @@ class MountService:
             if name in self.served:
                 self._alias_gguf(name, quant)
         seen: set[tuple[str, str]] = set()
-        for served in self.served.values():
-            if self.hub_cache is not None and served.model.source.is_hub:
-                self._lay_out_hub(served, seen)
+        for model in self.models:
+            if self.hub_cache is None or not model.source.is_hub:
+                continue
+            served = self.served.get(model.name)
+            if served is None or not self._lay_out_hub(served, seen):
+                # no layout, but the app's mount of the folder must be writable for it
+                try:
+                    hubcache.ensure_repo_dir(self.hub_cache, model.source.location)
+                except (hubcache.HubCacheError, OSError) as exc:
+                    raise MountError(f"model {model.name}: hub cache: {exc}") from exc
 
     def _prepare_one(self, model: NamedModel) -> None:
         try:
@@ -525,7 +532,8 @@ class MountService:
             or (revision if _COMMIT_RE.match(revision) else None)
         )
 
-    def _lay_out_hub(self, served: ServedModel, seen: set[tuple[str, str]]) -> None:
+    def _lay_out_hub(self, served: ServedModel, seen: set[tuple[str, str]]) -> bool:
+        """Write the model's layout; False when it gets none (its commit is unknown)."""
         assert self.hub_cache is not None
         src, name = served.model.source, served.model.name
         commit = self._hub_commit(served)
@@ -536,10 +544,10 @@ class MountService:
                 name,
                 src.uri,
             )
-            return
+            return False
         if (src.location, commit) in seen:
             log.info("model %s: %s@%s is laid out already", name, src.location, commit)
-            return
+            return True
         seen.add((src.location, commit))
         try:
             plan = hubcache.plan_repo(
@@ -561,6 +569,7 @@ class MountService:
             len(plan.links),
             done.links,
         )
+        return True
 
     def link_target(self, entry: fusefs.FileEntry) -> str:
         assert self.link_root is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -215,7 +216,14 @@ def test_on_failure_continue_leaves_out_an_unlistable_model(
     assert sorted(os.listdir(mnt)) == [".left-out", "tiny"]
     reason = (mnt / ".left-out" / "lora").read_text()
     assert "hf://acme/no-such-adapter" in reason and "404" in reason
-    assert sorted(p.name for p in hub_cache.iterdir()) == ["models--acme--tiny-llama"]
+    # the left-out model's folder is there, empty and writable: the app's own download
+    # lands in it (the app mounts it; a folder the kubelet made would be root's)
+    assert sorted(p.name for p in hub_cache.iterdir()) == [
+        "models--acme--no-such-adapter",
+        "models--acme--tiny-llama",
+    ]
+    left = hub_cache / "models--acme--no-such-adapter"
+    assert list(left.iterdir()) == [] and stat.S_IMODE(left.stat().st_mode) == 0o777
     assert "model lora left out" in m.log
     assert probe(mnt, ["tiny", "other"]).returncode == 1  # a model never asked for still fails
 

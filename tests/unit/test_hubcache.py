@@ -11,6 +11,7 @@ import pytest
 from sidecar.hubcache import (
     HubCacheError,
     RepoPlan,
+    ensure_repo_dir,
     plan_repo,
     read_ref,
     repo_folder_name,
@@ -149,3 +150,14 @@ def test_read_ref(tmp_path: Path) -> None:
     write_repo(tmp_path, plan())
     assert read_ref(tmp_path, "acme/tiny-llama", "main") == COMMIT
     assert read_ref(tmp_path, "acme/tiny-llama", "../main") is None
+
+
+def test_a_model_without_layout_still_gets_a_writable_folder(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = ensure_repo_dir(tmp_path, "acme/left-out")
+    finally:
+        os.umask(old)
+    assert path == tmp_path / "models--acme--left-out"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 and list(path.iterdir()) == []
+    assert ensure_repo_dir(tmp_path, "acme/left-out") == path  # idempotent
