@@ -170,7 +170,10 @@ def run_pod(
 ) -> Sample:
     secrets = mirror_secrets(endpoint)
     before = mirror.bytes_sent("/resolve/")
-    with LocalPod(pod, node, name=name, secrets=secrets, ready_timeout=1800) as lp, Ticker(mirror):
+    pod_run = LocalPod(
+        pod, node, name=name, secrets=secrets, ready_timeout=1800, hub_endpoint=endpoint
+    )
+    with pod_run as lp, Ticker(mirror):
         try:
             run = lp.run()
         finally:  # keep the container logs: cold nodes are deleted after each run
