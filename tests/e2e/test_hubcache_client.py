@@ -10,10 +10,13 @@ there proves they came from the cache, and the hub's counters show no byte was a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,3 +269,102 @@ def test_async_mode_the_client_waits_for_the_sidecar_fetch(
     assert snapshot_shas(Path(path)) == {p: f.sha256 for p, f in hubs.model.files.items()}
     assert hubs.full.stats.bytes_sent - before == hubs.model.total_bytes  # by the sidecar
     assert hubs.meta.stats.bytes_sent == 0
+
+
+_APP_SCRIPT = """
+import json, os, sys
+import huggingface_hub
+from huggingface_hub.errors import EntryNotFoundError
+repo, cache, meta, full, token = sys.argv[1:6]
+out = {}
+# what the layout holds (like vLLM, which asks for the weight files by pattern)
+path = huggingface_hub.snapshot_download(
+    repo, cache_dir=cache, endpoint=meta, token=token,
+    allow_patterns=["*.safetensors", "config.json", "model.safetensors.index.json"],
+)
+out["snapshot"] = path
+p = huggingface_hub.hf_hub_download(repo, "tokenizer.json", cache_dir=cache, endpoint=full,
+                                    token=token)
+out["tokenizer"] = p
+try:
+    huggingface_hub.hf_hub_download(repo, "missing.json", cache_dir=cache, endpoint=full,
+                                    token=token)
+except EntryNotFoundError:
+    out["missing"] = "EntryNotFoundError"
+print(json.dumps(out))
+"""
+
+
+def test_an_app_running_as_another_uid_uses_and_extends_the_layout(
+    fuse_available: None, sidecar_mount, hubs: Hubs, monkeypatch
+) -> None:
+    """The sidecar writes as root; the app (uid 65534 here) writes the client's own files
+    into the same folder: its tree listing, a file left out by ``--include``, a miss."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to run the client as another uid")
+    # pytest's tmp_path is private to root: this test's tree must be readable by the app
+    base = Path(tempfile.mkdtemp(prefix="modelcache-uid-"))
+    base.chmod(0o755)
+    mnt, hub_cache = base / "mnt", base / "hub"
+    hub_cache.mkdir(mode=0o777)
+    hub_cache.chmod(0o777)  # the app's own cache root (its .locks/ live there)
+    for key, value in hubs.full.env().items():
+        monkeypatch.setenv(key, value)
+    m = sidecar_mount(
+        base / "cache",
+        mnt,
+        [f"tiny=hf://{REPO}"],
+        "--link-root",
+        "cache",
+        "--hub-cache",
+        str(hub_cache),
+        "--hub-link-root",
+        str(mnt),
+        "--include",
+        "*.safetensors,config.json,model.safetensors.index.json",
+    )
+    try:
+        m.wait_ready(["tiny"])
+        sent = hubs.full.stats.bytes_sent
+        done = subprocess.run(
+            [
+                *("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"),
+                *(sys.executable, "-c", _APP_SCRIPT, REPO, str(hub_cache)),
+                *(hubs.meta.rstrip("/"), hubs.full.rstrip("/"), TOKEN),
+            ],
+            env={**os.environ, "HOME": str(base), "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        repo_dir = hub_cache / "models--acme--tiny-llama"
+        snap = Path(out["snapshot"])
+        assert snap == repo_dir / "snapshots" / COMMIT
+        weights = hubs.model.weight_files
+        assert {p.name for p in snap.iterdir()} >= {*weights, "config.json"}
+        for w in weights:
+            assert sha256_file(snap / w) == hubs.model.files[w].sha256
+        # the client's own writes, as the app's uid, beside the sidecar's entries
+        trees = repo_dir / "trees" / f"{COMMIT}.json"
+        assert trees.stat().st_uid == 65534
+        tokenizer = Path(out["tokenizer"])
+        assert tokenizer == snap / "tokenizer.json" and tokenizer.is_symlink()
+        assert tokenizer.read_bytes() == (hubs.model.root / "tokenizer.json").read_bytes()
+        assert (repo_dir / "blobs").stat().st_uid == 0  # ours; the blob inside is the app's
+        assert out["missing"] == "EntryNotFoundError"
+        assert (repo_dir / ".no_exist" / COMMIT / "missing.json").exists()
+        # the app downloaded only what the layout does not hold (the sidecar's fetches of
+        # the included files went to the other counter: the node cache was empty)
+        tokenizer_size = hubs.model.files["tokenizer.json"].size
+        included = sum(
+            f.size
+            for p, f in hubs.model.files.items()
+            if p.endswith(".safetensors") or p in ("config.json", "model.safetensors.index.json")
+        )
+        assert hubs.full.stats.bytes_sent - sent == tokenizer_size + included
+    finally:
+        m.stop()
+        shutil.rmtree(base, ignore_errors=True)
