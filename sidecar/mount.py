@@ -172,6 +172,27 @@ def recorded_commit(mdir: ModelDir, files: list[str]) -> str | None:
     return seen.pop() if len(seen) == 1 else None
 
 
+def choose_commit(
+    *,
+    listed: str | None,
+    recorded: str | None,
+    complete: bool,
+    known_ref: str | None,
+    revision: str,
+) -> str | None:
+    """The commit a hub model is laid out at, or None when it cannot be known.
+
+    ``listed``: what the revision resolves to at the hub now (None: source unreachable);
+    ``recorded``: what the cached files were fetched at (``recorded_commit``); ``complete``:
+    the model is served from its manifest; ``known_ref``: the refs file an earlier run of
+    this pod wrote. A complete model whose branch moved keeps the commit of its bytes
+    (never a newer commit with older bytes); an incomplete one is fetched at the listing's.
+    """
+    if listed is not None:
+        return recorded if complete and recorded is not None else listed
+    return recorded or known_ref or (revision if _COMMIT_RE.match(revision) else None)
+
+
 def unmount(mountpoint: str, lazy: bool = False) -> bool:
     """Unmount a FUSE mount; True when it is gone. Tries fusermount3, then umount (root)."""
     commands = [["fusermount3", "-u", *(["-z"] if lazy else []), "-q", mountpoint]]
@@ -504,33 +525,31 @@ class MountService:
         log.info("model %s: %s.gguf -> %s", name, quant, target)
 
     def _hub_commit(self, served: ServedModel) -> str | None:
-        """The commit to lay out: what the cached files were fetched at, else the listing's."""
+        assert self.hub_cache is not None
         src = served.model.source
+        revision = src.revision or "main"
         commit = getattr(served.source, "commit", None)
         listed = commit if isinstance(commit, str) and commit else None
         recorded = recorded_commit(served.mdir, sorted(served.files))
-        revision = src.revision or "main"
-        if recorded is not None and listed is not None and recorded != listed:
-            if self.cache.is_complete(served.model):
-                log.warning(
-                    "model %s: the node cache holds commit %s, %s is now %s at the hub: "
-                    "laying out %s (the app downloads the newer commit by itself)",
-                    served.model.name,
-                    recorded,
-                    revision,
-                    listed,
-                    recorded,
-                )
-                return recorded
-            return listed
-        if listed is not None:
-            return listed
-        assert self.hub_cache is not None
-        return (
-            recorded
-            or hubcache.read_ref(self.hub_cache, src.location, revision)
-            or (revision if _COMMIT_RE.match(revision) else None)
+        complete = self.cache.is_complete(served.model)
+        chosen = choose_commit(
+            listed=listed,
+            recorded=recorded,
+            complete=complete,
+            known_ref=hubcache.read_ref(self.hub_cache, src.location, revision),
+            revision=revision,
         )
+        if chosen is not None and listed is not None and chosen != listed:
+            log.warning(
+                "model %s: the node cache holds commit %s, %s is now %s at the hub: laying "
+                "out %s (the app downloads the newer commit by itself)",
+                served.model.name,
+                chosen,
+                revision,
+                listed,
+                chosen,
+            )
+        return chosen
 
     def _lay_out_hub(self, served: ServedModel, seen: set[tuple[str, str]]) -> bool:
         """Write the model's layout; False when it gets none (its commit is unknown)."""

@@ -26,6 +26,7 @@ try:
         MountError,
         SourceListingError,
         _prepare_model,
+        choose_commit,
         parse_gguf_aliases,
         pick_gguf,
         recorded_commit,
@@ -162,3 +163,29 @@ def test_probe_accepts_a_model_left_out_on_purpose(tmp_path: Path) -> None:
     check_mount(str(mnt), ["base", "lora"], str(mountinfo))
     with pytest.raises(ProbeFailure, match=r"model\(s\) other not served"):
         check_mount(str(mnt), ["base", "lora", "other"], str(mountinfo))
+
+
+C1, C2 = "1" * 40, "2" * 40
+
+
+@pytest.mark.parametrize(
+    ("case", "want"),
+    [
+        ((C2, None, False, None, "main"), C2),  # nothing cached yet: the hub's commit
+        ((C2, C2, True, None, "main"), C2),
+        ((C2, C1, True, None, "main"), C1),  # branch moved: the commit of the cached bytes
+        ((C2, C1, False, None, "main"), C2),  # incomplete: fetched at the listing's commit
+        ((None, C1, True, None, "main"), C1),  # hub unreachable: what the files were
+        ((None, None, True, C1, "main"), C1),  # ... or what this pod laid out before
+        ((None, None, True, None, C2), C2),  # ... or the revision, when it is a commit
+        ((None, None, True, None, "main"), None),  # unknown: no layout
+    ],
+)
+def test_choose_commit(
+    case: tuple[str | None, str | None, bool, str | None, str], want: str | None
+) -> None:
+    listed, recorded, complete, known_ref, revision = case
+    got = choose_commit(
+        listed=listed, recorded=recorded, complete=complete, known_ref=known_ref, revision=revision
+    )
+    assert got == want
