@@ -20,8 +20,9 @@ so every directory is writable by any uid (``0o777``): the directory is a volume
 pod (an ``emptyDir``) and the app may run as another uid than the sidecar. The client writes
 ``.no_exist/``, ``trees/`` and new snapshots there.
 
-The writer is idempotent (a restarted sidecar leaves what is right alone and replaces what
-is not) and atomic per entry: the refs file and every symlink are created under a
+The writer is idempotent (a restarted sidecar leaves what is right alone, replaces what is
+not, and takes its links out of the snapshot of a commit the branch has moved away from)
+and atomic per entry: the refs file and every symlink are created under a
 temporary name and renamed into place, so a reader sees the old entry or the new one, never
 a half-written one.
 
@@ -86,6 +87,7 @@ class RepoPlan:
     ref: str | None
     links: tuple[tuple[str, str], ...]
     dirs: tuple[str, ...]
+    link_dir: str = ""
 
     @property
     def snapshot(self) -> str:
@@ -130,7 +132,7 @@ def plan_repo(
     clash = sorted(set(links) & set(dirs))
     if clash:
         raise HubCacheError(f"{clash[0]!r} is both a file and a directory")
-    return RepoPlan(folder, revision, commit, ref, tuple(links.items()), tuple(dirs))
+    return RepoPlan(folder, revision, commit, ref, tuple(links.items()), tuple(dirs), link_dir)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class WriteResult:
     dirs: int = 0
     links: int = 0
     ref: bool = False
+    pruned: int = 0
 
 
 def _ensure_dir(path: Path) -> bool:
@@ -221,7 +224,31 @@ def write_repo(cache_dir: Path | str, plan: RepoPlan) -> WriteResult:
         result.links += _ensure_link(root / rel, target)
     if plan.ref is not None:
         result.ref = _ensure_ref(root / plan.ref, plan.commit)
+    result.pruned = _prune_other_snapshots(root, plan)
     return result
+
+
+def _prune_other_snapshots(root: Path, plan: RepoPlan) -> int:
+    """Remove our links from snapshots of other commits (an earlier run of this pod laid
+    out a commit the branch has moved away from): they lead into the view, which now holds
+    the files of ``plan.commit``, and a snapshot must never show another commit's bytes.
+    The client's own files there (links into ``blobs/``) stay."""
+    if not plan.link_dir:
+        return 0
+    prefix = plan.link_dir + "/"
+    pruned = 0
+    snapshots = root / plan.folder / SNAPSHOTS_DIR
+    for snap in snapshots.iterdir():
+        if snap.name == plan.commit or snap.is_symlink() or not snap.is_dir():
+            continue
+        for dirpath, _dirs, names in os.walk(snap):
+            for name in names:
+                path = Path(dirpath) / name
+                with contextlib.suppress(OSError):  # not a link, or gone meanwhile
+                    if os.readlink(path).startswith(prefix):
+                        path.unlink()
+                        pruned += 1
+    return pruned
 
 
 def ensure_repo_dir(cache_dir: Path | str, repo_id: str) -> Path:

@@ -580,13 +580,14 @@ class MountService:
         except (hubcache.HubCacheError, OSError) as exc:
             raise MountError(f"model {name}: cannot write the hub cache layout: {exc}") from exc
         log.info(
-            "model %s: hub cache %s/%s at commit %s (%d links, %d new)",
+            "model %s: hub cache %s/%s at commit %s (%d links, %d new, %d stale removed)",
             name,
             self.hub_cache,
             plan.folder,
             commit,
             len(plan.links),
             done.links,
+            done.pruned,
         )
         return True
 

@@ -109,7 +109,7 @@ def test_write_is_idempotent_and_keeps_what_the_app_added(tmp_path: Path) -> Non
     (repo / ".no_exist" / COMMIT).mkdir(parents=True)
     ref_inode = (repo / "refs" / "main").stat().st_ino
     done = write_repo(tmp_path, plan())
-    assert (done.dirs, done.links, done.ref) == (0, 0, False)
+    assert (done.dirs, done.links, done.ref, done.pruned) == (0, 0, False, 0)
     assert (repo / "refs" / "main").stat().st_ino == ref_inode  # not even rewritten
     assert (repo / "snapshots" / COMMIT / "extra.json").read_bytes() == b"adapter"
     assert (repo / ".no_exist" / COMMIT).is_dir()
@@ -161,3 +161,20 @@ def test_a_model_without_layout_still_gets_a_writable_folder(tmp_path: Path) -> 
     assert path == tmp_path / "models--acme--left-out"
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 and list(path.iterdir()) == []
     assert ensure_repo_dir(tmp_path, "acme/left-out") == path  # idempotent
+
+
+def test_a_moved_branch_takes_our_links_out_of_the_old_snapshot(tmp_path: Path) -> None:
+    write_repo(tmp_path, plan())
+    repo = tmp_path / "models--acme--tiny-llama"
+    old = repo / "snapshots" / COMMIT
+    (old / "adapter.json").symlink_to("../../blobs/abc")  # the client's own download
+    new_commit = "f" * 40
+    moved = plan_repo("acme/tiny-llama", "main", new_commit, FILES, "/models/tiny-llama")
+    done = write_repo(tmp_path, moved)
+    assert (done.links, done.ref, done.pruned) == (3, True, 3)
+    assert (repo / "refs" / "main").read_text() == new_commit
+    # the view now holds the new commit's files: the old snapshot must not show them
+    assert sorted(p.name for p in old.rglob("*")) == ["adapter.json", "tokenizer"]
+    assert os.readlink(repo / "snapshots" / new_commit / "config.json") == (
+        "/models/tiny-llama/config.json"
+    )
