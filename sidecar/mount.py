@@ -131,8 +131,9 @@ def parse_gguf_aliases(values: list[str], names: list[str]) -> dict[str, str]:
 
 def pick_gguf(paths: list[str], quant: str) -> str | None:
     """The GGUF file of ``quant``: its name contains the tag (any case), the first shard
-    (``-00001-of-0000N``) of a split file. Among several matches the shortest path wins
-    (``Q4_K`` must not pick ``Q4_K_M`` when both exist: an exact tag comes first)."""
+    (``-00001-of-0000N``) of a split file, never a vision projector (``mmproj-*``). A name
+    where the tag stands alone comes first (``Q4_K`` must not pick ``Q4_K_M`` when both
+    exist), then the shortest path, then the name."""
     tag = quant.lower()
 
     def exact(path: str) -> bool:
@@ -143,8 +144,8 @@ def pick_gguf(paths: list[str], quant: str) -> str | None:
     matches = []
     for path in paths:
         name = path.rsplit("/", 1)[-1].lower()
-        if not name.endswith(".gguf") or tag not in name:
-            continue
+        if not name.endswith(".gguf") or tag not in name or name.startswith("mmproj"):
+            continue  # mmproj-*.gguf: a vision projector, never the model itself
         split = _SPLIT_RE.search(name)
         if split and int(split.group(1)) != 1:
             continue

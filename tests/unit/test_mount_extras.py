@@ -120,6 +120,8 @@ def test_gguf_alias_is_a_relative_link_that_never_fetches() -> None:
             "Q8_0/m-Q8_0-00001-of-00002.gguf",
         ),
         (["m-Q4_K_M.bin", "README.md"], "Q4_K_M", None),
+        (["mmproj-m-F16.gguf", "m-BF16.gguf", "m-F16.gguf"], "f16", "m-F16.gguf"),
+        (["mmproj-m-F16.gguf"], "F16", None),
     ],
 )
 def test_pick_gguf(paths: list[str], quant: str, want: str | None) -> None:
