@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub-link-root",
         default=None,
         metavar="PATH",
-        help="the mountpoint as app containers see it: snapshot links point to "
-        "PATH/<NAME>/<file> (default: --mountpoint)",
+        help="where app containers see this mount (the FUSE view): snapshot links point "
+        "to PATH/<NAME>/<file> (default: --mountpoint)",
     )
     m.add_argument(
         "--on-failure",
