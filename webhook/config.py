@@ -74,6 +74,12 @@ def _hf() -> SecretEnv:
     return SecretEnv(secret_name="modelcache-hf-credentials", keys={k: k for k in keys})
 
 
+def _gs() -> SecretEnv:
+    # Cloud Storage through its S3-compatible API with an HMAC key
+    keys = ("GCS_ACCESS_KEY_ID", "GCS_SECRET_ACCESS_KEY", "GCS_ENDPOINT_URL")
+    return SecretEnv(secret_name="modelcache-gcs-credentials", keys={k: k for k in keys})
+
+
 def _http() -> SecretEnv:
     # the sidecar's http(s) source sends no credentials (internal mirrors, presigned paths):
     # nothing to inject unless a cluster configures a Secret for its own image
@@ -84,12 +90,15 @@ class Credentials(_Model):
     """Per source scheme (``http`` covers ``https`` too); ``pvc`` and ``file`` need none."""
 
     s3: SecretEnv = Field(default_factory=_s3)
+    gs: SecretEnv = Field(default_factory=_gs)
     hf: SecretEnv = Field(default_factory=_hf)
     http: SecretEnv = Field(default_factory=_http)
 
     def for_scheme(self, scheme: str) -> SecretEnv | None:
         if scheme == "s3":
             return self.s3
+        if scheme == "gs":
+            return self.gs
         if scheme == "hf":
             return self.hf
         if scheme in ("http", "https"):

@@ -383,6 +383,7 @@ def test_app_credentials_reach_our_containers() -> None:
             S3_ENV,
         ),
         ("https://mirror.example/m/", []),
+        ("gs://bkt/m", ["GCS_ACCESS_KEY_ID", "GCS_SECRET_ACCESS_KEY", "GCS_ENDPOINT_URL"]),
         ("pvc://claim", []),
         (
             "a=s3://bkt/a,b=s3://bkt/b",
@@ -401,7 +402,7 @@ def test_credentials_only_for_used_schemes_and_only_in_our_containers(
             assert "value" not in e
             assert e["valueFrom"]["secretKeyRef"]["optional"] is True
     app_env = {e["name"] for e in out["spec"]["containers"][0].get("env", [])}
-    assert not app_env & {"HF_TOKEN", "HF_ENDPOINT", *S3_ENV}
+    assert not app_env & {"HF_TOKEN", "HF_ENDPOINT", "GCS_ACCESS_KEY_ID", *S3_ENV}
 
 
 def test_credentials_secret_name_from_config() -> None:

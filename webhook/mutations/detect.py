@@ -60,6 +60,10 @@ CREDENTIAL_ENV: Final = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "GCS_ACCESS_KEY_ID",
+    "GCS_SECRET_ACCESS_KEY",
+    "GCS_ENDPOINT_URL",
+    "GCS_REGION",
 )
 ROLES: Final = ("base", "tokenizer", "lora", "draft")
 
