@@ -94,18 +94,22 @@ def _dev_certs() -> tuple[Path, Path, Path]:
 async def _serve(
     config: Config, args: argparse.Namespace, host: str, cert: Path, key: Path
 ) -> None:
-    from aiohttp import web
-
-    from webhook.app import build_app
-    from webhook.state import DEFAULT_OFFLOAD_BYTES
+    from webhook.app import build_app, limits_of, serving
+    from webhook.listener import describe as limits_fields
+    from webhook.state import DEFAULT_OFFLOAD_BYTES, STATE
     from webhook.tls import CertReloader
+
+    def limits(config: Config) -> dict[str, object]:
+        return {
+            **limits_fields(limits_of(config)),
+            "body_timeout_s": config.body_timeout_seconds,
+            "max_requests_in_flight": config.max_requests_in_flight,
+        }
 
     port: int = args.port
     reloader = CertReloader(cert, key)
     offload = DEFAULT_OFFLOAD_BYTES if args.offload_bytes is None else args.offload_bytes
     app = build_app(config, reloader=reloader, offload_bytes=offload, workers=args.workers)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -113,31 +117,31 @@ async def _serve(
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        await runner.cleanup()
         raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    site = web.SockSite(
-        runner, sock, ssl_context=reloader.context, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
-    )
-    await site.start()
-    # The port is open (liveness answers, early reviews are served); announce the address
-    # once the pipeline is warm, so whoever waits for this line gets a ready server.
-    from webhook.state import STATE
-
-    await app[STATE].warmed_event.wait()
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"serving on https://{shown}:{bound}", flush=True)
-    log.info("serving", extra={"host": host, "port": bound, "cert_file": str(cert)})
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await runner.cleanup()
+    async with serving(app, sock, reloader.context, shutdown_timeout=SHUTDOWN_GRACE_SECONDS):
+        # The port is open (liveness answers, early reviews are served); announce the
+        # address once the pipeline is warm, so whoever waits for this line gets a ready
+        # server.
+        warmed = asyncio.ensure_future(app[STATE].warmed_event.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((warmed, stopped), return_when=asyncio.FIRST_COMPLETED)
+        warmed.cancel()
+        if not stop.is_set():
+            bound = sock.getsockname()[1]
+            shown = f"[{host}]" if family == socket.AF_INET6 else host
+            print(f"serving on https://{shown}:{bound}", flush=True)
+            log.info(
+                "serving",
+                extra={"host": host, "port": bound, "cert_file": str(cert), **limits(config)},
+            )
+        try:
+            await stopped
+        finally:
+            log.info("shutting down")
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -137,6 +137,25 @@ class Config(_Model):
     #: Directories ``file://`` model sources may name (none by default: a file:// source
     #: reads the node's disk, so only an admin may allow it, and only where models live).
     file_roots: tuple[str, ...] = ()
+    # --- the admission server under load (docs/webhook-server.md) --------------------------
+    # The API server gives a webhook ``timeoutSeconds`` (at most 5) for the whole call; a
+    # request still being sent after header + body timeouts (5 s together) has already been
+    # given up on, so cutting it loses nothing and frees its connection.
+    #: Seconds a connection gets for its TLS handshake and for the request line and headers
+    #: (from connect, or from the first byte of a later request on a kept-alive connection).
+    header_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    #: Seconds a request gets to deliver its body once the headers are in.
+    body_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    #: Seconds a kept-alive connection may sit idle between requests.
+    idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: Open connections at most; more wait in the kernel's accept queue.
+    max_connections: int = Field(default=1024, ge=1, le=65536)
+    #: ``/mutate`` requests handled at once; more are answered 503 at once.
+    max_requests_in_flight: int = Field(default=64, ge=1, le=4096)
+    #: Kubernetes Events for decisions: ``auto`` records them when running in a cluster.
+    events: Literal["auto", "on", "off"] = "auto"
+    #: Events waiting to be sent at most; when full, new ones are dropped (and counted).
+    event_queue_size: int = Field(default=256, ge=1, le=65536)
 
     @field_validator("cache_host_path", "default_mount_path")
     @classmethod

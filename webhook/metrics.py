@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -40,13 +40,45 @@ class Metrics:
         self.errors = Counter(
             "modelcache_webhook_errors",
             "Failures by stage: read (body), parse (envelope), admit (pipeline), "
-            "respond (encoding), tls_reload (cert files).",
+            "respond (encoding), tls_reload (cert files), internal (a bug).",
             ["stage"],
             registry=self.registry,
         )
         self.cert_reloads = Counter(
             "modelcache_webhook_cert_reloads",
             "Serving certificate reload attempts, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+
+        self.connections = Gauge(
+            "modelcache_webhook_open_connections",
+            "Client connections accepted and not yet closed (including TLS handshakes).",
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "modelcache_webhook_connections_closed",
+            "Connections the server closed, by reason: header_timeout, body_timeout, "
+            "idle_timeout, handshake (failed or too slow).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.client_disconnects = Counter(
+            "modelcache_webhook_client_disconnects",
+            "Requests whose client hung up before the answer (not an error of the server).",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "modelcache_webhook_rejected_requests",
+            "Requests answered 503 because the server was at a bound, by bound: in_flight "
+            "(maxRequestsInFlight), large (large bodies waiting for a worker).",
+            ["bound"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "modelcache_webhook_events",
+            "Kubernetes Events about decisions, by result: sent, failed (API error), dropped "
+            "(queue full), skipped (nothing to attach it to).",
             ["result"],
             registry=self.registry,
         )

@@ -116,6 +116,8 @@ def parse_review(body: bytes) -> AdmissionReview:
         raise ReviewError(f"body is not JSON: {e}") from None
     if not isinstance(document, dict):
         raise ReviewError(f"body must be a JSON object, got {type(document).__name__}")
+    if _too_deep(document, MAX_DEPTH):
+        raise ReviewError(f"body is nested more than {MAX_DEPTH} levels deep")
     try:
         review = AdmissionReview.model_validate(document)
     except ValidationError as e:
@@ -126,6 +128,47 @@ def parse_review(body: bytes) -> AdmissionReview:
             f" accepted: {API_VERSION}/{KIND}"
         )
     return review
+
+
+#: Nesting the parser accepts in a request body. Real pods nest about 20 levels (managedFields
+#: ``fieldsV1`` included); deeper bodies are refused here, before the pod is copied, diffed or
+#: handed to a worker process (whose pickling recursion fails at about 800).
+MAX_DEPTH = 100
+
+
+def _too_deep(document: Any, limit: int) -> bool:
+    """Whether ``document`` nests more than ``limit`` containers (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return False
+
+
+def _text(value: Any, limit: int = 253) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def pod_identity(obj: Any) -> dict[str, str]:
+    """Who a review is about, for logs and Events: the pod's name (or generateName) and its
+    first owner, as short strings; empty strings when the object does not say."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    owners = meta.get("ownerReferences")
+    owner = owners[0] if isinstance(owners, list) and owners else None
+    owner = owner if isinstance(owner, dict) else {}
+    return {
+        "pod": _text(meta.get("name")) or _text(meta.get("generateName")),
+        "owner_kind": _text(owner.get("kind"), 63),
+        "owner_name": _text(owner.get("name")),
+        "owner_uid": _text(owner.get("uid"), 64),
+        "owner_api_version": _text(owner.get("apiVersion"), 128),
+    }
 
 
 def pod_to_admit(request: AdmissionRequest) -> tuple[Pod | None, str]:

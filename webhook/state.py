@@ -18,6 +18,7 @@ from typing import Literal
 from aiohttp import web
 
 from webhook.config import Config
+from webhook.events import EventRecorder
 from webhook.metrics import Metrics
 from webhook.pipeline import AdmissionResult
 from webhook.review import Pod
@@ -44,6 +45,7 @@ Workers = Literal["process", "thread"]
 DEFAULT_OFFLOAD_BYTES = 64 * 1024
 DEFAULT_WORKERS: Workers = "process"
 MAX_WORKERS = 2  # the machines this runs on have few cores; more workers only queue
+LARGE_SLOTS_PER_WORKER = 2  # one running, one queued: the worker never waits for the loop
 
 
 def _ignore_interrupts() -> None:
@@ -133,6 +135,14 @@ class ServerState:
     metrics: Metrics
     admitter: Admitter
     reloader: CertReloader | None = None
+    events: EventRecorder | None = None
+    #: ``/mutate`` requests being handled now (bounded by ``config.max_requests_in_flight``).
+    in_flight: int = 0
+    #: Slots for requests large enough to go to a worker: a few per worker, so at most that
+    #: many large bodies are read and held at once; the rest wait (bounded) or get a 503.
+    large_slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(LARGE_SLOTS_PER_WORKER * MAX_WORKERS)
+    )
     #: Set once the pipeline warm-up has finished (successfully or not).
     warmed_event: asyncio.Event = field(default_factory=asyncio.Event)
 
