@@ -252,7 +252,7 @@ async def test_a_hang_up_mid_body_is_not_an_error(
     async with serve(_config()) as served:
         body = json.dumps(make_review(model_pod())).encode()
         for cut in (0, len(body) // 2):
-            reader, writer = await asyncio.open_connection(
+            _reader, writer = await asyncio.open_connection(
                 "127.0.0.1", served.port, ssl=served.client_ctx
             )
             writer.write(_request_head(len(body)) + body[:cut])
