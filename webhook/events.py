@@ -109,6 +109,14 @@ def build_event(
     }
 
 
+def _describe(error: Exception) -> str:
+    status, reason = getattr(error, "status", None), getattr(error, "reason", None)
+    if status is not None:  # an ApiException: its str() is a multi-line dump
+        return f"API answered {status} {reason or ''}".rstrip()
+    text = str(error).splitlines()[0][:300] if str(error) else ""
+    return text or type(error).__name__
+
+
 class EventRecorder:
     """A bounded queue of Events and the task that sends them."""
 
@@ -117,6 +125,7 @@ class EventRecorder:
         self._metrics = metrics
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
         self._api: Any = None
+        self._failures = 0
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -172,9 +181,14 @@ class EventRecorder:
                 await asyncio.to_thread(self._send, event)
             except failures as e:  # best effort: counted and logged, never raised
                 self._metrics.events.labels("failed").inc()
+                self._failures += 1
+                # 1st, 2nd, 4th, 8th ... failure: a missing RBAC rule must not flood the log
+                if self._failures & (self._failures - 1):
+                    continue
                 log.warning(
-                    "cannot record event: %s",
-                    str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+                    "cannot record event (%d failures so far): %s",
+                    self._failures,
+                    _describe(e),
                     extra={
                         "namespace": event["metadata"]["namespace"],
                         "event_reason": event["reason"],
