@@ -1,4 +1,7 @@
-"""``python -m certs generate|install``: the command-line edge of the certificate code."""
+"""``python -m certs generate|install``: the command-line edge of the certificate code.
+
+Expected failures (an unwritable ``--out``, no cluster, an API error) print one line starting
+with ``error:`` and exit non-zero, without a traceback."""
 
 from __future__ import annotations
 
@@ -8,16 +11,44 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from certs.issue import CertError, issue_bundle, write_bundle
 
+_EPILOG = """\
+examples:
+  python -m certs generate --service modelcache-webhook --namespace modelcache-system --out ./tls
+  python -m certs install --service modelcache-webhook --namespace modelcache-system \\
+      --secret modelcache-webhook-tls --webhook-config modelcache-webhook"""
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("modelcache")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m certs", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m certs",
+        description="Certificates for the modelcache webhook: a private CA and the serving "
+        "pair the API server trusts through the webhook's caBundle.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s (modelcache) {package_version()}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="write a CA and serving pair as PEM files")
+    gen = sub.add_parser(
+        "generate",
+        help="write a CA and serving pair as PEM files",
+        description="Write ca.crt, tls.crt and tls.key (private key mode 0600) for the "
+        "webhook Service's in-cluster names, plus any --dns/--ip you add.",
+    )
     gen.add_argument("--service", required=True, help="Service name of the webhook")
     gen.add_argument("--namespace", required=True, help="namespace of the Service")
     gen.add_argument("--out", required=True, type=Path, help="directory for ca.crt/tls.*")
@@ -26,15 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--days", type=int, default=365, help="leaf validity in days")
 
     ins = sub.add_parser(
-        "install", help="keep the pair in a Secret and its CA in the webhook's caBundle"
+        "install",
+        help="keep the pair in a Secret and its CA in the webhook's caBundle",
+        description="Create the Secret with a new CA and pair (or reuse it, renewing a "
+        "pair close to expiry) and patch the CA into the MutatingWebhookConfiguration. Runs "
+        "in a pod (service account) or with your kubeconfig; safe to run from every replica.",
     )
-    ins.add_argument("--service", required=True)
-    ins.add_argument("--namespace", required=True)
+    ins.add_argument("--service", required=True, help="Service name of the webhook")
+    ins.add_argument("--namespace", required=True, help="namespace of the Service and Secret")
     ins.add_argument("--secret", required=True, help="Secret that holds CA and pair")
     ins.add_argument(
         "--webhook-config", required=True, help="MutatingWebhookConfiguration to patch"
     )
-    ins.add_argument("--days", type=int, default=365)
+    ins.add_argument("--days", type=int, default=365, help="leaf validity in days")
     ins.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     ins.add_argument(
         "--cert-dir", type=Path, default=None, help="also write ca.crt/tls.crt/tls.key here"
@@ -61,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundle = issue_bundle(
                 args.service, args.namespace, dns=args.dns, ips=args.ip, days=args.days
             )
-            write_bundle(bundle, args.out)
+            try:
+                write_bundle(bundle, args.out)
+            except OSError as exc:
+                print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             print(f"wrote {args.out}/ca.crt, tls.crt, tls.key", file=sys.stderr)
             return 0
         return _install(args)

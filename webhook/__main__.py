@@ -4,21 +4,32 @@
 from the kernel) and prints the address it really listens on, ``serving on
 https://HOST:PORT``, once the pipeline is warm (``/readyz`` is 200 by then). ``--dev`` first
 writes a throw-away CA and serving pair for ``localhost``/``127.0.0.1`` to a temporary
-directory and prints ``dev CA certificate: PATH``, so a laptop with no cluster can ``curl
---cacert`` it."""
+directory, prints ``dev CA certificate: PATH``, so a laptop with no cluster can ``curl
+--cacert`` it, and removes the directory when the server exits (also on SIGTERM/SIGINT).
+
+``inject`` reads any number of files and directories (``-f a.yaml -f b.yaml``, ``-f a.yaml
+b.yaml``, ``-f manifests/``: every ``*.yaml``, ``*.yml`` and ``*.json`` inside, sorted) and
+writes every document, in order, to stdout; nothing is written when any input is unreadable,
+not YAML, or denied. Expected errors print one line and exit non-zero, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
+import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from webhook.config import Config, ConfigError, load_config
 from webhook.logs import setup_logging
@@ -29,30 +40,74 @@ DEFAULT_PORT = 8443
 # Seconds in-flight requests get to finish after SIGTERM; the API server's webhook timeout
 # (timeoutSeconds <= 5) bounds how long any of them can matter anyway.
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: What ``inject -f DIR`` reads from a directory.
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+_EPILOG = """\
+examples:
+  python -m webhook serve --dev                      try it on a laptop (prints the CA path)
+  python -m webhook serve --tls-cert tls.crt --tls-key tls.key --config config.yaml
+  python -m webhook inject -f deployment.yaml        what the webhook would do, offline
+  python -m webhook inject -f a.yaml b.yaml -f manifests/ > injected.yaml
+  kubectl get deploy llm -o yaml | python -m webhook inject -f -
+
+docs: docs/webhook-server.md (limits, metrics, logs, events)"""
 
 
 class ServeError(Exception):
     """The server cannot start (e.g. the address is taken); the message says why."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m webhook", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class InputError(Exception):
+    """An ``inject`` input cannot be used; the message names it and says why."""
 
-    serve = sub.add_parser("serve", help="serve POST /mutate over HTTPS (TLS 1.2+)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+
+def package_version() -> str:
+    try:
+        return metadata.version("modelcache")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m webhook",
+        description="modelcache admission webhook: makes LLM inference pods start from a "
+        "node-local model cache. Run it as a server for the cluster, or offline on manifests.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s (modelcache) {package_version()}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the admission server (HTTPS, POST /mutate)",
+        description="Run the admission server: POST /mutate for the API server, GET /healthz, "
+        "/readyz and /metrics. TLS 1.2+ only; the certificate files are reloaded when they "
+        "change. Timeouts and connection limits come from the config file "
+        "(docs/webhook-server.md).",
+    )
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one"
+    )
     serve.add_argument(
         "--host", default=None, help="address to bind (default 0.0.0.0; 127.0.0.1 with --dev)"
     )
-    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain)")
-    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key")
-    serve.add_argument("--config", metavar="FILE", help="config YAML (defaults without)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain) to serve")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    serve.add_argument("--config", metavar="FILE", help="config YAML (every setting has a default)")
     serve.add_argument(
         "--dev",
         action="store_true",
-        help="make a throw-away CA and cert for localhost; prints the CA path",
+        help="make a throw-away CA and certificate for localhost instead of --tls-*; "
+        "prints the CA path and deletes it all on exit",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO (one line per review), WARNING, ERROR"
+    )
     serve.add_argument(
         "--offload-bytes",
         type=int,
@@ -68,27 +123,50 @@ def _parser() -> argparse.ArgumentParser:
         help="tuning: where large pods are admitted (default process)",
     )
 
-    inject = sub.add_parser("inject", help="mutate the pods in YAML documents offline")
+    inject = sub.add_parser(
+        "inject",
+        help="show what the webhook does to manifests, offline",
+        description="Mutate the pods and pod templates (Pod, Deployment, StatefulSet, "
+        "DaemonSet, ReplicaSet, Job, CronJob, List) in YAML or JSON manifests exactly as the "
+        "server would, and print the result as YAML. Other kinds pass through unchanged. "
+        "Warnings go to stderr; a denial prints the reason and writes nothing.",
+    )
     inject.add_argument(
         "-f",
         "--filename",
         required=True,
-        metavar="FILE|-",
-        help="multi-document YAML; - reads stdin",
+        action="extend",
+        nargs="+",
+        metavar="PATH",
+        help="a file, a directory (its *.yaml, *.yml, *.json, sorted) or - for stdin; "
+        "repeat -f or list several",
     )
-    inject.add_argument("--config", metavar="FILE", help="config YAML (defaults without)")
+    inject.add_argument(
+        "--config", metavar="FILE", help="config YAML (every setting has a default)"
+    )
     return parser
 
 
-def _dev_certs() -> tuple[Path, Path, Path]:
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+@contextmanager
+def _dev_certs() -> Iterator[tuple[Path, Path, Path]]:
+    """A throw-away CA and serving pair in a private temporary directory, removed on exit
+    (the caller turns SIGTERM into a normal exit so this runs then too)."""
     from certs.issue import CA_CERT_FILE, TLS_CERT_FILE, TLS_KEY_FILE, issue_bundle, write_bundle
 
     out = Path(tempfile.mkdtemp(prefix="modelcache-dev-"))
-    bundle = issue_bundle(
-        "modelcache-webhook", "modelcache-system", dns=["localhost"], ips=["127.0.0.1", "::1"]
-    )
-    write_bundle(bundle, out)
-    return out / CA_CERT_FILE, out / TLS_CERT_FILE, out / TLS_KEY_FILE
+    try:
+        bundle = issue_bundle(
+            "modelcache-webhook", "modelcache-system", dns=["localhost"], ips=["127.0.0.1", "::1"]
+        )
+        write_bundle(bundle, out)
+        yield out / CA_CERT_FILE, out / TLS_CERT_FILE, out / TLS_KEY_FILE
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 async def _serve(
@@ -144,6 +222,12 @@ async def _serve(
             log.info("shutting down")
 
 
+def _serve_signals_to_exit(signum: int, frame: Any) -> None:
+    # Until the event loop takes the signals over (and after it lets go), SIGTERM ends the
+    # process through the normal unwinding, so --dev's directory is removed.
+    raise SystemExit(128 + signum)
+
+
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dev:
         if args.tls_cert or args.tls_key:
@@ -158,44 +242,96 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
     host = args.host or ("127.0.0.1" if args.dev else "0.0.0.0")
-    if args.dev:
-        ca, cert, key = _dev_certs()
+    signal.signal(signal.SIGTERM, _serve_signals_to_exit)
+    if not args.dev:
+        return _run_server(config, args, host, Path(args.tls_cert), Path(args.tls_key))
+    with _dev_certs() as (ca, cert, key):
         print(f"dev CA certificate: {ca}", flush=True)
-    else:
-        cert, key = Path(args.tls_cert), Path(args.tls_key)
+        return _run_server(config, args, host, cert, key)
+
+
+def _run_server(config: Config, args: argparse.Namespace, host: str, cert: Path, key: Path) -> int:
     from webhook.tls import TLSError
 
     try:
         asyncio.run(_serve(config, args, host, cert, key))
-    except TLSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (TLSError, ServeError) as e:
+        return _error(str(e), 2)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took SIGINT over
+        return 130
     return 0
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own text spans lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{exc.problem or exc.context or 'cannot parse'}{where}"
+    return " ".join(str(exc).split())
+
+
+def _expand(paths: list[str]) -> Iterator[str]:
+    """Files in the order given; a directory's manifests sorted by name."""
+    for name in paths:
+        path = Path(name)
+        if name != "-" and path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file()
+            )
+            if not found:
+                raise InputError(f"{name}: no *.yaml, *.yml or *.json files in the directory")
+            yield from (str(p) for p in found)
+        else:
+            yield name
+
+
+def _read_documents(paths: list[str]) -> list[Any]:
+    """Every non-empty YAML document of every input, in order."""
+    docs: list[Any] = []
+    stdin_used = False
+    for name in _expand(paths):
+        if name == "-":
+            if stdin_used:
+                raise InputError("- (stdin) given twice")
+            stdin_used = True
+            label, text = "stdin", sys.stdin.read()
+        else:
+            label = name
+            try:
+                text = Path(name).read_text(encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"cannot read {name}: {e.strerror or e}") from None
+            except UnicodeDecodeError as e:
+                raise InputError(f"{name}: not UTF-8 text (byte {e.start})") from None
+        try:
+            docs.extend(d for d in yaml.safe_load_all(text) if d is not None)
+        except yaml.YAMLError as e:
+            raise InputError(f"{label}: not valid YAML: {_yaml_problem(e)}") from None
+    return docs
 
 
 def _cmd_inject(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from webhook.inject import run_inject
-
-    if args.filename == "-":
-        return run_inject(sys.stdin, sys.stdout, sys.stderr, config)
+        return _error(str(e), 2)
     try:
-        src = open(args.filename, encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as e:
-        print(f"error: cannot read {args.filename}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    with contextlib.closing(src):
-        return run_inject(src, sys.stdout, sys.stderr, config)
+        docs = _read_documents(args.filename)
+    except InputError as e:
+        return _error(str(e), 2)
+    from webhook.inject import dump_yaml, inject_documents
+
+    result, warnings, denial = inject_documents(docs, config)
+    for w in warnings:
+        print(f"Warning: {w}", file=sys.stderr)
+    if denial is not None:
+        return _error(f"denied: {denial}", 1)
+    if result:
+        sys.stdout.write(dump_yaml(result))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
