@@ -15,6 +15,10 @@ as it likes. ``Listener`` is the small front that closes those holes:
   the body deadline is the handler's (it reads the body, ``handlers._read_body``);
 - a connection past a deadline is aborted (no TLS close exchange a slow peer could stall).
 
+Memory goes back to the system after a wave of connections: freed TLS state sits in the C
+heap, which glibc returns only from its top, so after many closes the listener asks glibc to
+release free pages (``malloc_trim``) once things calm down.
+
 The per-connection TLS read buffer is 32 KiB instead of asyncio's 256 KiB: asyncio
 allocates (and zero-fills) it when the connection is accepted, which made 1,000 slow
 connections cost ~290 MB; TLS records are at most 16 KiB, so a larger buffer only saves a
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import enum
 import logging
 import socket
@@ -44,6 +50,23 @@ TLS_SHUTDOWN_SECONDS = 1.0
 TLS_READ_BUFFER = 32 * 1024
 _ACCEPT_BACKLOG = 1024
 _ACCEPT_ERROR_PAUSE = 0.1  # e.g. EMFILE: let connections close before accepting again
+#: Closes after which freed memory is handed back, and how often that is checked (seconds).
+TRIM_AFTER_CLOSES = 64
+TRIM_INTERVAL = 2.0
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -205,6 +228,8 @@ class Listener:
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
+        self._closes = 0  # since memory was last handed back
         self._handshakes: set[asyncio.Task[None]] = set()
 
     @property
@@ -216,15 +241,18 @@ class Listener:
         self.sock.setblocking(False)
         self.sock.listen(_ACCEPT_BACKLOG)
         self._task = asyncio.create_task(self._accept_loop(), name="webhook-accept")
+        if _MALLOC_TRIM is not None:
+            self._trimmer = asyncio.create_task(self._trim_loop(), name="webhook-trim")
 
     async def stop(self) -> None:
         """Stop accepting and drop connections still handshaking; open connections are the
         app runner's to close (it lets in-flight requests finish)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._trimmer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._trimmer = None
         self.sock.close()
         for task in list(self._handshakes):
             task.cancel()
@@ -289,7 +317,17 @@ class Listener:
             self._open.discard(conn)
             self._release()
 
+    async def _trim_loop(self) -> None:
+        assert _MALLOC_TRIM is not None
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL)
+            if self._closes >= TRIM_AFTER_CLOSES:
+                self._closes = 0
+                # ctypes drops the GIL for the call: the loop keeps serving meanwhile
+                await asyncio.to_thread(_MALLOC_TRIM, 0)
+
     def _release(self) -> None:
+        self._closes += 1
         self._accepted -= 1
         self._report()
         if self._accepted < self.limits.max_connections:
