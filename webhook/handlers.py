@@ -1,8 +1,11 @@
 """HTTP only: ``POST /mutate``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
 
 This is the one module that knows status codes. Anything a client can send gets a 2xx or a
-4xx with a reason; an exception out of the pipeline is an internal error, logged with the
-request uid and answered per ``config.on_error`` (a valid AdmissionReview either way).
+4xx with a reason (408 for a body slower than ``body_timeout_seconds``), a 503 when the
+server is at one of its bounds (requests in flight, large bodies waiting for a worker); an
+exception out of the pipeline is an internal error, logged with the request uid and answered
+per ``config.on_error`` (a valid AdmissionReview either way). A client that hangs up is not an
+error: it is counted and logged at INFO, never with a traceback.
 ``dryRun`` requests are admitted like any other: the pipeline has no side effects, so there
 is nothing to skip.
 """
