@@ -172,17 +172,9 @@ def _dev_certs() -> Iterator[tuple[Path, Path, Path]]:
 async def _serve(
     config: Config, args: argparse.Namespace, host: str, cert: Path, key: Path
 ) -> None:
-    from webhook.app import build_app, limits_of, serving
-    from webhook.listener import describe as limits_fields
+    from webhook.app import build_app, serving
     from webhook.state import DEFAULT_OFFLOAD_BYTES, STATE
     from webhook.tls import CertReloader
-
-    def limits(config: Config) -> dict[str, object]:
-        return {
-            **limits_fields(limits_of(config)),
-            "body_timeout_s": config.body_timeout_seconds,
-            "max_requests_in_flight": config.max_requests_in_flight,
-        }
 
     port: int = args.port
     reloader = CertReloader(cert, key)
@@ -214,7 +206,16 @@ async def _serve(
             print(f"serving on https://{shown}:{bound}", flush=True)
             log.info(
                 "serving",
-                extra={"host": host, "port": bound, "cert_file": str(cert), **limits(config)},
+                extra={
+                    "host": host,
+                    "port": bound,
+                    "cert_file": str(cert),
+                    "header_timeout_s": config.header_timeout_seconds,
+                    "body_timeout_s": config.body_timeout_seconds,
+                    "idle_timeout_s": config.idle_timeout_seconds,
+                    "max_connections": config.max_connections,
+                    "max_requests_in_flight": config.max_requests_in_flight,
+                },
             )
         try:
             await stopped

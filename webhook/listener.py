@@ -38,7 +38,6 @@ import ssl
 from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -340,12 +339,3 @@ class Listener:
     def _report(self) -> None:
         if self._on_count is not None:
             self._on_count(self._accepted)
-
-
-def describe(limits: Limits) -> dict[str, Any]:
-    """The limits as log fields."""
-    return {
-        "header_timeout_s": limits.header_timeout,
-        "idle_timeout_s": limits.idle_timeout,
-        "max_connections": limits.max_connections,
-    }
