@@ -150,7 +150,7 @@ class Config(_Model):
     idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     #: Open connections at most; more wait in the kernel's accept queue.
     max_connections: int = Field(default=1024, ge=1, le=65536)
-    #: ``/mutate`` requests handled at once; more are answered 503 at once.
+    #: Admissions (bodies complete) being decided at once; more are answered 503 at once.
     max_requests_in_flight: int = Field(default=64, ge=1, le=4096)
     #: Kubernetes Events for decisions: ``auto`` records them when running in a cluster.
     events: Literal["auto", "on", "off"] = "auto"

@@ -94,17 +94,6 @@ def _on_error_verdict(state: ServerState, uid: str) -> Decision:
 
 async def mutate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    if state.in_flight >= state.config.max_requests_in_flight:
-        state.metrics.rejected.labels("in_flight").inc()
-        return _problem(503, "too many admission requests in flight (maxRequestsInFlight)")
-    state.in_flight += 1
-    try:
-        return await _mutate(request, state)
-    finally:
-        state.in_flight -= 1
-
-
-async def _mutate(request: web.Request, state: ServerState) -> web.StreamResponse:
     metrics = state.metrics
     config = state.config
     started = time.perf_counter()
@@ -159,7 +148,16 @@ async def _read_and_admit(
     except HttpProcessingError as e:
         metrics.errors.labels("read").inc()
         return _problem(400, f"cannot read body: {e.message}")
-    return await _admit(request, state, body, started)
+    # Counted once the body is in: requests still arriving are bounded by the connection
+    # limit and their deadlines, and must not crowd out the ones ready to be decided.
+    if state.in_flight >= config.max_requests_in_flight:
+        metrics.rejected.labels("in_flight").inc()
+        return _problem(503, "too many admission requests in flight (maxRequestsInFlight)")
+    state.in_flight += 1
+    try:
+        return await _admit(request, state, body, started)
+    finally:
+        state.in_flight -= 1
 
 
 async def _admit(

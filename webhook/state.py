@@ -136,7 +136,7 @@ class ServerState:
     admitter: Admitter
     reloader: CertReloader | None = None
     events: EventRecorder | None = None
-    #: ``/mutate`` requests being handled now (bounded by ``config.max_requests_in_flight``).
+    #: Admissions being decided now, bodies complete (``config.max_requests_in_flight``).
     in_flight: int = 0
     #: Slots for requests large enough to go to a worker: a few per worker, so at most that
     #: many large bodies are read and held at once; the rest wait (bounded) or get a 503.

@@ -145,7 +145,8 @@ async def _admissions(served: Served, until: asyncio.Event) -> list[float]:
 async def test_trickled_headers_and_body_are_cut_off_while_admissions_continue(
     serve: Callable[..., Any],
 ) -> None:
-    async with serve(_config()) as served:
+    # fewer admission slots than slow bodies: requests still arriving must not take them
+    async with serve(_config(max_requests_in_flight=2)) as served:
         body = json.dumps(make_review(model_pod())).encode()
         slow_head = [
             await asyncio.open_connection("127.0.0.1", served.port, ssl=served.client_ctx)
