@@ -375,12 +375,14 @@ async def _hostile(url: str, ca: Path, pid: int, args: argparse.Namespace) -> li
                     await asyncio.sleep(0.25)
 
             watcher = asyncio.create_task(watch())
+            # one client at a time, as the API server sends a pod's review: the latency a
+            # pod creation sees, not queueing behind our own concurrent requests
             during = await _drive(
                 session,
                 _poster(url, model_pod()),
-                concurrency=4,
+                concurrency=1,
                 duration=args.duration,
-                name=f"model pod, {args.slow} slow conns open",
+                name=f"model pod, 1 client, {args.slow} slow conns",
             )
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
