@@ -67,8 +67,8 @@ def test_pod_shape_is_injected_into_every_container() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="quadratic path in webhook/mutations/rewrite.py:_uses_hub_model and "
-    "webhook/mutations/status.py:_merge, fixed with the pipeline rewrite",
+    reason="quadratic path in webhook/mutations/context.py:Context.deliveries_of (every "
+    "delivery scanned per container, 4 calls each), fixed with the pipeline rewrite",
 )
 def test_admission_cost_is_linear_in_the_number_of_containers() -> None:
     _cpu_seconds(100)  # warm caches and imports outside the measurement
