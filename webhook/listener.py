@@ -145,6 +145,10 @@ class _Connection(asyncio.Protocol):
         self._listener.closed(self)
         self._inner.connection_lost(exc)
 
+    @property
+    def busy(self) -> bool:
+        return self._phase is _Phase.BUSY
+
     # --- request boundaries, from the app -------------------------------------------------
     def request_started(self, has_body: bool) -> None:
         self._cancel_timer()
@@ -231,6 +235,11 @@ class Listener:
         self._closes = 0  # since memory was last handed back
         self._peak = 0  # most connections open since then
         self._handshakes: set[asyncio.Task[None]] = set()
+
+    @property
+    def requests_in_progress(self) -> int:
+        """Connections whose current request the app is handling."""
+        return sum(1 for conn in self._open if conn.busy)
 
     @property
     def connections(self) -> int:

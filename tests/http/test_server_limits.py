@@ -258,7 +258,11 @@ async def test_a_hang_up_mid_body_is_not_an_error(
             )
             writer.write(_request_head(len(body)) + body[:cut])
             await writer.drain()
-            await asyncio.sleep(0.2)  # let the server start reading the body
+            for _ in range(500):  # until the server is reading this request's body (bounded)
+                if served.listener.requests_in_progress == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert served.listener.requests_in_progress == 1
             writer.transport.abort()
         for _ in range(200):  # bounded wait for the server to notice both
             if served.metric("modelcache_webhook_client_disconnects_total") >= 2:
