@@ -32,6 +32,7 @@ RENDERED = {
     "default": MANIFESTS,
     "fail-closed": MANIFESTS / "overlays" / "fail-closed",
     "cert-manager": MANIFESTS / "overlays" / "cert-manager",
+    "events": MANIFESTS / "overlays" / "events",
 }
 
 
@@ -624,3 +625,27 @@ def test_renderer_applies_json_patches_to_the_target_only(tmp_path):
     }
     objs = render(_kustomization(tmp_path, body, {"cm.yaml": [CM, other]}))
     assert [o["data"]["a"] for o in objs] == ["2", "1"]
+
+
+def test_events_overlay_lets_the_server_create_events_and_nothing_else(rendered):
+    objs = rendered["events"]
+    role = next(
+        o
+        for o in objs
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "modelcache-webhook-events"
+    )
+    assert {v for r in role["rules"] for v in r["verbs"]} == {"create", "patch"}
+    assert {res for r in role["rules"] for res in r["resources"]} == {"events"}
+    server = next(
+        c for c in _pod_spec(objs)["containers"] if c["name"] == "webhook"
+    )
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert mounts["/var/run/secrets/kubernetes.io/serviceaccount"]["readOnly"] is True
+    assert _pod_spec(rendered["default"])["automountServiceAccountToken"] is False
+    default_server = next(
+        c for c in _pod_spec(rendered["default"])["containers"] if c["name"] == "webhook"
+    )
+    assert all(
+        m["mountPath"] != "/var/run/secrets/kubernetes.io/serviceaccount"
+        for m in default_server.get("volumeMounts", [])
+    ), "the default install keeps the server without API credentials"
