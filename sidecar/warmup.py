@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -387,15 +387,19 @@ async def warm_models(
     timeout: float = 1800,  # noqa: ASYNC109 (the contract: seconds, like --timeout)
     pvc_root: Path | str = DEFAULT_PVC_ROOT,
     progress: Progress | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> WarmupReport:
     """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
-    (carrying the report) listing each failure."""
+    (carrying the report) listing each failure.
+
+    ``env``: where the sources read credentials and endpoints (default ``os.environ``).
+    """
     progress = progress or Progress()
     report = WarmupReport(
         models=[ModelReport(m.name, m.source.uri, m.source.cache_key) for m in models]
     )
     started = time.monotonic()
-    sources = [open_source(m, pvc_root=pvc_root) for m in models]
+    sources = [open_source(m, pvc_root=pvc_root, env=env) for m in models]
     limiter = asyncio.Semaphore(max(1, parallel))
     pending = {m.name for m in models}
 

@@ -25,7 +25,7 @@ the termination message and metrics) and its message says what to do about it:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -120,8 +120,13 @@ def open_source(
     *,
     pvc_root: Path | str = DEFAULT_PVC_ROOT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Source:
-    """The source for ``model``; credentials from the standard env vars only. No I/O here."""
+    """The source for ``model``; credentials from the standard env vars only. No I/O here.
+
+    ``env`` replaces ``os.environ`` as where those variables are read (the node plugin
+    passes each pod's own credentials this way, never through its process environment).
+    """
     src = model.source
     if src.scheme == "file":
         from sidecar.sources.local import LocalSource
@@ -145,11 +150,11 @@ def open_source(
         from sidecar.sources.s3 import S3Source
 
         bucket, _, prefix = src.location.partition("/")
-        return S3Source(bucket, prefix, read_timeout=read_timeout)
+        return S3Source(bucket, prefix, read_timeout=read_timeout, env=env)
     if src.scheme == "hf":
         from sidecar.sources.hf import HfSource
 
-        return HfSource(src.location, src.revision or "main", read_timeout=read_timeout)
+        return HfSource(src.location, src.revision or "main", read_timeout=read_timeout, env=env)
     raise SourceError(f"{src.uri}: scheme {src.scheme!r} has no source implementation")
 
 

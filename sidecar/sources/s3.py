@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from urllib.parse import quote
 
 from botocore.auth import S3SigV4Auth
@@ -54,16 +54,21 @@ class S3Source:
     """Every object under ``s3://bucket/prefix``."""
 
     def __init__(
-        self, bucket: str, prefix: str, *, read_timeout: float, page_size: int | None = None
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        read_timeout: float,
+        page_size: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        env = os.environ if env is None else env
         self.bucket = bucket
         self.page_size = page_size
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}"
-        self.region = os.environ.get("AWS_REGION") or os.environ.get(
-            "AWS_DEFAULT_REGION", "us-east-1"
-        )
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", "us-east-1")
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:
             self.base = f"{endpoint.rstrip('/')}/{bucket}"
         elif "." in bucket:
@@ -71,12 +76,10 @@ class S3Source:
             self.base = f"https://s3.{self.region}.amazonaws.com/{bucket}"
         else:
             self.base = f"https://{bucket}.s3.{self.region}.amazonaws.com"
-        key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        key_id = env.get("AWS_ACCESS_KEY_ID")
+        secret = env.get("AWS_SECRET_ACCESS_KEY")
         self._creds = (
-            Credentials(key_id, secret, os.environ.get("AWS_SESSION_TOKEN"))
-            if key_id and secret
-            else None
+            Credentials(key_id, secret, env.get("AWS_SESSION_TOKEN")) if key_id and secret else None
         )
         self.uses_credentials = self._creds is not None
         self.http = HttpClient(self.uri, read_timeout=read_timeout, advice=self._advice)
