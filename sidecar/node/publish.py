@@ -88,7 +88,10 @@ KIND_ATTR: Final = "kind"
 KIND_VIEW: Final = "view"
 KIND_FUSE: Final = "fuse"
 KINDS: Final = (KIND_VIEW, KIND_FUSE)
-ATTRIBUTES: Final = (MODELS_ATTR, KIND_ATTR)
+#: ``NAME=key,...``: which keys of the pod's Secret hold which credential, when the
+#: Secret's own key names differ (``HF_TOKEN=token``); by default the names themselves.
+CREDENTIAL_KEYS_ATTR: Final = "credentialKeys"
+ATTRIBUTES: Final = (MODELS_ATTR, KIND_ATTR, CREDENTIAL_KEYS_ATTR)
 
 #: Keys of the pod's Secret that count as its credentials; any other key is ignored.
 CREDENTIAL_KEYS: Final = (
@@ -98,6 +101,7 @@ CREDENTIAL_KEYS: Final = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+DEFAULT_CREDENTIAL_KEYS: Final = tuple((name, name) for name in CREDENTIAL_KEYS)
 #: Variables of the node's own environment that would lend a pod the node's identity.
 _NODE_IDENTITY_KEYS: Final = (
     *CREDENTIAL_KEYS,
@@ -157,6 +161,8 @@ class VolumeSpec:
     kind: str
     models: tuple[NamedModel, ...]
     pod: PodInfo
+    #: credential name → key of the pod's Secret that holds it
+    credential_keys: tuple[tuple[str, str], ...] = DEFAULT_CREDENTIAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -216,16 +222,37 @@ def parse_volume_context(ctx: Mapping[str, str]) -> VolumeSpec:
         uid=uid,
         service_account=ctx.get(SERVICE_ACCOUNT_KEY, ""),
     )
-    return VolumeSpec(kind, tuple(models), pod)
+    return VolumeSpec(kind, tuple(models), pod, _parse_credential_keys(ctx))
 
 
-def pod_env(secrets: Mapping[str, str], node_env: Mapping[str, str]) -> dict[str, str]:
+def _parse_credential_keys(ctx: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    text = ctx.get(CREDENTIAL_KEYS_ATTR, "").strip()
+    if not text:
+        return DEFAULT_CREDENTIAL_KEYS
+    pairs: dict[str, str] = {}
+    for entry in text.split(","):
+        name, sep, key = (part.strip() for part in entry.partition("="))
+        if not sep or name not in CREDENTIAL_KEYS or not key:
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"volumeAttributes {CREDENTIAL_KEYS_ATTR}: {entry.strip()!r} is not NAME=key "
+                f"with NAME one of {', '.join(CREDENTIAL_KEYS)}",
+            )
+        pairs[name] = key
+    return tuple(pairs.items())
+
+
+def pod_env(
+    secrets: Mapping[str, str],
+    node_env: Mapping[str, str],
+    credential_keys: Sequence[tuple[str, str]] = DEFAULT_CREDENTIAL_KEYS,
+) -> dict[str, str]:
     """The environment the sources see for one pod: the node's configuration (endpoints,
-    region, proxies) without any of the node's own credentials, plus the credential keys
-    of the pod's Secret. Nothing else of the Secret is used: a pod cannot point the check
-    at a hub or S3 endpoint of its choosing."""
+    region, proxies) without any of the node's own credentials, plus the pod's credentials
+    from its Secret (``credential_keys``: credential name → Secret key). Nothing else of the
+    Secret is used: a pod cannot point the check at a hub or S3 endpoint of its choosing."""
     env = {k: v for k, v in node_env.items() if k not in _NODE_IDENTITY_KEYS}
-    env.update({k: v for k, v in secrets.items() if k in CREDENTIAL_KEYS and v})
+    env.update({name: secrets[key] for name, key in credential_keys if secrets.get(key)})
     return env
 
 
@@ -324,7 +351,7 @@ class Publisher:
                     "attributes",
                 )
             socket_dir = self._socket_dir(spec.pod) if spec.kind == KIND_FUSE else None
-            env = pod_env(req.secrets, self.node_env)
+            env = pod_env(req.secrets, self.node_env, spec.credential_keys)
             complete = await self._check_models(spec, env, wait=spec.kind == KIND_VIEW)
             vol = _Volume(req.volume_id, target, spec, contextlib.ExitStack())
             try:

@@ -489,9 +489,11 @@ def test_a_private_hub_model_is_published_only_to_pods_whose_token_reads_it(
         assert not Path(req.target_path).exists(), why
     assert HUB_TOKEN not in plugin.log()
 
-    # a pod of another namespace with its own valid token gets the warm cache at once
+    # a pod of another namespace with its own valid token gets the warm cache at once (its
+    # Secret keeps the token under another key name, which the volume names)
     friend = Pod.new("friend", namespace="team-c")
-    req = plugin.request(friend, "modelcache-models", attrs, {"HF_TOKEN": HUB_TOKEN})
+    renamed = {**attrs, "credentialKeys": "HF_TOKEN=token"}
+    req = plugin.request(friend, "modelcache-models", renamed, {"token": HUB_TOKEN})
     plugin.publish_once(req)
     assert private.server.stats.file_requests == files_before  # no byte fetched again
     seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, "secret", nobody=True))
@@ -573,6 +575,7 @@ def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_creden
         ({"cacheDir": "/"}, "unknown volumeAttributes cacheDir"),
         ({"models": "x=pvc://claim/m"}, "pvc:// sources are not published"),
         ({"csi.storage.k8s.io/pod.uid": "../../etc"}, "is not a pod uid"),
+        ({"credentialKeys": "HF_ENDPOINT=url"}, "credentialKeys: 'HF_ENDPOINT=url' is not"),
     ],
 )
 def test_bad_volume_attributes_are_refused_with_the_key_named(
