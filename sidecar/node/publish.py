@@ -383,13 +383,16 @@ class Publisher:
         if not volume_id:
             raise PublishError(ErrorKind.INVALID, "volume_id is empty")
         target = self._target(target_path)
-        async with self._lock(target):
+        lock = self._lock(target)
+        async with lock:
             vol = self._volumes.pop(target, None)
             if vol is None:
                 vol = _Volume(
                     volume_id, target, VolumeSpec("", (), PodInfo()), contextlib.ExitStack()
                 )
             await self._teardown(vol)
+        if not lock.locked():
+            self._locks.pop(target, None)  # the kubelet never reuses a pod's target
         log.info("unpublished volume %s at %s", volume_id, target)
 
     async def aclose(self) -> None:
@@ -468,12 +471,13 @@ class Publisher:
             else:
                 complete[m.name] = res
                 if not res and wait:
-                    fetch = self._fetches[m.source.cache_key]
+                    fetch = self._fetches.get(m.source.cache_key)
+                    status = fetch.status() if fetch is not None else "just finished"
                     errors.append(
                         PublishError(
                             ErrorKind.PENDING,
                             f"model {m.name!r} ({m.source.uri}) is being fetched into the node "
-                            f"cache: {fetch.status()}",
+                            f"cache: {status}",
                         )
                     )
         if errors:
@@ -585,8 +589,10 @@ class Publisher:
             fetch.error = f"{type(exc).__name__}: {exc}"
         if fetch.error:
             log.warning("fetching %s failed: %s", model.source.uri, fetch.error)
-        else:
-            log.info("fetched %s in %.1fs", model.source.uri, time.monotonic() - started)
+            return  # kept until the next publish of this model has reported it
+        log.info("fetched %s in %.1fs", model.source.uri, time.monotonic() - started)
+        if self._fetches.get(model.source.cache_key) is fetch:
+            del self._fetches[model.source.cache_key]
 
     # ---- mounts -------------------------------------------------------------------------
 
