@@ -608,7 +608,7 @@ class Publisher:
     def _mount_view(self, vol: _Volume) -> None:
         target = vol.target
         try:
-            target.mkdir(mode=0o755, exist_ok=True)
+            _make_target(target)
             mounts.mount_view_root(target)
             for m in vol.spec.models:
                 (target / m.name).mkdir(mode=0o755)
@@ -620,7 +620,7 @@ class Publisher:
     def _mount_fuse(self, vol: _Volume, socket_dir: Path) -> None:
         target = vol.target
         try:
-            target.mkdir(mode=0o755, exist_ok=True)
+            _make_target(target)
             vol.fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             mounts.mount_fuse(target, vol.fuse_fd)
             vol.socket_path = socket_dir / handover.SOCKET_NAME
@@ -697,6 +697,13 @@ class Publisher:
                 os.close(vol.fuse_fd)
                 vol.fuse_fd = -1
             vol.pins.close()
+
+
+def _make_target(target: Path) -> None:
+    """Create the target (the kubelet made its parent); never mount through a symlink."""
+    target.mkdir(mode=0o755, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(target).st_mode):
+        raise PublishError(ErrorKind.INVALID, f"target_path {target} is not a directory")
 
 
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
