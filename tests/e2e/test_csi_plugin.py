@@ -35,6 +35,7 @@ import pytest
 from sidecar.modelsource import parse_model_uri
 from sidecar.node import _csi_pb2 as pb
 from sidecar.node import _csi_pb2_grpc as pb_grpc
+from sidecar.node.handover import HandoverError, is_fuse_device, receive_fd
 from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
 from tests.fixtures.servers import ServedModel, fake_hf_hub, fault_server, free_port
 
@@ -333,6 +334,7 @@ def plugin(plugin_root: Path, served: dict[str, ServedModel]) -> Iterator[Plugin
     yield p
     p.stop()
     assert "Traceback" not in p.log(), p.log()
+    assert p.proc.returncode == 0, p.log()  # SIGTERM: stops serving and exits cleanly
 
 
 def models_attr(**models: str) -> dict[str, str]:
@@ -675,6 +677,13 @@ def test_fuse_descriptor_is_handed_to_an_unprivileged_sidecar_that_serves_it(
         write = plugin.run_in_ns(["touch", f"{req.target_path}/tiny/new"], nobody=True)
         assert write.returncode != 0
 
+        # a restarted sidecar connects again and gets the same connection
+        again = receive_fd(socket_dir / "socket", timeout=10)
+        try:
+            assert is_fuse_device(again)
+        finally:
+            os.close(again)
+
         plugin.unpublish(req)  # unmounting ends the sidecar's FUSE loop cleanly
         out, errors = sidecar.communicate(timeout=60)
         assert sidecar.returncode == 0, errors
@@ -690,8 +699,6 @@ def test_fuse_descriptor_is_handed_to_an_unprivileged_sidecar_that_serves_it(
 
 
 def test_receive_fd_names_the_socket_when_nothing_is_published(tmp_path: Path) -> None:
-    from sidecar.node.handover import HandoverError, receive_fd
-
     started = time.monotonic()
     with pytest.raises(HandoverError, match="no FUSE descriptor from the node plugin at"):
         receive_fd(tmp_path / "socket", timeout=0.3)
