@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="after cleaning, stay running until SIGTERM (so a DaemonSet shows every node "
         "done with `kubectl rollout status`)",
     )
+
+    from sidecar.node.flags import add_parser as add_csi_parser
+
+    add_csi_parser(sub)
     return parser
 
 
@@ -283,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar import uninstall
 
         return uninstall.run(args)
+    if args.role == "csi":
+        from sidecar.node import csi
+
+        return csi.run(args)
     from sidecar import agent
 
     return agent.run(args)

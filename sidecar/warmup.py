@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -392,6 +392,7 @@ async def warm_models(
     file_roots: Sequence[Path | str] = (),
     progress: Progress | None = None,
     pin: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> WarmupReport:
     """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
     (carrying the report) listing each failure.
@@ -399,6 +400,7 @@ async def warm_models(
     ``file://`` models are read only under ``file_roots`` (none: refused), and no local
     source may read the node cache itself. ``pin`` (the pod) pins each model before and
     after filling it, so the agent does not evict it before the pod's sidecar holds it.
+    ``env``: where the sources read credentials and endpoints (default ``os.environ``).
     """
     progress = progress or Progress()
     report = WarmupReport(
@@ -406,7 +408,13 @@ async def warm_models(
     )
     started = time.monotonic()
     sources = [
-        open_source(m, pvc_root=pvc_root, file_roots=file_roots, private_dirs=[cache.cache_dir])
+        open_source(
+            m,
+            pvc_root=pvc_root,
+            file_roots=file_roots,
+            private_dirs=[cache.cache_dir],
+            env=env,
+        )
         for m in models
     ]
     limiter = asyncio.Semaphore(max(1, parallel))

@@ -26,7 +26,7 @@ the termination message and metrics) and its message says what to do about it:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -125,12 +125,16 @@ def open_source(
     file_roots: Sequence[Path | str] = (),
     private_dirs: Sequence[Path | str] = (),
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Source:
     """The source for ``model``; credentials from the standard env vars only. No I/O here.
 
     ``file://`` sources are read only under ``file_roots`` (none: every one is refused) and a
     ``pvc://`` source only inside its claim; neither may overlap ``private_dirs`` (the node
     cache). See ``sidecar.sources.local``.
+
+    ``env`` replaces ``os.environ`` as where those variables are read (the node plugin
+    passes each pod's own credentials this way, never through its process environment).
     """
     src = model.source
     if src.scheme == "file":
@@ -163,16 +167,16 @@ def open_source(
         from sidecar.sources.s3 import S3Source
 
         bucket, _, prefix = src.location.partition("/")
-        return S3Source(bucket, prefix, read_timeout=read_timeout)
+        return S3Source(bucket, prefix, read_timeout=read_timeout, env=env)
     if src.scheme == "gs":
         from sidecar.sources.gs import open_gs
 
         bucket, _, prefix = src.location.partition("/")
-        return open_gs(bucket, prefix, read_timeout=read_timeout)
+        return open_gs(bucket, prefix, read_timeout=read_timeout, env=env)
     if src.scheme == "hf":
         from sidecar.sources.hf import HfSource
 
-        return HfSource(src.location, src.revision or "main", read_timeout=read_timeout)
+        return HfSource(src.location, src.revision or "main", read_timeout=read_timeout, env=env)
     raise SourceError(f"{src.uri}: scheme {src.scheme!r} has no source implementation")
 
 

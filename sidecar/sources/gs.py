@@ -19,6 +19,7 @@ Environment (its own names, so a pod that holds AWS keys for S3 never sends them
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Final
 
 from botocore.credentials import Credentials
@@ -31,13 +32,14 @@ DEFAULT_REGION: Final = "auto"
 ENV_VARS: Final = ("GCS_ACCESS_KEY_ID", "GCS_SECRET_ACCESS_KEY", "GCS_ENDPOINT_URL", "GCS_REGION")
 
 
-def gcs_access(bucket: str) -> S3Access:
-    endpoint = (os.environ.get("GCS_ENDPOINT_URL") or DEFAULT_ENDPOINT).rstrip("/")
-    key_id = os.environ.get("GCS_ACCESS_KEY_ID")
-    secret = os.environ.get("GCS_SECRET_ACCESS_KEY")
+def gcs_access(bucket: str, env: Mapping[str, str] | None = None) -> S3Access:
+    env = os.environ if env is None else env
+    endpoint = (env.get("GCS_ENDPOINT_URL") or DEFAULT_ENDPOINT).rstrip("/")
+    key_id = env.get("GCS_ACCESS_KEY_ID")
+    secret = env.get("GCS_SECRET_ACCESS_KEY")
     return S3Access(
         f"{endpoint}/{bucket}",
-        os.environ.get("GCS_REGION") or DEFAULT_REGION,
+        env.get("GCS_REGION") or DEFAULT_REGION,
         Credentials(key_id, secret) if key_id and secret else None,
         service="Cloud Storage",
         key_vars=("GCS_ACCESS_KEY_ID", "GCS_SECRET_ACCESS_KEY"),
@@ -47,8 +49,10 @@ def gcs_access(bucket: str) -> S3Access:
     )
 
 
-def open_gs(bucket: str, prefix: str, *, read_timeout: float) -> S3Source:
+def open_gs(
+    bucket: str, prefix: str, *, read_timeout: float, env: Mapping[str, str] | None = None
+) -> S3Source:
     """Every object under ``gs://bucket/prefix``."""
     return S3Source(
-        bucket, prefix, read_timeout=read_timeout, access=gcs_access(bucket), scheme="gs"
+        bucket, prefix, read_timeout=read_timeout, access=gcs_access(bucket, env), scheme="gs"
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from urllib.parse import quote
 
 from yarl import URL
@@ -45,11 +45,19 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 class HfSource:
     """One revision of a hub model repository."""
 
-    def __init__(self, repo: str, revision: str, *, read_timeout: float) -> None:
+    def __init__(
+        self,
+        repo: str,
+        revision: str,
+        *,
+        read_timeout: float,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
         self.repo = repo
         self.revision = revision
-        self.endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        self.endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.uses_credentials = bool(token)
         self.uri = f"hf://{repo}@{revision}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -69,10 +69,12 @@ class S3Access:
     permissions: str = "allow s3:ListBucket and s3:GetObject for them in the IAM or bucket policy"
 
 
-def aws_access(bucket: str) -> S3Access:
-    """The bucket on AWS S3 (or ``AWS_ENDPOINT_URL*``), keys from the ``AWS_*`` variables."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+def aws_access(bucket: str, env: Mapping[str, str] | None = None) -> S3Access:
+    """The bucket on AWS S3 (or ``AWS_ENDPOINT_URL*``), keys from the ``AWS_*`` variables of
+    ``env`` (default ``os.environ``; the node plugin passes each pod's own)."""
+    env = os.environ if env is None else env
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", "us-east-1")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
         base = f"{endpoint.rstrip('/')}/{bucket}"
     elif "." in bucket:
@@ -80,13 +82,9 @@ def aws_access(bucket: str) -> S3Access:
         base = f"https://s3.{region}.amazonaws.com/{bucket}"
     else:
         base = f"https://{bucket}.s3.{region}.amazonaws.com"
-    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    creds = (
-        Credentials(key_id, secret, os.environ.get("AWS_SESSION_TOKEN"))
-        if key_id and secret
-        else None
-    )
+    key_id = env.get("AWS_ACCESS_KEY_ID")
+    secret = env.get("AWS_SECRET_ACCESS_KEY")
+    creds = Credentials(key_id, secret, env.get("AWS_SESSION_TOKEN")) if key_id and secret else None
     return S3Access(base, region, creds)
 
 
@@ -102,12 +100,13 @@ class S3Source:
         page_size: int | None = None,
         access: S3Access | None = None,
         scheme: str = "s3",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.bucket = bucket
         self.page_size = page_size
         self.prefix = prefix
         self.uri = f"{scheme}://{bucket}/{prefix}"
-        access = access or aws_access(bucket)
+        access = access or aws_access(bucket, env)
         self.region = access.region
         self.base = access.base
         self._creds = access.credentials

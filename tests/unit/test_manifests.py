@@ -636,9 +636,7 @@ def test_events_overlay_lets_the_server_create_events_and_nothing_else(rendered)
     )
     assert {v for r in role["rules"] for v in r["verbs"]} == {"create", "patch"}
     assert {res for r in role["rules"] for res in r["resources"]} == {"events"}
-    server = next(
-        c for c in _pod_spec(objs)["containers"] if c["name"] == "webhook"
-    )
+    server = next(c for c in _pod_spec(objs)["containers"] if c["name"] == "webhook")
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     assert mounts["/var/run/secrets/kubernetes.io/serviceaccount"]["readOnly"] is True
     assert _pod_spec(rendered["default"])["automountServiceAccountToken"] is False

@@ -1,0 +1,720 @@
+"""What publishing a ``csi.modelcache.io`` volume to a pod does, and how it is undone.
+
+The kubelet calls ``NodePublishVolume`` for each inline ``csi`` volume of a pod before the
+pod's containers start, with the volume's ``volumeAttributes``, the pod's identity (the
+CSIDriver sets ``podInfoOnMount``) and the data of the pod's ``nodePublishSecretRef`` Secret.
+:class:`Publisher` turns that into a mount on the target path:
+
+1. **Policy** (no I/O): the attributes name the models (``models``: ``name=uri,...``) and
+   the kind of volume (``kind``: ``view`` or ``fuse``). ``file://`` sources must lie under
+   the roots the node allows (none by default); ``pvc://`` is not published by the node.
+2. **Access check**, every time, even for a complete cache: each model's source is listed
+   with *this pod's* credentials (only the credential keys of its Secret: the node's own
+   credentials are never used for a pod, and endpoints such as ``HF_ENDPOINT`` come from the
+   node, never from the pod) and the node's own name resolution. Refused: the publish fails
+   with a permission error, whatever the cache holds. Unreachable: the cached copy is served
+   only if the pod sends no credentials and the copy was fetched with none.
+3. **Fetch**: a model that is not complete (or changed at the source) is fetched into the
+   node cache in the background, once per model however many pods ask (single-flight), with
+   the credentials of the pod that started it. Until it is complete a ``view`` publish
+   fails with a retryable error that shows the progress, so every call returns well within
+   the kubelet's per-call limit (about two minutes) and the kubelet's retries pick it up.
+4. **Mount**:
+
+   ``view``: a small read-only tmpfs on the target holding one directory per model, each a
+   read-only (nosuid, nodev) bind mount of that model's complete files in the node cache.
+   The pod sees its own models and nothing else of the cache, and cannot write anywhere.
+
+   ``fuse``: ``/dev/fuse`` mounted read-only on the target (type ``fuse.modelcache``), its
+   descriptor handed to the pod's unprivileged sidecar through a unix socket in the pod's
+   ``modelcache-fuse-socket`` emptyDir (:mod:`sidecar.node.handover`). It does not wait for
+   the fetch: the sidecar serves files as they complete (the ``async`` warm-up mode).
+
+   Each published model is pinned (a shared lock on the model, which the agent's eviction
+   needs exclusively) until the volume is unpublished.
+
+Unpublishing unmounts everything under the target and removes it; unknown or already
+removed targets are fine (the kubelet retries and may call it twice).
+
+Nothing here knows gRPC: errors are :class:`PublishError` with an :class:`ErrorKind` that
+``sidecar.node.csi`` maps onto status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sidecar.cache import CacheError, NodeCache
+from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_spec
+from sidecar.node import handover, mounts
+from sidecar.node.flags import DRIVER_NAME
+from sidecar.progress import Progress
+from sidecar.sources import (
+    RemoteFile,
+    SourceAccessError,
+    SourceError,
+    SourceUnavailableError,
+    open_source,
+)
+from sidecar.warmup import WarmupError, warm_models
+
+log = logging.getLogger(__name__)
+
+# volume_context keys the kubelet adds to an inline volume's volumeAttributes
+EPHEMERAL_KEY: Final = "csi.storage.k8s.io/ephemeral"
+POD_NAME_KEY: Final = "csi.storage.k8s.io/pod.name"
+POD_NAMESPACE_KEY: Final = "csi.storage.k8s.io/pod.namespace"
+POD_UID_KEY: Final = "csi.storage.k8s.io/pod.uid"
+SERVICE_ACCOUNT_KEY: Final = "csi.storage.k8s.io/serviceAccount.name"
+KUBELET_PREFIX: Final = "csi.storage.k8s.io/"
+
+# the volume attributes of a csi.modelcache.io volume
+MODELS_ATTR: Final = "models"
+KIND_ATTR: Final = "kind"
+KIND_VIEW: Final = "view"
+KIND_FUSE: Final = "fuse"
+KINDS: Final = (KIND_VIEW, KIND_FUSE)
+#: ``NAME=key,...``: which keys of the pod's Secret hold which credential, when the
+#: Secret's own key names differ (``HF_TOKEN=token``); by default the names themselves.
+CREDENTIAL_KEYS_ATTR: Final = "credentialKeys"
+ATTRIBUTES: Final = (MODELS_ATTR, KIND_ATTR, CREDENTIAL_KEYS_ATTR)
+
+#: Keys of the pod's Secret that count as its credentials; any other key is ignored.
+CREDENTIAL_KEYS: Final = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+DEFAULT_CREDENTIAL_KEYS: Final = tuple((name, name) for name in CREDENTIAL_KEYS)
+#: Variables of the node's own environment that would lend a pod the node's identity.
+_NODE_IDENTITY_KEYS: Final = (
+    *CREDENTIAL_KEYS,
+    "HF_TOKEN_PATH",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
+#: In a model directory: present when the complete copy was fetched with no credentials.
+ANONYMOUS_MARKER: Final = ".fetched-anonymously"
+
+_UID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class ErrorKind(enum.Enum):
+    """Why a call failed, which decides the status code and whether the kubelet retries."""
+
+    INVALID = "invalid"  # the request itself is wrong
+    DENIED = "denied"  # this pod may not have this
+    CONFLICT = "conflict"  # the target is published with something else
+    PENDING = "pending"  # in progress (a fetch): retry
+    UNAVAILABLE = "unavailable"  # the source cannot be reached now: retry
+    SOURCE = "source"  # the source cannot be used as it is
+    INTERNAL = "internal"  # the node side failed (disk, mount)
+
+
+class PublishError(Exception):
+    """A publish or unpublish that failed; the message is for ``kubectl describe pod``."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """Who the volume is for, from the kubelet's ``podInfoOnMount`` keys (may be empty)."""
+
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+    service_account: str = ""
+
+    def __str__(self) -> str:
+        return f"pod {self.namespace}/{self.name}" if self.name else "the pod"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    kind: str
+    models: tuple[NamedModel, ...]
+    pod: PodInfo
+    #: credential name → key of the pod's Secret that holds it
+    credential_keys: tuple[tuple[str, str], ...] = DEFAULT_CREDENTIAL_KEYS
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """What ``NodePublishVolume`` carries that the plugin uses."""
+
+    volume_id: str
+    target_path: str
+    volume_context: Mapping[str, str]
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The node plugin's settings (command-line flags of ``python -m sidecar csi``)."""
+
+    cache_dir: Path
+    kubelet_root: Path = Path("/var/lib/kubelet")
+    file_roots: tuple[Path, ...] = ()
+    check_timeout: float = 30.0
+    fetch_timeout: float = 3600.0
+    parallel: int = 8
+
+
+def parse_volume_context(ctx: Mapping[str, str]) -> VolumeSpec:
+    """The volume's kind, models and pod; :class:`PublishError` (INVALID) naming the key."""
+    if ctx.get(EPHEMERAL_KEY) != "true":
+        raise PublishError(
+            ErrorKind.INVALID,
+            f"{DRIVER_NAME} publishes only inline ephemeral volumes (a `csi` volume in the "
+            f"pod spec); {EPHEMERAL_KEY} is {ctx.get(EPHEMERAL_KEY)!r}",
+        )
+    unknown = sorted(k for k in ctx if not k.startswith(KUBELET_PREFIX) and k not in ATTRIBUTES)
+    if unknown:
+        raise PublishError(
+            ErrorKind.INVALID,
+            f"unknown volumeAttributes {', '.join(unknown)}; accepted: {', '.join(ATTRIBUTES)}",
+        )
+    kind = ctx.get(KIND_ATTR, KIND_VIEW)
+    if kind not in KINDS:
+        raise PublishError(
+            ErrorKind.INVALID,
+            f"volumeAttributes {KIND_ATTR}={kind!r} is not valid; accepted: {', '.join(KINDS)}",
+        )
+    spec = ctx.get(MODELS_ATTR, "")
+    try:
+        models = parse_model_spec(spec)
+    except ModelSourceError as exc:
+        raise PublishError(ErrorKind.INVALID, f"volumeAttributes {MODELS_ATTR}: {exc}") from None
+    uid = ctx.get(POD_UID_KEY, "")
+    if uid and not _UID_RE.match(uid):
+        raise PublishError(ErrorKind.INVALID, f"{POD_UID_KEY} {uid!r} is not a pod uid")
+    pod = PodInfo(
+        name=ctx.get(POD_NAME_KEY, ""),
+        namespace=ctx.get(POD_NAMESPACE_KEY, ""),
+        uid=uid,
+        service_account=ctx.get(SERVICE_ACCOUNT_KEY, ""),
+    )
+    return VolumeSpec(kind, tuple(models), pod, _parse_credential_keys(ctx))
+
+
+def _parse_credential_keys(ctx: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    text = ctx.get(CREDENTIAL_KEYS_ATTR, "").strip()
+    if not text:
+        return DEFAULT_CREDENTIAL_KEYS
+    pairs: dict[str, str] = {}
+    for entry in text.split(","):
+        name, sep, key = (part.strip() for part in entry.partition("="))
+        if not sep or name not in CREDENTIAL_KEYS or not key:
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"volumeAttributes {CREDENTIAL_KEYS_ATTR}: {entry.strip()!r} is not NAME=key "
+                f"with NAME one of {', '.join(CREDENTIAL_KEYS)}",
+            )
+        pairs[name] = key
+    return tuple(pairs.items())
+
+
+def pod_env(
+    secrets: Mapping[str, str],
+    node_env: Mapping[str, str],
+    credential_keys: Sequence[tuple[str, str]] = DEFAULT_CREDENTIAL_KEYS,
+) -> dict[str, str]:
+    """The environment the sources see for one pod: the node's configuration (endpoints,
+    region, proxies) without any of the node's own credentials, plus the pod's credentials
+    from its Secret (``credential_keys``: credential name → Secret key). Nothing else of the
+    Secret is used: a pod cannot point the check at a hub or S3 endpoint of its choosing."""
+    env = {k: v for k, v in node_env.items() if k not in _NODE_IDENTITY_KEYS}
+    env.update({name: secrets[key] for name, key in credential_keys if secrets.get(key)})
+    return env
+
+
+def check_file_roots(models: Sequence[NamedModel], roots: Sequence[Path]) -> None:
+    """``file://`` sources only under ``roots`` (after resolving symlinks); no ``pvc://``."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    for m in models:
+        if m.source.scheme == "pvc":
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"model {m.name!r}: {m.source.uri}: pvc:// sources are not published by the "
+                "node plugin (a claim is mounted into the pod itself)",
+            )
+        if m.source.scheme != "file":
+            continue
+        real = os.path.realpath(m.source.location)
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in real_roots):
+            allowed = ", ".join(str(r) for r in roots) or "none are configured"
+            raise PublishError(
+                ErrorKind.DENIED,
+                f"model {m.name!r}: file:// source {m.source.uri} is outside the directories "
+                f"this node allows for file:// sources ({allowed})",
+            )
+
+
+class _Fetch:
+    """One background fill of one model into the node cache."""
+
+    def __init__(self, model: NamedModel) -> None:
+        self.model = model
+        self.progress = Progress(emit=lambda line: log.info("%s: %s", model.source.uri, line))
+        self.error: str | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def status(self) -> str:
+        if self.progress.total_bytes == 0:
+            return "listing the source"
+        return self.progress.line()
+
+
+@dataclass
+class _Volume:
+    volume_id: str
+    target: Path
+    spec: VolumeSpec
+    pins: contextlib.ExitStack
+    fuse_fd: int = -1
+    listener: socket.socket | None = None
+    socket_path: Path | None = None
+    serve_task: asyncio.Task[None] | None = None
+
+
+_SEVERITY: Final = (
+    ErrorKind.DENIED,
+    ErrorKind.INVALID,
+    ErrorKind.SOURCE,
+    ErrorKind.INTERNAL,
+    ErrorKind.UNAVAILABLE,
+    ErrorKind.PENDING,
+)
+
+
+class Publisher:
+    """Publishes and unpublishes volumes; one per node plugin process, on its event loop."""
+
+    def __init__(
+        self,
+        config: PluginConfig,
+        *,
+        cache: NodeCache | None = None,
+        node_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.cache = cache or NodeCache(config.cache_dir)
+        self.node_env = dict(os.environ if node_env is None else node_env)
+        self._fetches: dict[str, _Fetch] = {}
+        self._volumes: dict[Path, _Volume] = {}
+        self._locks: dict[Path, asyncio.Lock] = {}
+
+    # ---- the two calls ------------------------------------------------------------------
+
+    async def publish(self, req: PublishRequest) -> None:
+        if not req.volume_id:
+            raise PublishError(ErrorKind.INVALID, "volume_id is empty")
+        target = self._target(req.target_path)
+        spec = parse_volume_context(req.volume_context)
+        check_file_roots(spec.models, self.config.file_roots)
+        async with self._lock(target):
+            known = self._volumes.get(target)
+            if known is not None:
+                if known.volume_id == req.volume_id and known.spec == spec:
+                    return  # published already: the kubelet retried after a lost answer
+                raise PublishError(
+                    ErrorKind.CONFLICT,
+                    f"{target} is already published as volume {known.volume_id} with other "
+                    "attributes",
+                )
+            socket_dir = self._socket_dir(spec.pod) if spec.kind == KIND_FUSE else None
+            env = pod_env(req.secrets, self.node_env, spec.credential_keys)
+            complete = await self._check_models(spec, env, wait=spec.kind == KIND_VIEW)
+            vol = _Volume(req.volume_id, target, spec, contextlib.ExitStack())
+            try:
+                self._pin(vol)
+                if mounts.mounts_under(target):
+                    # left over from an earlier run of the plugin that we no longer track
+                    await asyncio.to_thread(mounts.unmount_tree, target)
+                if socket_dir is None:
+                    await asyncio.to_thread(self._mount_view, vol)
+                else:
+                    await asyncio.to_thread(self._mount_fuse, vol, socket_dir)
+                    self._start_handover(vol, complete)
+            except BaseException:
+                await self._teardown(vol)
+                raise
+            self._volumes[target] = vol
+            for m in spec.models:
+                self.cache.touch(m)
+        log.info(
+            "published volume %s (%s) for %s at %s: %s",
+            req.volume_id,
+            spec.kind,
+            spec.pod,
+            target,
+            ", ".join(m.to_arg() for m in spec.models),
+        )
+
+    async def unpublish(self, volume_id: str, target_path: str) -> None:
+        if not volume_id:
+            raise PublishError(ErrorKind.INVALID, "volume_id is empty")
+        target = self._target(target_path)
+        lock = self._lock(target)
+        async with lock:
+            vol = self._volumes.pop(target, None)
+            if vol is None:
+                vol = _Volume(
+                    volume_id, target, VolumeSpec("", (), PodInfo()), contextlib.ExitStack()
+                )
+            await self._teardown(vol)
+        if not lock.locked():
+            self._locks.pop(target, None)  # the kubelet never reuses a pod's target
+        log.info("unpublished volume %s at %s", volume_id, target)
+
+    async def aclose(self) -> None:
+        """Stop background fetches and hand-over listeners; mounts stay (the kubelet owns
+        their lifetime, and a restarted plugin unpublishes them when asked)."""
+        for vol in self._volumes.values():
+            self._stop_handover(vol)
+        tasks = [f.task for f in self._fetches.values() if f.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- validation ---------------------------------------------------------------------
+
+    def _lock(self, target: Path) -> asyncio.Lock:
+        return self._locks.setdefault(target, asyncio.Lock())
+
+    def _target(self, target_path: str) -> Path:
+        """The target as given, if it is a plain absolute path under the kubelet's pods."""
+        pods = os.path.normpath(self.config.kubelet_root / "pods")
+        if (
+            not target_path.startswith("/")
+            or os.path.normpath(target_path) != target_path.rstrip("/")
+            or not target_path.startswith(pods + "/")
+        ):
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"target_path {target_path!r} is not a normalized path under {pods}/",
+            )
+        return Path(target_path.rstrip("/"))
+
+    def _socket_dir(self, pod: PodInfo) -> Path:
+        if not pod.uid:
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"kind={KIND_FUSE} needs the pod's uid ({POD_UID_KEY}): the CSIDriver object "
+                f"{DRIVER_NAME} must set podInfoOnMount: true",
+            )
+        d = (
+            self.config.kubelet_root
+            / "pods"
+            / pod.uid
+            / "volumes"
+            / "kubernetes.io~empty-dir"
+            / handover.SOCKET_VOLUME
+        )
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            raise PublishError(
+                ErrorKind.PENDING,
+                f"waiting for the emptyDir volume {handover.SOCKET_VOLUME!r} of {pod} "
+                f"({d}) that carries the FUSE hand-over socket",
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise PublishError(ErrorKind.INVALID, f"{d} is not a directory")
+        return d
+
+    # ---- access check and fetch ---------------------------------------------------------
+
+    async def _check_models(
+        self, spec: VolumeSpec, env: Mapping[str, str], *, wait: bool
+    ) -> dict[str, bool]:
+        """Check every model's access; return name → complete. With ``wait``, a model not
+        complete yet is a PENDING error (after its fetch was started)."""
+        results = await asyncio.gather(
+            *(self._check_model(m, spec.pod, env) for m in spec.models), return_exceptions=True
+        )
+        errors: list[PublishError] = []
+        complete: dict[str, bool] = {}
+        for m, res in zip(spec.models, results, strict=True):
+            if isinstance(res, PublishError):
+                errors.append(res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                complete[m.name] = res
+                if not res and wait:
+                    fetch = self._fetches.get(m.source.cache_key)
+                    status = fetch.status() if fetch is not None else "just finished"
+                    errors.append(
+                        PublishError(
+                            ErrorKind.PENDING,
+                            f"model {m.name!r} ({m.source.uri}) is being fetched into the node "
+                            f"cache: {status}",
+                        )
+                    )
+        if errors:
+            kind = min((e.kind for e in errors), key=_SEVERITY.index)
+            raise PublishError(kind, "; ".join(str(e) for e in errors))
+        return complete
+
+    async def _check_model(self, model: NamedModel, pod: PodInfo, env: Mapping[str, str]) -> bool:
+        """Raise unless ``pod`` may read ``model`` now; return whether it is complete in the
+        cache, starting its fetch if it is not."""
+        what = f"model {model.name!r} ({model.source.uri})"
+        src = open_source(model, env=env, read_timeout=self.config.check_timeout)
+        anonymous = not getattr(src, "uses_credentials", True)
+        try:
+            async with asyncio.timeout(self.config.check_timeout):
+                listed = await src.list_files()
+        except SourceAccessError as exc:
+            raise PublishError(
+                ErrorKind.DENIED,
+                f"{pod} may not read {what} with its own credentials: {_detail(exc, model)}",
+            ) from None
+        except (SourceUnavailableError, TimeoutError) as exc:
+            if anonymous and self._fetched_anonymously(model) and self.cache.is_complete(model):
+                log.warning(
+                    "%s: source unreachable (%s); serving the complete cached copy to %s "
+                    "(fetched with no credentials, and the pod sends none)",
+                    what,
+                    _detail(exc, model) or "timed out",
+                    pod,
+                )
+                return True
+            raise PublishError(
+                ErrorKind.UNAVAILABLE,
+                f"cannot check that {pod} may read {what}: the source is unreachable: "
+                f"{_detail(exc, model) or f'no answer in {self.config.check_timeout:g}s'}",
+            ) from None
+        except SourceError as exc:
+            raise PublishError(ErrorKind.SOURCE, f"{what}: {_detail(exc, model)}") from None
+        finally:
+            await src.aclose()
+        if not listed:
+            raise PublishError(ErrorKind.SOURCE, f"{what}: the source lists no files")
+        if self._is_current(model, listed):
+            return True
+        self._ensure_fetch(model, env, anonymous=anonymous)
+        return False
+
+    def _is_current(self, model: NamedModel, listed: list[RemoteFile]) -> bool:
+        """Complete in the cache, with exactly the files the source lists now."""
+        manifest = self.cache.read_manifest(model)
+        if manifest is None or not self.cache.is_complete(model):
+            return False
+        try:
+            cached = {e["path"]: (e["size"], e.get("sha256")) for e in manifest["files"]}
+        except (KeyError, TypeError):
+            return False
+        if set(cached) != {f.path for f in listed}:
+            return False
+        for f in listed:
+            size, sha = cached[f.path]
+            if size != f.size or (f.sha256 and sha and sha != f.sha256):
+                return False
+        return True
+
+    def _fetched_anonymously(self, model: NamedModel) -> bool:
+        return (self.cache.model_dir(model).root / ANONYMOUS_MARKER).is_file()
+
+    def _ensure_fetch(self, model: NamedModel, env: Mapping[str, str], *, anonymous: bool) -> None:
+        key = model.source.cache_key
+        fetch = self._fetches.get(key)
+        if fetch is not None and fetch.task is not None and not fetch.task.done():
+            return  # single flight: the running fetch serves every pod that may read it
+        if fetch is not None and fetch.error is not None:
+            # report the failure once, to whoever asks next; the call after that retries
+            del self._fetches[key]
+            raise PublishError(
+                ErrorKind.UNAVAILABLE,
+                f"fetching model {model.name!r} ({model.source.uri}) failed: {fetch.error}",
+            )
+        fetch = _Fetch(model)
+        fetch.task = asyncio.get_running_loop().create_task(
+            self._fill(fetch, dict(env), anonymous), name=f"fetch {model.source.uri}"
+        )
+        self._fetches[key] = fetch
+
+    async def _fill(self, fetch: _Fetch, env: dict[str, str], anonymous: bool) -> None:
+        model = fetch.model
+        marker = self.cache.model_dir(model).root / ANONYMOUS_MARKER
+        started = time.monotonic()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()  # the copy is being replaced: it is no longer the anonymous one
+            await warm_models(
+                self.cache,
+                [model],
+                parallel=self.config.parallel,
+                timeout=self.config.fetch_timeout,
+                progress=fetch.progress,
+                env=env,
+            )
+            if anonymous:
+                marker.touch()
+        except WarmupError as exc:
+            fetch.error = "; ".join(exc.failures)
+        except (OSError, CacheError) as exc:
+            fetch.error = str(exc)
+        except Exception as exc:
+            log.exception("fetching %s failed", model.source.uri)
+            fetch.error = f"{type(exc).__name__}: {exc}"
+        if fetch.error:
+            log.warning("fetching %s failed: %s", model.source.uri, fetch.error)
+            return  # kept until the next publish of this model has reported it
+        log.info("fetched %s in %.1fs", model.source.uri, time.monotonic() - started)
+        if self._fetches.get(model.source.cache_key) is fetch:
+            del self._fetches[model.source.cache_key]
+
+    # ---- mounts -------------------------------------------------------------------------
+
+    def _pin(self, vol: _Volume) -> None:
+        """Hold every model's shared lock so eviction leaves it alone while published."""
+        for m in vol.spec.models:
+            if not vol.pins.enter_context(self.cache.hold(m, blocking=False)):
+                raise PublishError(
+                    ErrorKind.PENDING,
+                    f"model {m.name!r} ({m.source.uri}) is being evicted from the node cache",
+                )
+
+    def _mount_view(self, vol: _Volume) -> None:
+        target = vol.target
+        try:
+            _make_target(target)
+            mounts.mount_view_root(target)
+            for m in vol.spec.models:
+                (target / m.name).mkdir(mode=0o755)
+                mounts.bind_readonly(self.cache.model_dir(m).data, target / m.name)
+            mounts.seal_view_root(target)
+        except OSError as exc:
+            raise PublishError(ErrorKind.INTERNAL, f"cannot publish {target}: {exc}") from None
+
+    def _mount_fuse(self, vol: _Volume, socket_dir: Path) -> None:
+        target = vol.target
+        try:
+            _make_target(target)
+            vol.fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            mounts.mount_fuse(target, vol.fuse_fd)
+            vol.socket_path = socket_dir / handover.SOCKET_NAME
+            vol.listener = handover.listen(vol.socket_path)
+        except (OSError, handover.HandoverError) as exc:
+            raise PublishError(ErrorKind.INTERNAL, f"cannot publish {target}: {exc}") from None
+
+    def _start_handover(self, vol: _Volume, complete: Mapping[str, bool]) -> None:
+        info: dict[str, Any] = {
+            "volume_id": vol.volume_id,
+            "models": [
+                {
+                    "name": m.name,
+                    "uri": m.source.uri,
+                    "cache_key": m.source.cache_key,
+                    "complete": complete.get(m.name, False),
+                }
+                for m in vol.spec.models
+            ],
+        }
+        vol.serve_task = asyncio.get_running_loop().create_task(
+            self._serve_handover(vol, info), name=f"hand-over {vol.volume_id}"
+        )
+
+    async def _serve_handover(self, vol: _Volume, info: dict[str, Any]) -> None:
+        """Give the descriptor to every connection until the volume is unpublished."""
+        assert vol.listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(vol.listener)
+            with conn:
+                try:
+                    pid, uid, _gid = _peer(conn)
+                    handover.send_fd(conn, vol.fuse_fd, info)
+                    log.info(
+                        "handed the FUSE descriptor of volume %s to pid %d (uid %d)",
+                        vol.volume_id,
+                        pid,
+                        uid,
+                    )
+                except OSError as exc:
+                    log.warning("hand-over of volume %s failed: %s", vol.volume_id, exc)
+
+    def _stop_handover(self, vol: _Volume) -> None:
+        if vol.serve_task is not None:
+            vol.serve_task.cancel()
+            vol.serve_task = None
+        if vol.listener is not None:
+            vol.listener.close()
+            vol.listener = None
+        if vol.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(vol.socket_path)
+            vol.socket_path = None
+
+    async def _teardown(self, vol: _Volume) -> None:
+        """Undo whatever of a publish exists: listener, mounts, target, descriptor, pins."""
+        self._stop_handover(vol)
+        try:
+            await asyncio.to_thread(mounts.unmount_tree, vol.target)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(vol.target)
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise PublishError(
+                    ErrorKind.INTERNAL,
+                    f"{vol.target} is not a mount of this plugin and is not empty; left alone",
+                ) from None
+            raise PublishError(
+                ErrorKind.INTERNAL, f"cannot unpublish {vol.target}: {exc}"
+            ) from None
+        finally:
+            if vol.fuse_fd >= 0:
+                os.close(vol.fuse_fd)
+                vol.fuse_fd = -1
+            vol.pins.close()
+
+
+def _make_target(target: Path) -> None:
+    """Create the target (the kubelet made its parent); never mount through a symlink."""
+    target.mkdir(mode=0o755, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(target).st_mode):
+        raise PublishError(ErrorKind.INVALID, f"target_path {target} is not a directory")
+
+
+def _peer(conn: socket.socket) -> tuple[int, int, int]:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def _detail(exc: BaseException, model: NamedModel) -> str:
+    """The error text without the URI the source classes start their messages with."""
+    text = str(exc)
+    for prefix in (model.source.uri, f"{model.source.scheme}://{model.source.location}"):
+        text = text.removeprefix(f"{prefix}: ")
+    return text

@@ -1,0 +1,705 @@
+"""The csi.modelcache.io node plugin, called over gRPC the way the kubelet calls it.
+
+The plugin runs as ``python -m sidecar csi`` in a private mount namespace of its own
+(``unshare --mount``), so its real mounts never reach the host and vanish with it. The test
+is the kubelet: it lays out ``<kubelet-root>/pods/<uid>/volumes/...`` as the kubelet does,
+sends NodePublishVolume with the volume context the kubelet builds for an inline volume of a
+CSIDriver with ``podInfoOnMount`` and the data of the pod's ``nodePublishSecretRef``, retries
+on the retryable codes, and looks at the result from inside the plugin's mount namespace as
+the pod would (``nsenter``, and ``setpriv`` to uid 65534 with no capabilities).
+
+Sources are real: nginx, the fake Hugging Face hub (a private repo with a bearer token) and
+the fault-injecting server for a slow fetch.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar.modelsource import parse_model_uri
+from sidecar.node import _csi_pb2 as pb
+from sidecar.node import _csi_pb2_grpc as pb_grpc
+from sidecar.node.handover import HandoverError, is_fuse_device, receive_fd
+from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
+from tests.fixtures.servers import ServedModel, fake_hf_hub, fault_server, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+RETRYABLE = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+HUB_TOKEN = "hf_csi_token"
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the node plugin mounts: needs root"
+    for tool in ("unshare", "nsenter", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"{tool}(1) is not installed (util-linux)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str = "team-a"
+    uid: str = ""
+    service_account: str = "default"
+
+    @staticmethod
+    def new(name: str, namespace: str = "team-a") -> Pod:
+        return Pod(name, namespace, str(uuid.uuid4()))
+
+
+def as_nobody(argv: list[str]) -> list[str]:
+    """``argv`` as uid/gid 65534 with no capabilities at all, like a restricted pod."""
+    return [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        *argv,
+    ]
+
+
+class Plugin:
+    """``python -m sidecar csi`` in its own mount namespace, plus a kubelet's client."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        file_roots: tuple[Path, ...] = (),
+        env: Mapping[str, str],
+        cache_dir: Path | None = None,
+    ):
+        self.root = root
+        self.kubelet_root = root / "kubelet"
+        self.cache_dir = cache_dir or root / "cache"
+        self.socket = root / "csi.sock"
+        self.log_path = root / "plugin.log"
+        self.kubelet_root.mkdir(mode=0o755)
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            "-m",
+            "sidecar",
+            "csi",
+            f"--csi-endpoint=unix://{self.socket}",
+            f"--cache-dir={self.cache_dir}",
+            f"--kubelet-root={self.kubelet_root}",
+            "--check-timeout=20",
+            *(f"--file-root={r}" for r in file_roots),
+        ]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "NODE_NAME": "node-a", **env}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=60)
+        except grpc.FutureTimeoutError:
+            self.stop()
+            raise AssertionError(f"the plugin did not start:\n{self.log()}") from None
+        self.identity = pb_grpc.IdentityStub(self.channel)
+        self.node = pb_grpc.NodeStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
+
+    # ---- the kubelet's side ---------------------------------------------------------------
+
+    def pod_dir(self, pod: Pod) -> Path:
+        return self.kubelet_root / "pods" / pod.uid
+
+    def target(self, pod: Pod, volume: str) -> Path:
+        return self.pod_dir(pod) / "volumes" / "kubernetes.io~csi" / volume / "mount"
+
+    def socket_dir(self, pod: Pod) -> Path:
+        return self.pod_dir(pod) / "volumes" / "kubernetes.io~empty-dir" / "modelcache-fuse-socket"
+
+    def make_socket_volume(self, pod: Pod) -> Path:
+        """The pod's emptyDir for the hand-over socket, as the kubelet makes it (0777)."""
+        d = self.socket_dir(pod)
+        d.mkdir(parents=True)
+        d.chmod(0o777)
+        for p in (d.parent, d.parent.parent, self.pod_dir(pod), self.pod_dir(pod).parent):
+            p.chmod(0o755)
+        return d
+
+    def request(
+        self,
+        pod: Pod,
+        volume: str,
+        attributes: Mapping[str, str],
+        secrets: Mapping[str, str] | None = None,
+    ) -> pb.NodePublishVolumeRequest:
+        """What the kubelet sends for an inline volume of a podInfoOnMount driver."""
+        target = self.target(pod, volume)
+        # the kubelet creates the volume's directory (with its vol_data.json), not the target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / "vol_data.json").write_text(
+            json.dumps({"driverName": "csi.modelcache.io", "volumeLifecycleMode": "Ephemeral"})
+        )
+        context = {
+            **attributes,
+            "csi.storage.k8s.io/pod.name": pod.name,
+            "csi.storage.k8s.io/pod.namespace": pod.namespace,
+            "csi.storage.k8s.io/pod.uid": pod.uid,
+            "csi.storage.k8s.io/serviceAccount.name": pod.service_account,
+            "csi.storage.k8s.io/ephemeral": "true",
+        }
+        handle = "csi-" + hashlib.sha256(f"{pod.uid}{volume}".encode()).hexdigest()
+        return pb.NodePublishVolumeRequest(
+            volume_id=handle,
+            target_path=str(target),
+            volume_capability=pb.VolumeCapability(
+                mount=pb.VolumeCapability.MountVolume(),
+                access_mode=pb.VolumeCapability.AccessMode(
+                    mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+                ),
+            ),
+            readonly=True,
+            secrets=dict(secrets or {}),
+            volume_context=context,
+        )
+
+    def publish_once(self, req: pb.NodePublishVolumeRequest) -> None:
+        self.node.NodePublishVolume(req, timeout=120)
+
+    def publish(
+        self, req: pb.NodePublishVolumeRequest, *, deadline: float = 120.0
+    ) -> list[grpc.RpcError]:
+        """Call until it succeeds, retrying the retryable codes like the kubelet; returns
+        the retryable errors seen on the way."""
+        seen: list[grpc.RpcError] = []
+        end = time.monotonic() + deadline
+        delay = 0.05
+        while True:
+            try:
+                self.publish_once(req)
+                return seen
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or time.monotonic() > end:
+                    raise
+                seen.append(exc)
+            time.sleep(delay)  # the kubelet's backoff between retries, bounded by `end`
+            delay = min(delay * 2, 0.5)
+
+    def unpublish(self, req: pb.NodePublishVolumeRequest) -> None:
+        self.node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=req.volume_id, target_path=req.target_path),
+            timeout=60,
+        )
+
+    # ---- looking from inside the plugin's mount namespace ---------------------------------
+
+    def run_in_ns(
+        self, argv: list[str], *, nobody: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = ["nsenter", f"--target={self.proc.pid}", "--mount", "--"]
+        cmd += as_nobody(argv) if nobody else argv
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def py_in_ns(self, code: str, *args: str, nobody: bool = False) -> str:
+        proc = self.run_in_ns([sys.executable, "-I", "-c", code, *args], nobody=nobody)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def mounts_in_ns(self) -> list[tuple[str, str, str]]:
+        """(mount point, fs type, mount options) in the plugin's namespace."""
+        out = []
+        text = Path(f"/proc/{self.proc.pid}/mountinfo").read_text()
+        for line in text.splitlines():
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((fields[4], fields[sep + 1], fields[5]))
+        return out
+
+
+# a pod's look at its view: every file with its sha256, and what writing does
+_WALK = """
+import hashlib, json, os, sys
+root = sys.argv[1]
+files = {}
+for d, dirs, names in os.walk(root):
+    for n in names:
+        p = os.path.join(d, n)
+        files[os.path.relpath(p, root)] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
+writes = {}
+for p in (os.path.join(root, 'new-file'), os.path.join(root, sys.argv[2], 'config.json'),
+          os.path.join(root, sys.argv[2], 'new-file')):
+    try:
+        with open(p, 'a') as f:
+            f.write('x')
+        writes[p] = 0
+    except OSError as e:
+        writes[p] = e.errno
+try:
+    os.mkdir(os.path.join(root, sys.argv[2], 'dir'))
+    writes['mkdir'] = 0
+except OSError as e:
+    writes['mkdir'] = e.errno
+print(json.dumps({'top': sorted(os.listdir(root)), 'files': files, 'writes': writes}))
+"""
+
+
+def expected_files(info: ModelInfo, name: str) -> dict[str, str]:
+    return {
+        f"{name}/{p.relative_to(info.root).as_posix()}": sha256_file(p)
+        for p in sorted(info.root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServedModel]]:
+    """Two http models (behind the fault server, no faults unless a test sets them) and a
+    private hub model that needs HUB_TOKEN."""
+    web_root = tmp_path_factory.mktemp("web")
+    hub_root = tmp_path_factory.mktemp("hub")
+    small = generate_model(web_root / "small-llama", total_bytes=2 << 20, shards=2, seed=11)
+    other = generate_model(web_root / "other-llama", total_bytes=1 << 20, shards=1, seed=12)
+    private = generate_model(hub_root / "acme" / "secret-llama", total_bytes=1 << 20, shards=1)
+    with fault_server(web_root) as web, fake_hf_hub(hub_root, token=HUB_TOKEN) as hub:
+        yield {
+            "small": ServedModel(f"{web}small-llama/", web, small),
+            "other": ServedModel(f"{web}other-llama/", web, other),
+            "private": ServedModel("hf://acme/secret-llama", hub, private),
+        }
+
+
+@pytest.fixture
+def plugin_root() -> Iterator[Path]:
+    # not pytest's tmp_path: its parents are 0700, and the pod's user (65534) must reach
+    # the hand-over socket and the fixtures it serves, as on a node
+    root = Path(tempfile.mkdtemp(prefix="modelcache-csi-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def plugin(plugin_root: Path, served: dict[str, ServedModel]) -> Iterator[Plugin]:
+    allowed = plugin_root / "allowed"
+    allowed.mkdir()
+    env = {
+        # the node's configuration: where the hub is ...
+        "HF_ENDPOINT": served["private"].server.rstrip("/"),
+        # ... and a valid token of the node's own, which must never be lent to a pod
+        "HF_TOKEN": HUB_TOKEN,
+    }
+    p = Plugin(plugin_root, file_roots=(allowed,), env=env)
+    yield p
+    p.stop()
+    assert "Traceback" not in p.log(), p.log()
+    assert p.proc.returncode == 0, p.log()  # SIGTERM: stops serving and exits cleanly
+
+
+def models_attr(**models: str) -> dict[str, str]:
+    return {"models": ",".join(f"{k}={v}" for k, v in models.items()), "kind": "view"}
+
+
+# ---- identity and node info -------------------------------------------------------------------
+
+
+def test_identity_and_node_info_are_what_the_registrar_and_kubelet_read(plugin: Plugin) -> None:
+    info = plugin.identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+    assert info.name == "csi.modelcache.io"
+    assert info.vendor_version
+    assert plugin.identity.Probe(pb.ProbeRequest(), timeout=10).ready.value is True
+    caps = plugin.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10)
+    assert list(caps.capabilities) == []  # no controller service
+    node_caps = plugin.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=10)
+    assert list(node_caps.capabilities) == []  # no staging: the kubelet only publishes
+    assert plugin.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=10).node_id == "node-a"
+
+
+# ---- view ---------------------------------------------------------------------------------------
+
+
+def test_view_holds_the_pods_models_complete_and_read_only(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    pod = Pod.new("llm-0")
+    req = plugin.request(pod, "modelcache-models", models_attr(small=served["small"].url))
+    retried = plugin.publish(req)
+    # the first call finds the model missing, starts the fetch and says so
+    assert retried and retried[0].code() == grpc.StatusCode.ABORTED
+    assert "being fetched into the node cache" in (retried[0].details() or "")
+
+    target = req.target_path
+    seen = json.loads(plugin.py_in_ns(_WALK, target, "small", nobody=True))
+    assert seen["top"] == ["small"]
+    assert seen["files"] == expected_files(served["small"].info, "small")
+    # the pod's user is refused every write (EROFS, or EACCES where the mode says no first)
+    assert set(seen["writes"].values()) <= {errno.EROFS, errno.EACCES}, seen["writes"]
+    # root in the namespace cannot write either: the mounts themselves are read-only
+    as_root = json.loads(plugin.py_in_ns(_WALK, target, "small"))
+    assert set(as_root["writes"].values()) == {errno.EROFS}, as_root["writes"]
+
+    mounted = {m[0]: (m[1], m[2]) for m in plugin.mounts_in_ns()}
+    assert mounted[target][0] == "tmpfs" and mounted[target][1].startswith("ro,")
+    bind_opts = set(mounted[f"{target}/small"][1].split(","))
+    assert {"ro", "nosuid", "nodev"} <= bind_opts
+
+    # a second publish of the same volume (a lost answer) is fine and changes nothing
+    plugin.publish_once(req)
+    assert sum(1 for m in plugin.mounts_in_ns() if m[0] == f"{target}/small") == 1
+
+
+def test_publish_returns_retryable_errors_while_the_fetch_runs_then_succeeds(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    web = served["other"].server
+    web.faults.delay = 0.05  # every 256 KiB of body waits: the fetch takes seconds
+    pods = [Pod.new(f"llm-{i}") for i in range(2)]
+    reqs = [
+        plugin.request(p, "modelcache-models", models_attr(other=served["other"].url)) for p in pods
+    ]
+    before = dict(web.stats.per_path)
+    try:
+        for _ in range(3):
+            for req in reqs:
+                with pytest.raises(grpc.RpcError) as err:
+                    plugin.publish_once(req)
+                assert err.value.code() == grpc.StatusCode.ABORTED
+                assert "model 'other'" in (err.value.details() or "")
+    finally:
+        web.faults.delay = 0.0
+    for req in reqs:
+        plugin.publish(req)
+    # single flight: two pods, eight calls, and every byte of every file sent once
+    fetched = {
+        p: n - before.get(p, 0)
+        for p, n in web.stats.per_path.items()
+        if p.startswith("other-llama/") and n != before.get(p, 0)
+    }
+    assert fetched == {f"other-llama/{p}": f.size for p, f in served["other"].info.files.items()}
+
+
+def test_a_view_never_shows_another_pods_model(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    a, b = Pod.new("a"), Pod.new("b", namespace="team-b")
+    req_a = plugin.request(a, "modelcache-models", models_attr(small=served["small"].url))
+    req_b = plugin.request(b, "modelcache-models", models_attr(other=served["other"].url))
+    plugin.publish(req_a)
+    plugin.publish(req_b)
+    seen_b = json.loads(plugin.py_in_ns(_WALK, req_b.target_path, "other", nobody=True))
+    assert seen_b["top"] == ["other"]
+    assert seen_b["files"] == expected_files(served["other"].info, "other")
+    # (tokenizer files are the same in both generated models: compare the weights)
+    small = served["small"].info
+    small_hashes = {small.files[p].sha256 for p in small.weight_files}
+    assert not small_hashes & set(seen_b["files"].values())
+    # and the way out of the bind leads only to the view's own read-only tmpfs
+    up = plugin.py_in_ns(
+        "import os,sys; print(sorted(os.listdir(os.path.join(sys.argv[1], 'other', '..'))))",
+        req_b.target_path,
+        nobody=True,
+    )
+    assert up.strip() == "['other']"
+
+
+def test_unpublish_removes_the_view_and_twice_is_fine(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    pod = Pod.new("llm-0")
+    req = plugin.request(pod, "modelcache-models", models_attr(small=served["small"].url))
+    plugin.publish(req)
+    plugin.unpublish(req)
+    assert not any(m[0].startswith(req.target_path) for m in plugin.mounts_in_ns())
+    assert not Path(req.target_path).exists()
+    plugin.unpublish(req)  # the kubelet may retry: already gone is success
+    never = plugin.request(Pod.new("never"), "modelcache-models", models_attr(x="hf://a/b"))
+    plugin.unpublish(never)  # never published at all: also success
+
+
+# ---- attacks ------------------------------------------------------------------------------------
+
+
+def test_a_private_hub_model_is_published_only_to_pods_whose_token_reads_it(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    private = served["private"]
+    attrs = models_attr(secret=private.url)
+    owner = Pod.new("owner")
+    plugin.publish(plugin.request(owner, "modelcache-models", attrs, {"HF_TOKEN": HUB_TOKEN}))
+    files_before = private.server.stats.file_requests
+
+    attempts = {
+        "wrong token": {"HF_TOKEN": "hf_guess"},
+        "no Secret at all (the node's own token is never lent)": {},
+        "its own hub in the Secret": {
+            "HF_TOKEN": "hf_guess",
+            "HF_ENDPOINT": "http://127.0.0.1:9/",  # ignored: endpoints are the node's
+        },
+    }
+    for why, secrets in attempts.items():
+        pod = Pod.new("thief", namespace="team-b")
+        req = plugin.request(pod, "modelcache-models", attrs, secrets)
+        with pytest.raises(grpc.RpcError) as err:
+            plugin.publish_once(req)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, why
+        details = err.value.details() or ""
+        assert "pod team-b/thief may not read model 'secret' (hf://acme/secret-llama@main)" in (
+            details
+        ), details
+        assert "401" in details, details
+        assert not Path(req.target_path).exists(), why
+    assert HUB_TOKEN not in plugin.log()
+
+    # a pod of another namespace with its own valid token gets the warm cache at once (its
+    # Secret keeps the token under another key name, which the volume names)
+    friend = Pod.new("friend", namespace="team-c")
+    renamed = {**attrs, "credentialKeys": "HF_TOKEN=token"}
+    req = plugin.request(friend, "modelcache-models", renamed, {"token": HUB_TOKEN})
+    plugin.publish_once(req)
+    assert private.server.stats.file_requests == files_before  # no byte fetched again
+    seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, "secret", nobody=True))
+    assert seen["files"] == expected_files(private.info, "secret")
+
+
+def test_file_sources_outside_the_allowed_roots_are_refused(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    # another tenant's model in the cache, read as a file:// source: the attack of old
+    owner = Pod.new("owner")
+    plugin.publish(
+        plugin.request(owner, "modelcache-models", models_attr(small=served["small"].url))
+    )
+    key = parse_model_uri(served["small"].url).cache_key
+    cached = plugin.cache_dir / "models" / key / "data"
+    allowed = plugin.root / "allowed"
+    (allowed / "sneaky").symlink_to(cached)  # a link from an allowed root into the cache
+    local = allowed / "local-model"
+    shutil.copytree(served["other"].info.root, local)
+
+    for uri in (f"file://{cached}", f"file://{allowed}/sneaky"):
+        req = plugin.request(Pod.new("thief"), "modelcache-models", models_attr(stolen=uri))
+        with pytest.raises(grpc.RpcError) as err:
+            plugin.publish_once(req)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, uri
+        assert "outside the directories this node allows" in (err.value.details() or "")
+        assert str(allowed) in (err.value.details() or "")
+
+    # under an allowed root it works (the control)
+    req = plugin.request(Pod.new("ok"), "modelcache-models", models_attr(local=f"file://{local}"))
+    plugin.publish(req)
+    seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, "local", nobody=True))
+    assert seen["top"] == ["local"] and seen["files"]
+
+
+def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_credentials(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    private, web = served["private"], served["small"].server
+    both = {"models": f"secret={private.url}", "kind": "view"}
+    public = models_attr(small=served["small"].url)
+    plugin.publish(plugin.request(Pod.new("owner"), "v", both, {"HF_TOKEN": HUB_TOKEN}))
+    plugin.publish(plugin.request(Pod.new("owner"), "w", public))
+    plugin.stop()
+
+    # the same node cache, with both sources now unreachable from the node
+    closed = f"http://127.0.0.1:{free_port()}"
+    second = plugin.root / "restarted"
+    second.mkdir(mode=0o755)
+    again = Plugin(second, env={"HF_ENDPOINT": closed}, cache_dir=plugin.cache_dir)
+    web.faults.status_all = 503
+    try:
+        # fetched anonymously, asked for anonymously: served, with a warning in the log
+        req = again.request(Pod.new("reader"), "w", public)
+        again.publish_once(req)
+        seen = json.loads(again.py_in_ns(_WALK, req.target_path, "small", nobody=True))
+        assert seen["files"] == expected_files(served["small"].info, "small")
+        assert "source unreachable" in again.log()
+        # a private model is never served without the check, with or without a token
+        for secrets in ({}, {"HF_TOKEN": HUB_TOKEN}):
+            req = again.request(Pod.new("thief", "team-b"), "v", both, secrets)
+            with pytest.raises(grpc.RpcError) as err:
+                again.publish_once(req)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the source is unreachable" in (err.value.details() or "")
+            assert not Path(req.target_path).exists()
+    finally:
+        web.faults.status_all = 0
+        again.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        ({"csi.storage.k8s.io/ephemeral": "false"}, "only inline ephemeral volumes"),
+        ({"kind": "rw"}, "kind='rw' is not valid"),
+        ({"models": "hf://a/b,hf://c/d"}, "every entry must be name=uri"),
+        ({"cacheDir": "/"}, "unknown volumeAttributes cacheDir"),
+        ({"models": "x=pvc://claim/m"}, "pvc:// sources are not published"),
+        ({"csi.storage.k8s.io/pod.uid": "../../etc"}, "is not a pod uid"),
+        ({"credentialKeys": "HF_ENDPOINT=url"}, "credentialKeys: 'HF_ENDPOINT=url' is not"),
+    ],
+)
+def test_bad_volume_attributes_are_refused_with_the_key_named(
+    plugin: Plugin, change: dict[str, str], expect: str
+) -> None:
+    req = plugin.request(Pod.new("p"), "modelcache-models", models_attr(m="hf://acme/x"))
+    for k, v in change.items():
+        req.volume_context[k] = v
+    with pytest.raises(grpc.RpcError) as err:
+        plugin.publish_once(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expect in (err.value.details() or "")
+
+
+def test_a_target_outside_the_kubelets_pods_is_refused(plugin: Plugin) -> None:
+    req = plugin.request(Pod.new("p"), "modelcache-models", models_attr(m="hf://acme/x"))
+    for bad in ("/etc", f"{plugin.kubelet_root}/pods/../../x", "relative/mount"):
+        req.target_path = bad
+        with pytest.raises(grpc.RpcError) as err:
+            plugin.publish_once(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "is not a normalized path under" in (err.value.details() or "")
+
+
+# ---- fuse: the descriptor hand-over -------------------------------------------------------------
+
+# The pod's sidecar: no privileges, receives the descriptor and serves a tiny filesystem
+# through sidecar.fusefs on /dev/fd/N until the mount goes away.
+_SIDECAR = """
+import json, os, sys
+from pathlib import Path
+from sidecar.node.handover import receive_handover
+from sidecar import fusefs
+
+socket_path, data_file = sys.argv[1], Path(sys.argv[2])
+fd, info = receive_handover(socket_path, timeout=30)
+status = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)
+print(json.dumps({'info': info, 'uid': os.getuid(), 'cap_eff': status['CapEff'].strip()}),
+      flush=True)
+
+class Provider:
+    def ensure_file(self, model, relpath):
+        return data_file
+
+ns = fusefs.Namespace({'tiny': [('hello.txt', data_file.stat().st_size)]})
+fusefs.serve(ns, Provider(), f'/dev/fd/{fd}', None)
+print('served until unmounted', flush=True)
+"""
+
+
+def test_fuse_descriptor_is_handed_to_an_unprivileged_sidecar_that_serves_it(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    pod = Pod.new("llm-fuse")
+    attrs = {"models": f"small={served['small'].url}", "kind": "fuse"}
+    req = plugin.request(pod, "modelcache-fuse", attrs)
+
+    # the socket's emptyDir is not there yet: retry later, nothing mounted meanwhile
+    with pytest.raises(grpc.RpcError) as err:
+        plugin.publish_once(req)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert "modelcache-fuse-socket" in (err.value.details() or "")
+    assert not any(m[0] == req.target_path for m in plugin.mounts_in_ns())
+
+    socket_dir = plugin.make_socket_volume(pod)
+    plugin.publish_once(req)  # fuse volumes do not wait for the fetch
+    fuse = [m for m in plugin.mounts_in_ns() if m[0] == req.target_path]
+    assert len(fuse) == 1 and fuse[0][1] == "fuse.modelcache", fuse
+    assert {"ro", "nosuid", "nodev"} <= set(fuse[0][2].split(","))
+
+    data = plugin.root / "hello.txt"
+    data.write_bytes(b"hello from the handed-over mount\n")
+    data.chmod(0o644)
+    sidecar = subprocess.Popen(
+        as_nobody([sys.executable, "-c", _SIDECAR, str(socket_dir / "socket"), str(data)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert sidecar.stdout is not None
+        first = sidecar.stdout.readline()
+        assert first, sidecar.stderr.read() if sidecar.stderr else ""
+        hello = json.loads(first)
+        assert hello["uid"] == NOBODY and int(hello["cap_eff"], 16) == 0
+        assert hello["info"]["volume_id"] == req.volume_id
+        assert [m["name"] for m in hello["info"]["models"]] == ["small"]
+
+        # the app (another unprivileged user) reads through the mount the plugin made
+        read = plugin.run_in_ns(["cat", f"{req.target_path}/tiny/hello.txt"], nobody=True)
+        assert read.returncode == 0, read.stderr
+        assert read.stdout == data.read_text()
+        write = plugin.run_in_ns(["touch", f"{req.target_path}/tiny/new"], nobody=True)
+        assert write.returncode != 0
+
+        # a restarted sidecar connects again and gets the same connection
+        again = receive_fd(socket_dir / "socket", timeout=10)
+        try:
+            assert is_fuse_device(again)
+        finally:
+            os.close(again)
+
+        plugin.unpublish(req)  # unmounting ends the sidecar's FUSE loop cleanly
+        out, errors = sidecar.communicate(timeout=60)
+        assert sidecar.returncode == 0, errors
+        assert "served until unmounted" in out
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait(timeout=30)
+    assert not (socket_dir / "socket").exists()
+    assert not Path(req.target_path).exists()
+    assert not any(m[0] == req.target_path for m in plugin.mounts_in_ns())
+    plugin.unpublish(req)
+
+
+def test_receive_fd_names_the_socket_when_nothing_is_published(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(HandoverError, match="no FUSE descriptor from the node plugin at"):
+        receive_fd(tmp_path / "socket", timeout=0.3)
+    assert time.monotonic() - started < 5
