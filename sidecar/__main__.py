@@ -80,6 +80,13 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
         help="where pvc://CLAIM sources are mounted: <pvc-root>/<CLAIM>",
     )
     _add_file_root(p)
+    p.add_argument(
+        "--serve-cached-when-unreachable",
+        action="store_true",
+        help="serve a complete cached copy while its source is unreachable even when the pod "
+        "sends credentials (then nothing proves the pod may still read the model: a cluster "
+        "setting, off by default; anonymous sources are always served from a complete cache)",
+    )
     p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
 
 

@@ -377,7 +377,12 @@ async def _list_with_retries(cache: NodeCache, source: Source) -> list[RemoteFil
 
 
 async def _prepare_model(
-    cache: NodeCache, model: NamedModel, source: Source, include: list[str]
+    cache: NodeCache,
+    model: NamedModel,
+    source: Source,
+    include: list[str],
+    *,
+    serve_cached: bool = False,
 ) -> dict[str, RemoteFile]:
     """The file list to serve; raises MountError when the pod may not read the source."""
     complete = cache.is_complete(model)
@@ -390,7 +395,7 @@ async def _prepare_model(
     except SourceUnavailableError as exc:
         # A complete cache may be served while the source is down, unless requests carry
         # credentials: then the listing is the only proof this pod may read the model.
-        if not complete or getattr(source, "uses_credentials", True):
+        if not complete or (getattr(source, "uses_credentials", True) and not serve_cached):
             raise SourceListingError(
                 f"model {model.name} ({model.source.uri}): source unavailable: {exc}"
             ) from exc
@@ -503,7 +508,15 @@ class MountService:
         with contextlib.ExitStack() as held:
             held.enter_context(self.cache.hold(model))
             try:
-                files = self.loop.call(_prepare_model(self.cache, model, source, self.include))
+                files = self.loop.call(
+                    _prepare_model(
+                        self.cache,
+                        model,
+                        source,
+                        self.include,
+                        serve_cached=self.args.serve_cached_when_unreachable,
+                    )
+                )
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.loop.call(source.aclose(), timeout=10)

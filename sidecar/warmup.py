@@ -286,29 +286,31 @@ async def _list_with_retries(
 
 
 async def _list_model(
-    cache: NodeCache, model: NamedModel, src: Source
+    cache: NodeCache, model: NamedModel, src: Source, *, serve_cached: bool = False
 ) -> tuple[list[RemoteFile], bool]:
-    """The model's files and whether they come from the cache because the source is down."""
+    """The model's files and whether they come from the cache because the source is down.
+
+    ``serve_cached``: the cluster lets a complete copy be served while the source is down
+    even to a pod that sends credentials (``--serve-cached-when-unreachable``)."""
     # a complete copy of an anonymous source is served at the first failed listing: retries
     # would only delay a pod that needs nothing from the source (a source outage used to
     # cost every such pod ~15 s of backoff before it started)
-    fallback = not getattr(src, "uses_credentials", True) and cache.is_complete(model)
+    trusted = serve_cached or not getattr(src, "uses_credentials", True)
+    fallback = trusted and cache.is_complete(model)
     try:
         files = await _list_with_retries(cache, src, retries=0 if fallback else None)
     except SourceAccessError:
         raise
     except SourceUnavailableError as exc:
         manifest = cache.read_manifest(model)
-        if (
-            manifest is not None
-            and cache.is_complete(model)
-            and not getattr(src, "uses_credentials", True)
-        ):
+        if manifest is not None and cache.is_complete(model) and trusted:
             log.warning(
-                "%s: source unreachable (%s); serving the complete cached copy "
-                "(anonymous source, no access control to enforce)",
+                "%s: source unreachable (%s); serving the complete cached copy (%s)",
                 model.name,
                 exc,
+                "the cluster allows it"
+                if serve_cached
+                else "anonymous source, no access control to enforce",
             )
             return [
                 RemoteFile(e["path"], e["size"], e.get("sha256")) for e in manifest["files"]
@@ -393,6 +395,7 @@ async def warm_models(
     progress: Progress | None = None,
     pin: str | None = None,
     env: Mapping[str, str] | None = None,
+    serve_cached: bool = False,
 ) -> WarmupReport:
     """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
     (carrying the report) listing each failure.
@@ -431,7 +434,10 @@ async def warm_models(
     try:
         async with asyncio.timeout(timeout):
             listings = await asyncio.gather(
-                *(_list_model(cache, m, s) for m, s in zip(models, sources, strict=True)),
+                *(
+                    _list_model(cache, m, s, serve_cached=serve_cached)
+                    for m, s in zip(models, sources, strict=True)
+                ),
                 return_exceptions=True,
             )
             plans: list[tuple[NamedModel, Source, list[RemoteFile], list[RemoteFile], ModelReport]]
@@ -556,6 +562,7 @@ def run(args: argparse.Namespace) -> int:
             pvc_root=args.pvc_root,
             file_roots=args.file_root,
             pin=pin_holder(),
+            serve_cached=args.serve_cached_when_unreachable,
         )
 
     try:

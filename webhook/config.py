@@ -137,6 +137,11 @@ class Config(_Model):
     #: Directories ``file://`` model sources may name (none by default: a file:// source
     #: reads the node's disk, so only an admin may allow it, and only where models live).
     file_roots: tuple[str, ...] = ()
+    #: Serve a complete cached model while its source is unreachable even to pods that send
+    #: credentials. Off: then the listing with the pod's own credentials is the only proof
+    #: that the pod may still read a private model (a revoked token, a deleted repository);
+    #: on, any pod that names a cached private model gets it during an outage.
+    serve_cached_when_unreachable: bool = False
     # --- the admission server under load (docs/webhook-server.md) --------------------------
     # The API server gives a webhook ``timeoutSeconds`` (at most 5) for the whole call; a
     # request still being sent after header + body timeouts (5 s together) has already been

@@ -313,3 +313,21 @@ def test_revision_fetches_exactly_that_revision(
     v1_commit = hashlib.sha1(b"acme/tiny@v1").hexdigest()  # the fake hub's commit of v1
     main_commit = hashlib.sha1(b"acme/tiny").hexdigest()
     assert asked == {v1_commit, main_commit}
+
+
+def test_a_cached_private_model_during_an_outage_is_served_only_where_the_cluster_allows(
+    tmp_path: Path, hub: tuple[ServedModel, ModelInfo]
+) -> None:
+    """Off by default: with the hub down, nothing proves the pod may still read the model."""
+    served, _ = hub
+    cache = tmp_path / "cache"
+    arg = f"m={served.url}"
+    ok, _ = warmup(cache, "--model", arg, env=_env(HF_ENDPOINT=served.server, HF_TOKEN=TOKEN))
+    assert ok.returncode == 0, ok.stderr
+    down = _env(HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=TOKEN, MODELCACHE_BACKOFF="0.01")
+    refused, _ = warmup(cache, "--model", arg, env=down)
+    assert refused.returncode == 1
+    assert "unreachable" in refused.stderr
+    allowed, _ = warmup(cache, "--model", arg, "--serve-cached-when-unreachable", env=down)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "serving the complete cached copy (the cluster allows it)" in allowed.stderr

@@ -825,3 +825,12 @@ def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
     assert command[-1] == "--model=/models/m"
     _, again = mutate_pod(mutated, namespace="ns", config=Config())
     assert again.patch == []
+
+
+def test_serving_cached_models_during_an_outage_is_a_cluster_setting_off_by_default() -> None:
+    out, _ = _inject(pod(vllm()))
+    for c in out["spec"]["initContainers"]:
+        assert "--serve-cached-when-unreachable" not in c["command"]
+    out, _ = _inject(pod(vllm()), Config(serve_cached_when_unreachable=True))
+    for c in out["spec"]["initContainers"]:
+        assert "--serve-cached-when-unreachable" in c["command"]

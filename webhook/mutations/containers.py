@@ -70,6 +70,8 @@ def _source_flags(ctx: Context) -> list[str]:
     out: list[str] = []
     for root in file_roots_used(ctx):
         out += ["--file-root", root]
+    if ctx.config.serve_cached_when_unreachable:
+        out.append("--serve-cached-when-unreachable")
     if ctx.options.include:
         out += ["--include", ",".join(ctx.options.include)]
     if pvc_claims(ctx):
