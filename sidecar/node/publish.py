@@ -489,7 +489,13 @@ class Publisher:
         """Raise unless ``pod`` may read ``model`` now; return whether it is complete in the
         cache, starting its fetch if it is not."""
         what = f"model {model.name!r} ({model.source.uri})"
-        src = open_source(model, env=env, read_timeout=self.config.check_timeout)
+        src = open_source(
+            model,
+            env=env,
+            read_timeout=self.config.check_timeout,
+            file_roots=self.config.file_roots,
+            private_dirs=[self.config.cache_dir],
+        )
         anonymous = not getattr(src, "uses_credentials", True)
         try:
             async with asyncio.timeout(self.config.check_timeout):
@@ -577,6 +583,7 @@ class Publisher:
                 timeout=self.config.fetch_timeout,
                 progress=fetch.progress,
                 env=env,
+                file_roots=self.config.file_roots,
             )
             if anonymous:
                 marker.touch()
