@@ -7,7 +7,7 @@ file of a path when an app needs its bytes. The provider blocks until the file i
 (fetching it if needed), which is how "opening a file that is not complete yet fetches it"
 works without ever exposing a partial file.
 
-Two data paths (see DESIGN.md, "Measured facts that shape the design"):
+Two data paths (see docs/design.md, "Measured facts that shape the design"):
 
 ``link`` mode
     Every file is a symlink to ``<link-root>/<cache-key>/<path>``, a read-only view of the

@@ -37,8 +37,9 @@ within 5 minutes at most) and expires by itself once its pod is gone.
 App containers see a model's ``data/`` directory read-only at ``<APP_CACHE_ROOT>/<cache-key>``
 (the ``modelcache-cache`` volume with ``subPath: models/<cache-key>/data``). The FUSE mount
 presents complete files as symlinks into that view, so the bytes of a model never cross the
-FUSE daemon (see DESIGN.md, "Measured facts"): the kernel reads them straight from the node
-cache's page cache. Only the namespace (lookup, listing, lazy fetch) goes through FUSE.
+FUSE daemon (see docs/design.md, "Measured facts that shape the design"): the kernel reads
+them straight from the node cache's page cache. Only the namespace (lookup, listing, lazy
+fetch) goes through FUSE.
 
 Pure path arithmetic: no I/O here.
 """

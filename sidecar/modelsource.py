@@ -4,7 +4,7 @@ The webhook imports this module (and only this module of ``sidecar``) so that th
 it asks for in affinity, ``cache.modelcache.io/<cache-key>``, is exactly the label the node
 agent sets, and the directory the warm-up fills is exactly the one the mount serves.
 
-Accepted sources (see DESIGN.md):
+Accepted sources (see docs/design.md):
 
 ``hf://org/name[@revision]``
     A Hugging Face Hub repository; revision defaults to ``main``.

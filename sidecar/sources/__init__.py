@@ -7,7 +7,7 @@ from.
 Credentials come only from the standard environment variables of each ecosystem
 (``AWS_*``, ``GCS_*``, ``HF_TOKEN``), i.e. from the pod's own env: the node cache is shared
 across namespaces, so :meth:`Source.list_files` doubles as the proof that *this* pod may read the
-model before cached bytes are served to it (DESIGN.md, "Bad input never costs data").
+model before cached bytes are served to it (docs/design.md, "Who may touch the node cache").
 
 Error classes tell the caller what to do next; each has a ``kind`` (a short word for logs,
 the termination message and metrics) and its message says what to do about it:

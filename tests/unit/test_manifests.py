@@ -1,4 +1,5 @@
-"""manifests/: schema-valid, least privilege, and selecting exactly the pods DESIGN.md names."""
+"""manifests/: schema-valid, least privilege, and selecting exactly the pods that docs/design.md
+("Opting in and out") names."""
 
 from __future__ import annotations
 
