@@ -23,6 +23,7 @@ from sidecar.modelsource import NamedModel, parse_model_arg
 from sidecar.warmup import warm_models
 from tests.fixtures.kube_nodes import FakeNodeAPI
 from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
+from tests.fixtures.tmpfs import small_tmpfs
 
 NODE = "gpu-node-1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -239,22 +240,8 @@ def test_version_and_help_for_users() -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 16 MiB tmpfs: a disk that can be filled in a test."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "modelcache-test", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_pressure_on_a_real_disk_evicts_until_the_floor(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,26 +18,16 @@ from sidecar.cache import NodeCache
 from sidecar.modelsource import parse_model_arg
 from sidecar.warmup import WarmupError, warm_models
 from tests.fixtures.servers import fault_server
+from tests.fixtures.tmpfs import small_tmpfs
 
 PART = 64 << 10
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MiB tmpfs: a real full disk (needs root and mount permission)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the full-disk case: {res.stderr.decode().strip()}")
-    try:
+    """A 3 MiB tmpfs: a real full disk."""
+    with small_tmpfs(tmp_path / "small", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _parts(cache: Path) -> list[str]:

@@ -20,6 +20,7 @@ from sidecar.sources import RemoteFile, SourceUnavailableError, open_source
 from sidecar.sources.http import HttpSource
 from tests.fixtures.modelgen import ModelInfo
 from tests.fixtures.servers import ServedModel
+from tests.fixtures.tmpfs import small_tmpfs
 
 PART = 64 << 10  # small parts so a few MiB exercise many ranged reads
 
@@ -299,20 +300,9 @@ def test_touch_marks_last_used(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a real full disk (needs root and mount permission)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the full-disk case: {res.stderr.decode().strip()}")
-    try:
+    """A 2 MiB tmpfs: a real full disk."""
+    with small_tmpfs(tmp_path / "tiny", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_full_disk_is_a_clear_error_and_leaves_nothing(
