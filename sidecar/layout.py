@@ -59,6 +59,10 @@ MODEL_LOCK: Final = ".model.lock"
 SOURCE_FILE: Final = "source.json"
 MANIFEST_FILE: Final = "manifest.json"
 LAST_USED_FILE: Final = ".last-used"
+#: In a model directory: present when the complete copy was fetched with no credentials. Only
+#: such a copy may be served to a pod without credentials while the source is unreachable:
+#: otherwise a pod with no token would get a private model another tenant fetched.
+ANONYMOUS_MARKER: Final = ".fetched-anonymously"
 QUARANTINE_DIR: Final = ".quarantine"
 PINS_DIR: Final = ".pins"
 #: Seconds a pin keeps its model from eviction after its last renewal: more than the mount's

@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 
 from sidecar import fusefs, hubcache
 from sidecar.cache import CacheError, NodeCache, pin_holder
-from sidecar.layout import ModelDir, file_id, models_root, safe_relpath
+from sidecar.layout import ANONYMOUS_MARKER, ModelDir, file_id, models_root, safe_relpath
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from sidecar.probe import LEFT_OUT_DIR, find_mount, is_fuse
 from sidecar.sources import (
@@ -395,7 +395,11 @@ async def _prepare_model(
     except SourceUnavailableError as exc:
         # A complete cache may be served while the source is down, unless requests carry
         # credentials: then the listing is the only proof this pod may read the model.
-        if not complete or (getattr(source, "uses_credentials", True) and not serve_cached):
+        anonymous_copy = (
+            not getattr(source, "uses_credentials", True)
+            and (cache.model_dir(model).root / ANONYMOUS_MARKER).is_file()
+        )
+        if not complete or not (serve_cached or anonymous_copy):
             raise SourceListingError(
                 f"model {model.name} ({model.source.uri}): source unavailable: {exc}"
             ) from exc

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import os
@@ -46,6 +47,7 @@ from typing import Final
 
 from sidecar import journal
 from sidecar.cache import BACKOFF, PART_SIZE, CacheError, CacheFullError, NodeCache, pin_holder
+from sidecar.layout import ANONYMOUS_MARKER
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
 from sidecar.progress import Progress, human_bytes, human_rate
 from sidecar.sources import (
@@ -295,7 +297,11 @@ async def _list_model(
     # a complete copy of an anonymous source is served at the first failed listing: retries
     # would only delay a pod that needs nothing from the source (a source outage used to
     # cost every such pod ~15 s of backoff before it started)
-    trusted = serve_cached or not getattr(src, "uses_credentials", True)
+    anonymous_copy = (
+        not getattr(src, "uses_credentials", True)
+        and (cache.model_dir(model).root / ANONYMOUS_MARKER).is_file()
+    )
+    trusted = serve_cached or anonymous_copy
     fallback = trusted and cache.is_complete(model)
     try:
         files = await _list_with_retries(cache, src, retries=0 if fallback else None)
@@ -381,6 +387,18 @@ async def _fill_model(
         if not cache.is_complete(model) or old != [(f.path, f.size, f.sha256) for f in files]:
             cache.write_manifest(model, files)
         cache.touch(model)
+
+
+def _mark_anonymous(cache: NodeCache, model: NamedModel, src: Source, *, fetched: int) -> None:
+    """Record whether the complete copy is readable without credentials (``ANONYMOUS_MARKER``):
+    set after a listing and fill with none, cleared when bytes were fetched with credentials."""
+    marker = cache.model_dir(model).root / ANONYMOUS_MARKER
+    if not getattr(src, "uses_credentials", True):
+        with contextlib.suppress(OSError):
+            marker.touch()
+    elif fetched:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
 
 
 async def warm_models(
@@ -478,6 +496,7 @@ async def warm_models(
                     )
                     if pin:
                         cache.pin(m, pin)  # renewed: a fill may take longer than a pin lasts
+                    _mark_anonymous(cache, m, s, fetched=mr.fetched_bytes)
                 except (SourceError, CacheError) as exc:
                     fail(m, exc)
                 else:

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sidecar.cache import CacheError, NodeCache
+from sidecar.layout import ANONYMOUS_MARKER
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_spec
 from sidecar.node import handover, mounts
 from sidecar.node.flags import DRIVER_NAME
@@ -117,8 +118,6 @@ _NODE_IDENTITY_KEYS: Final = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
 )
-#: In a model directory: present when the complete copy was fetched with no credentials.
-ANONYMOUS_MARKER: Final = ".fetched-anonymously"
 
 _UID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

@@ -331,3 +331,20 @@ def test_a_cached_private_model_during_an_outage_is_served_only_where_the_cluste
     allowed, _ = warmup(cache, "--model", arg, "--serve-cached-when-unreachable", env=down)
     assert allowed.returncode == 0, allowed.stderr
     assert "serving the complete cached copy (the cluster allows it)" in allowed.stderr
+
+
+def test_a_pod_without_a_token_never_gets_a_private_model_during_an_outage(
+    tmp_path: Path, hub: tuple[ServedModel, ModelInfo]
+) -> None:
+    """Another tenant fetched the private model with its token; with the hub made unreachable,
+    a pod that sends no token must not be served that copy as if it were public."""
+    served, _ = hub
+    cache = tmp_path / "cache"
+    arg = f"m={served.url}"
+    ok, _ = warmup(cache, "--model", arg, env=_env(HF_ENDPOINT=served.server, HF_TOKEN=TOKEN))
+    assert ok.returncode == 0, ok.stderr
+    down = _env(HF_ENDPOINT="http://127.0.0.1:9", MODELCACHE_BACKOFF="0.01")
+    refused, _ = warmup(cache, "--model", arg, env=down)
+    assert refused.returncode == 1, refused.stderr
+    assert "serving the complete cached copy" not in refused.stderr
+    assert "unreachable" in refused.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.cache import NodeCache
+from sidecar.layout import ANONYMOUS_MARKER
 from sidecar.modelsource import parse_model_arg
 from sidecar.sources import RemoteFile, SourceAccessError, SourceUnavailableError
 
@@ -98,6 +99,10 @@ def test_unreachable_source_with_credentials_is_fatal(cache: NodeCache) -> None:
 def test_unreachable_public_source_serves_a_complete_cache(cache: NodeCache) -> None:
     complete(cache, FILES)
     src = FakeSource(SourceUnavailableError("connection refused"), False)
+    # a copy some pod fetched with credentials is not served to a pod that sends none
+    with pytest.raises(MountError, match="source unavailable"):
+        prepare(cache, src)
+    (cache.model_dir(MODEL).root / ANONYMOUS_MARKER).touch()
     assert prepare(cache, src) == ["config.json", "w/model.safetensors"]
 
 
