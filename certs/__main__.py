@@ -11,23 +11,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 from certs.issue import CertError, issue_bundle, write_bundle
+from sidecar.version import package_version
 
 _EPILOG = """\
 examples:
   python -m certs generate --service modelcache-webhook --namespace modelcache-system --out ./tls
   python -m certs install --service modelcache-webhook --namespace modelcache-system \\
       --secret modelcache-webhook-tls --webhook-config modelcache-webhook"""
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("modelcache")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

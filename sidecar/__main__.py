@@ -13,10 +13,10 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata
 
 from sidecar.disk import DEFAULT_MAX_BYTES, DEFAULT_MIN_FREE
 from sidecar.layout import APP_CACHE_ROOT
+from sidecar.version import package_version
 
 _DESCRIPTION = """\
 The pod and node side of modelcache, one image with several roles:
@@ -101,20 +101,13 @@ def _add_file_root(p: argparse.ArgumentParser) -> None:
     )
 
 
-def version() -> str:
-    try:
-        return metadata.version("modelcache")
-    except metadata.PackageNotFoundError:  # a source tree that was never installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sidecar",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"modelcache {version()}")
+    parser.add_argument("--version", action="version", version=f"modelcache {package_version()}")
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )

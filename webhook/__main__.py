@@ -25,12 +25,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sidecar.version import package_version
 from webhook.config import Config, ConfigError, load_config
 from webhook.logs import setup_logging
 
@@ -60,13 +60,6 @@ class ServeError(Exception):
 
 class InputError(Exception):
     """An ``inject`` input cannot be used; the message names it and says why."""
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("modelcache")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from sidecar.probe import read_mounts
+
 MS_RDONLY: Final = 0x1
 MS_NOSUID: Final = 0x2
 MS_NODEV: Final = 0x4
@@ -122,28 +124,9 @@ def unmount(target: str | Path, *, lazy: bool = False) -> None:
         raise MountError(err, f"unmount {target}: {os.strerror(err)}")
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_points() -> list[tuple[str, str]]:
     """``(mount point, filesystem type)`` of every mount in this mount namespace, in order."""
-    points = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            points.append((_unescape(fields[4]), fields[sep + 1]))
-    return points
+    return [(e.mountpoint, e.fstype) for e in read_mounts()]
 
 
 def mounts_under(path: str | Path) -> list[str]:
