@@ -559,8 +559,8 @@ def plan_pod(
         app_env_from=app_env_from,
         qos=_qos_class(spec),
         gguf_aliases=tuple(aliases),
+        facts=facts,
     )
-    ctx.facts = facts
     if status is not None:
         problem = ours_problem(spec, ctx)
         if problem:
