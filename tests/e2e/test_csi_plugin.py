@@ -37,6 +37,7 @@ from sidecar.node import _csi_pb2 as pb
 from sidecar.node import _csi_pb2_grpc as pb_grpc
 from sidecar.node.handover import HandoverError, is_fuse_device, receive_fd
 from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
+from tests.fixtures.nobody import open_to_others
 from tests.fixtures.servers import ServedModel, fake_hf_hub, fault_server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +56,13 @@ def _skip_reason() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+@pytest.fixture(autouse=True)
+def _checkout_reachable_by_nobody() -> Iterator[None]:
+    """The uid 65534 processes import this checkout's code with its virtual environment."""
+    with open_to_others(REPO, Path(sys.prefix)):
+        yield
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import pytest
 
 from tests.fixtures.fuse import REPO_ROOT, probe
 from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
+from tests.fixtures.nobody import open_to_others
 from tests.fixtures.servers import ServerURL, fake_hf_hub, free_port
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -326,18 +327,19 @@ def test_an_app_running_as_another_uid_uses_and_extends_the_layout(
     try:
         m.wait_ready(["tiny"])
         sent = hubs.full.stats.bytes_sent
-        done = subprocess.run(
-            [
-                *("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"),
-                *(sys.executable, "-c", _APP_SCRIPT, REPO, str(hub_cache)),
-                *(hubs.meta.rstrip("/"), hubs.full.rstrip("/"), TOKEN),
-            ],
-            env={**os.environ, "HOME": str(base), "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        with open_to_others(Path(__file__).resolve().parents[2], Path(sys.prefix)):
+            done = subprocess.run(
+                [
+                    *("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"),
+                    *(sys.executable, "-c", _APP_SCRIPT, REPO, str(hub_cache)),
+                    *(hubs.meta.rstrip("/"), hubs.full.rstrip("/"), TOKEN),
+                ],
+                env={**os.environ, "HOME": str(base), "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout.strip().splitlines()[-1])
         repo_dir = hub_cache / "models--acme--tiny-llama"
