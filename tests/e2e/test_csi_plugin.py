@@ -700,6 +700,9 @@ def test_fuse_descriptor_is_handed_to_an_unprivileged_sidecar_that_serves_it(
         if sidecar.poll() is None:
             sidecar.kill()
             sidecar.wait(timeout=30)
+        for pipe in (sidecar.stdout, sidecar.stderr):
+            if pipe is not None:
+                pipe.close()
     assert not (socket_dir / "socket").exists()
     assert not Path(req.target_path).exists()
     assert not any(m[0] == req.target_path for m in plugin.mounts_in_ns())
