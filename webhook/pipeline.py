@@ -359,7 +359,13 @@ def _qos_class(spec: dict[str, Any]) -> str:
 def _credentials(
     spec: dict[str, Any], targets: tuple[str, ...]
 ) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
-    """The app containers' own credential env entries and envFrom sources (first wins)."""
+    """The app containers' own credentials (first wins), as env entries for our containers,
+    and the app's ``envFrom`` Secrets.
+
+    A credential the app takes through ``envFrom`` becomes an explicit optional
+    ``secretKeyRef`` of the same Secret (the key is the variable's name less the prefix), so
+    our containers get the same token and nothing else from that Secret: no endpoint, which
+    would let a pod steer the fetch that fills the shared node cache."""
     env: list[dict[str, Any]] = []
     env_from: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -374,10 +380,30 @@ def _credentials(
                 seen.add(str(name))
                 env.append(copy.deepcopy(item))
         for src in c.get("envFrom") or []:
-            key = json.dumps(src, sort_keys=True) if isinstance(src, dict) else None
-            if key is not None and key not in seen_from:
-                seen_from.add(key)
-                env_from.append(copy.deepcopy(src))
+            ref = src.get("secretRef") if isinstance(src, dict) else None
+            if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
+                continue
+            key = json.dumps(src, sort_keys=True)
+            if key in seen_from:
+                continue
+            seen_from.add(key)
+            env_from.append(copy.deepcopy(src))
+            prefix = str(src.get("prefix") or "")
+            for var in CREDENTIAL_ENV:
+                if var in seen or not var.startswith(prefix):
+                    continue
+                env.append(
+                    {
+                        "name": var,
+                        "valueFrom": {
+                            "secretKeyRef": {
+                                "name": ref["name"],
+                                "key": var[len(prefix) :],
+                                "optional": True,
+                            }
+                        },
+                    }
+                )
     return tuple(env), tuple(env_from)
 
 

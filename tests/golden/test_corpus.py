@@ -61,7 +61,8 @@ LABEL_INJECTED = "modelcache.io/injected"
 STATUS_KEYS = {"version", "models", "delivery", "containers", "rewrites", "added", "warnings"}
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 NEVER_ADDED_FLAGS = ("--safetensors-load-strategy",)
-CREDENTIAL_ENV = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|HF_ENDPOINT|AWS_[A-Z0-9_]+)$")
+# credentials only: endpoints never come from the pod (they would steer the shared cache's fill)
+CREDENTIAL_ENV = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|AWS_(?!ENDPOINT)[A-Z0-9_]+)$")
 MESH_INIT = {"istio-init", "istio-proxy", "linkerd-init"}
 SHELLS = {"sh", "bash", "ash", "dash", "zsh"}
 #: flags that name the model, per framework (one of them must remain, exactly once)
@@ -470,9 +471,15 @@ def check_credentials(
             env = _env(c)
             for key, entry in creds.items():
                 assert env.get(key) == entry, f"{c['name']}: {key} is not the app's ({entry})"
-            their_refs = [e.get("secretRef") for e in c.get("envFrom") or []]
+            assert "envFrom" not in c, f"{c['name']}: envFrom copied whole"
+            from_secrets = {
+                (e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
+                for e in c.get("env") or []
+            }
             for ref in refs:
-                assert ref in their_refs, f"{c['name']}: envFrom secretRef {ref} missing"
+                assert ref["name"] in from_secrets, (
+                    f"{c['name']}: no credential from the app's envFrom Secret {ref['name']}"
+                )
 
 
 def check_init_order(after: dict[str, Any]) -> None:

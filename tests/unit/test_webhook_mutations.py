@@ -367,11 +367,27 @@ def test_injected_containers_explain_failures() -> None:
 
 def test_app_credentials_reach_our_containers() -> None:
     token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}
-    out, _ = _inject(pod(vllm(env=[token], envFrom=[{"secretRef": {"name": "s3"}}])))
+    endpoint = {"name": "HF_ENDPOINT", "value": "http://attacker.example"}
+    out, _ = _inject(
+        pod(vllm(env=[token, endpoint], envFrom=[{"secretRef": {"name": "s3"}, "prefix": "X_"}]))
+    )
     for c in out["spec"]["initContainers"]:
-        assert c["env"][1:] == [token], "the app's own token, no cluster fallback over envFrom"
-        assert c["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
-        assert c["envFrom"] == [{"secretRef": {"name": "s3"}}]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["HF_TOKEN"] == token, "the app's own token"
+        # a pod never chooses where the shared cache is filled from: the cluster's Secret
+        assert env["HF_ENDPOINT"]["valueFrom"]["secretKeyRef"]["name"] == (
+            "modelcache-hf-credentials"
+        )
+        assert "envFrom" not in c, "only credential keys of the app's Secrets, never all"
+    out, _ = _inject(pod(vllm(envFrom=[{"secretRef": {"name": "hf"}}])))
+    for c in out["spec"]["initContainers"]:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "hf",
+            "key": "HF_TOKEN",
+            "optional": True,
+        }
+        assert "envFrom" not in c
 
 
 @pytest.mark.parametrize(

@@ -81,13 +81,12 @@ def _source_flags(ctx: Context) -> list[str]:
 
 def credential_env(ctx: Context) -> list[dict[str, Any]]:
     """The credentials the app containers use (their own env entries, same value or
-    ``valueFrom``), then the cluster's per-scheme Secrets for what they do not set. When the
-    app takes env from ``envFrom`` (copied to our containers too), the cluster fallback is
-    left out: an explicit entry would override the app's own value."""
+    ``valueFrom``, and their ``envFrom`` Secrets' credential keys), then the cluster's
+    per-scheme Secrets for the variables they do not set. Endpoints (``HF_ENDPOINT``,
+    ``AWS_ENDPOINT_URL``, ...) come only from the cluster's Secrets: the fetch fills a cache
+    shared by every namespace, so a pod never chooses where it fetches from."""
     env: list[dict[str, Any]] = [copy.deepcopy(e) for e in ctx.app_credentials]
     seen: set[str] = {str(e.get("name")) for e in env}
-    if ctx.app_env_from:
-        return env
     for m in ctx.named_models:
         creds = ctx.config.credentials.for_scheme(m.source.scheme)
         if creds is None or creds.secret_name is None:
@@ -149,8 +148,6 @@ def _our_container(ctx: Context, name: str, command: list[str], resources: Resou
         *credential_env(ctx),
     ]
     container["env"] = env
-    if ctx.app_env_from:
-        container["envFrom"] = [copy.deepcopy(e) for e in ctx.app_env_from]
     shaped = shape_resources(resources, ctx.qos)
     if shaped:
         container["resources"] = shaped

@@ -47,22 +47,21 @@ _K8S_VAR: Final = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _SH_VAR: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: env vars naming where a Hugging Face client caches, most specific first
 HUB_CACHE_ENV: Final = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")
+#: credentials of the app containers that our containers carry too (never endpoints: a pod
+#: that could point the warm-up at its own server would fill the shared node cache with its
+#: own files under another tenant's model; endpoints come from the cluster's Secrets only)
 CREDENTIAL_ENV: Final = (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
-    "HF_ENDPOINT",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "GCS_ACCESS_KEY_ID",
     "GCS_SECRET_ACCESS_KEY",
-    "GCS_ENDPOINT_URL",
     "GCS_REGION",
 )
 ROLES: Final = ("base", "tokenizer", "lora", "draft")
