@@ -3,8 +3,11 @@
 The node plugin opens ``/dev/fuse``, mounts it on the volume's target path (only root may)
 and keeps the descriptor. It then listens on a unix socket inside a volume of that pod only
 (an ``emptyDir`` named :data:`SOCKET_VOLUME`, mounted into the sidecar); whoever connects
-gets a duplicate of the descriptor as ``SCM_RIGHTS`` ancillary data, with one JSON line
-describing the volume. The sidecar, running as a non-root user with no capabilities,
+gets a duplicate of the descriptor as ``SCM_RIGHTS`` ancillary data, with one JSON line:
+the volume's live status, built at connect time (each model's state, bytes done and total,
+rate, hub commit and the files with their completion; up to :data:`MAX_STATUS` bytes). A
+pod-side process that only wants the status (the warm-up) calls :func:`read_status`, which
+closes the descriptor. The sidecar, running as a non-root user with no capabilities,
 serves FUSE on ``/dev/fd/N``: libfuse takes that mountpoint to mean "already mounted, here
 is the connection". Reaching the socket takes access to that pod's volume, which only the
 pod's own containers (and root on the node) have.
@@ -37,7 +40,11 @@ SOCKET_VOLUME: Final = "modelcache-fuse-socket"
 SOCKET_NAME: Final = "socket"
 #: ``/dev/fuse`` is the misc character device 10:229.
 _FUSE_DEV: Final = (10, 229)
-_MAX_INFO: Final = 64 << 10
+#: The largest status line either side accepts (a model of many thousand files fits).
+MAX_STATUS: Final = 16 << 20
+_FIRST_CHUNK: Final = 64 << 10
+#: Seconds the plugin gives a connection to take the whole status line.
+SEND_TIMEOUT: Final = 10.0
 
 
 class HandoverError(Exception):
@@ -85,12 +92,27 @@ def listen(socket_path: str | Path) -> socket.socket:
     return sock
 
 
-def send_fd(conn: socket.socket, fd: int, info: dict[str, Any]) -> None:
-    """Send ``fd`` and one JSON line of ``info`` over an accepted connection."""
-    payload = json.dumps(info, sort_keys=True).encode() + b"\n"
+def encode_status(info: dict[str, Any]) -> bytes:
+    """The status line as sent: compact JSON and a newline; :class:`HandoverError` past
+    :data:`MAX_STATUS`."""
+    payload = json.dumps(info, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    if len(payload) > MAX_STATUS:
+        raise HandoverError(
+            f"the volume status is {len(payload)} bytes, more than the {MAX_STATUS} a "
+            "hand-over carries"
+        )
+    return payload
+
+
+def send_fd(conn: socket.socket, fd: int, info: dict[str, Any] | bytes) -> None:
+    """Send ``fd`` and one JSON line of ``info`` (or a line :func:`encode_status` made)
+    over an accepted connection; blocking, at most :data:`SEND_TIMEOUT` seconds."""
+    payload = info if isinstance(info, bytes) else encode_status(info)
     conn.setblocking(True)
-    conn.settimeout(5.0)
-    socket.send_fds(conn, [payload], [fd])
+    conn.settimeout(SEND_TIMEOUT)
+    # the descriptor rides on the first bytes; a stream socket may take the rest in pieces
+    sent = socket.send_fds(conn, [payload[:_FIRST_CHUNK]], [fd])
+    conn.sendall(payload[sent:])
 
 
 def receive_handover(socket_path: str | Path, timeout: float) -> tuple[int, dict[str, Any]]:
@@ -109,7 +131,7 @@ def receive_handover(socket_path: str | Path, timeout: float) -> tuple[int, dict
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             with _short_path(socket_path) as short:
                 sock.connect(short)
-            msg, fds, _flags, _addr = socket.recv_fds(sock, _MAX_INFO, 4)
+            msg, fds, _flags, _addr = socket.recv_fds(sock, _FIRST_CHUNK, 4)
             break
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             last = exc
@@ -127,28 +149,69 @@ def receive_handover(socket_path: str | Path, timeout: float) -> tuple[int, dict
             raise HandoverError(
                 f"receiving the FUSE descriptor from {socket_path}: {exc.strerror or exc}"
             ) from None
-    sock.close()
-    if len(fds) != 1:
-        for extra in fds:
-            os.close(extra)
-        raise HandoverError(f"{socket_path}: expected one descriptor, got {len(fds)}")
-    fd = fds[0]
-    if not is_fuse_device(fd):
-        os.close(fd)
-        raise HandoverError(f"{socket_path}: the descriptor received is not /dev/fuse")
     try:
-        info = json.loads(msg.decode() or "{}")
-    except ValueError:
-        os.close(fd)
-        raise HandoverError(f"{socket_path}: malformed volume description {msg[:80]!r}") from None
-    if not isinstance(info, dict):
-        os.close(fd)
-        raise HandoverError(f"{socket_path}: malformed volume description {msg[:80]!r}")
+        if len(fds) != 1:
+            raise HandoverError(f"{socket_path}: expected one descriptor, got {len(fds)}")
+        if not is_fuse_device(fds[0]):
+            raise HandoverError(f"{socket_path}: the descriptor received is not /dev/fuse")
+        # the line follows at once: reading it gets its own bound, not what is left of the
+        # time for the socket to appear
+        read_deadline = max(deadline, time.monotonic() + SEND_TIMEOUT)
+        msg = _read_line(sock, msg, read_deadline, socket_path)
+        try:
+            info = json.loads(msg.decode() or "{}")
+        except ValueError:
+            raise HandoverError(
+                f"{socket_path}: malformed volume description {msg[:80]!r}"
+            ) from None
+        if not isinstance(info, dict):
+            raise HandoverError(f"{socket_path}: malformed volume description {msg[:80]!r}")
+    except BaseException:
+        for received in fds:
+            os.close(received)
+        raise
+    finally:
+        sock.close()
+    fd = fds[0]
     os.set_inheritable(fd, True)
     return fd, info
+
+
+def _read_line(sock: socket.socket, head: bytes, deadline: float, where: str | Path) -> bytes:
+    """``head`` plus what follows on ``sock`` up to the newline (excluded); bounded by
+    :data:`MAX_STATUS` and the deadline."""
+    chunks = [head]
+    size = len(head)
+    while b"\n" not in chunks[-1]:
+        if not chunks[-1] and len(chunks) > 1:
+            break  # end of stream before a newline: parsed as it is (refused if cut short)
+        if size > MAX_STATUS:
+            raise HandoverError(f"{where}: the volume status exceeds {MAX_STATUS} bytes")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HandoverError(f"{where}: timed out reading the volume status")
+        sock.settimeout(max(0.1, left))
+        try:
+            chunk = sock.recv(1 << 20)
+        except OSError as exc:
+            raise HandoverError(
+                f"{where}: reading the volume status: {exc.strerror or exc}"
+            ) from None
+        chunks.append(chunk)
+        size += len(chunk)
+    line, _, _rest = b"".join(chunks).partition(b"\n")
+    return line
 
 
 def receive_fd(socket_path: str | Path, timeout: float) -> int:
     """The FUSE descriptor of this pod's volume; serve it with FUSE on ``/dev/fd/<fd>``."""
     fd, _info = receive_handover(socket_path, timeout)
     return fd
+
+
+def read_status(socket_path: str | Path, timeout: float) -> dict[str, Any]:
+    """The volume's status as the plugin sees it now (the descriptor that comes with it is
+    closed at once); retries the connection like :func:`receive_handover`."""
+    fd, info = receive_handover(socket_path, timeout)
+    os.close(fd)
+    return info

@@ -5,30 +5,34 @@ pod's containers start, with the volume's ``volumeAttributes``, the pod's identi
 CSIDriver sets ``podInfoOnMount``) and the data of the pod's ``nodePublishSecretRef`` Secret.
 :class:`Publisher` turns that into a mount on the target path:
 
-1. **Policy** (no I/O): the attributes name the models (``models``: ``name=uri,...``) and
-   the kind of volume (``kind``: ``view`` or ``fuse``). ``file://`` sources must lie under
+1. **Policy** (no I/O): the attributes name the models (``models``: ``name=uri,...``), the
+   kind of volume (``kind``: ``view`` or ``fuse``) and which files (``include``: globs, as
+   the warm-up's ``--include``; none: all). ``file://`` sources must lie under
    the roots the node allows (none by default); ``pvc://`` is not published by the node.
 2. **Access check**, every time, even for a complete cache: each model's source is listed
    with *this pod's* credentials (only the credential keys of its Secret: the node's own
    credentials are never used for a pod, and endpoints such as ``HF_ENDPOINT`` come from the
    node, never from the pod) and the node's own name resolution. Refused: the publish fails
    with a permission error, whatever the cache holds. Unreachable: the cached copy is served
-   only if the pod sends no credentials and the copy was fetched with none.
+   only if the pod sends no credentials and the copy was fetched with none. The listing
+   (after the include globs) is kept on the volume: it is what the pod's status shows.
 3. **Fetch**: a model that is not complete (or changed at the source) is fetched into the
    node cache in the background, once per model however many pods ask (single-flight), with
-   the credentials of the pod that started it. Until it is complete a ``view`` publish
-   fails with a retryable error that shows the progress, so every call returns well within
-   the kubelet's per-call limit (about two minutes) and the kubelet's retries pick it up.
+   the credentials of the pod that started it. No publish waits for it: files appear in
+   the volume as they complete (the kubelet's retry backoff, up to two minutes, would
+   otherwise add to every cold start). A failed fetch shows as ``failed`` in the status of
+   every volume of that model until a new publish of the model starts it again.
 4. **Mount**:
 
-   ``view``: a small read-only tmpfs on the target holding one directory per model, each a
-   read-only (nosuid, nodev) bind mount of that model's complete files in the node cache.
-   The pod sees its own models and nothing else of the cache, and cannot write anywhere.
+   ``view``: a small read-only tmpfs on the target holding one directory per model, named
+   by its cache key, each a read-only (nosuid, nodev) bind mount of that model's ``data/``
+   in the node cache, which only ever holds complete, verified files. The pod sees its own
+   models and nothing else of the cache, and cannot write anywhere.
 
    ``fuse``: ``/dev/fuse`` mounted read-only on the target (type ``fuse.modelcache``), its
    descriptor handed to the pod's unprivileged sidecar through a unix socket in the pod's
-   ``modelcache-fuse-socket`` emptyDir (:mod:`sidecar.node.handover`). It does not wait for
-   the fetch: the sidecar serves files as they complete (the ``async`` warm-up mode).
+   ``modelcache-fuse-socket`` emptyDir (:mod:`sidecar.node.handover`), with the volume's
+   live status (:meth:`Publisher.status`) on every connection.
 
    Each published model is pinned (a shared lock on the model, which the agent's eviction
    needs exclusively) until the volume is unpublished.
@@ -58,8 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from sidecar.cache import CacheError, NodeCache
-from sidecar.layout import ANONYMOUS_MARKER
+from sidecar.cache import CacheError, NodeCache, read_file_meta
+from sidecar.layout import ANONYMOUS_MARKER, ModelDir
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_spec
 from sidecar.node import handover, mounts
 from sidecar.node.flags import DRIVER_NAME
@@ -71,7 +75,7 @@ from sidecar.sources import (
     SourceUnavailableError,
     open_source,
 )
-from sidecar.warmup import WarmupError, warm_models
+from sidecar.warmup import WarmupError, plan_files, warm_models
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,18 @@ KINDS: Final = (KIND_VIEW, KIND_FUSE)
 #: ``NAME=key,...``: which keys of the pod's Secret hold which credential, when the
 #: Secret's own key names differ (``HF_TOKEN=token``); by default the names themselves.
 CREDENTIAL_KEYS_ATTR: Final = "credentialKeys"
-ATTRIBUTES: Final = (MODELS_ATTR, KIND_ATTR, CREDENTIAL_KEYS_ATTR)
+#: ``glob,glob``: only the files matching one (path or file name), as the warm-up's
+#: ``--include`` and ``modelcache.io/warmup-include``; empty: every file.
+INCLUDE_ATTR: Final = "include"
+ATTRIBUTES: Final = (MODELS_ATTR, KIND_ATTR, CREDENTIAL_KEYS_ATTR, INCLUDE_ATTR)
+_MAX_GLOBS: Final = 64
+_MAX_GLOB_LEN: Final = 256
+
+# the states of a model in the volume status (the hand-over's JSON line)
+STATE_PENDING: Final = "pending"
+STATE_FETCHING: Final = "fetching"
+STATE_COMPLETE: Final = "complete"
+STATE_FAILED: Final = "failed"
 
 #: Keys of the pod's Secret that count as its credentials; any other key is ignored.
 CREDENTIAL_KEYS: Final = (
@@ -162,6 +177,8 @@ class VolumeSpec:
     pod: PodInfo
     #: credential name → key of the pod's Secret that holds it
     credential_keys: tuple[tuple[str, str], ...] = DEFAULT_CREDENTIAL_KEYS
+    #: the include globs (none: every file)
+    include: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,27 @@ def parse_volume_context(ctx: Mapping[str, str]) -> VolumeSpec:
         uid=uid,
         service_account=ctx.get(SERVICE_ACCOUNT_KEY, ""),
     )
-    return VolumeSpec(kind, tuple(models), pod, _parse_credential_keys(ctx))
+    return VolumeSpec(kind, tuple(models), pod, _parse_credential_keys(ctx), _parse_include(ctx))
+
+
+def _parse_include(ctx: Mapping[str, str]) -> tuple[str, ...]:
+    text = ctx.get(INCLUDE_ATTR, "").strip()
+    if not text:
+        return ()
+    globs = [g.strip() for g in text.split(",")]
+    for g in globs:
+        if not g or len(g) > _MAX_GLOB_LEN or not g.isprintable():
+            raise PublishError(
+                ErrorKind.INVALID,
+                f"volumeAttributes {INCLUDE_ATTR}: {g!r} is not a glob (comma-separated, "
+                f"each 1-{_MAX_GLOB_LEN} printable characters)",
+            )
+    if len(globs) > _MAX_GLOBS:
+        raise PublishError(
+            ErrorKind.INVALID,
+            f"volumeAttributes {INCLUDE_ATTR}: {len(globs)} globs, at most {_MAX_GLOBS}",
+        )
+    return tuple(dict.fromkeys(globs))
 
 
 def _parse_credential_keys(ctx: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -277,19 +314,42 @@ def check_file_roots(models: Sequence[NamedModel], roots: Sequence[Path]) -> Non
             )
 
 
-class _Fetch:
-    """One background fill of one model into the node cache."""
+#: a fetch is single-flight per model and include globs
+_FetchKey = tuple[str, tuple[str, ...]]
 
-    def __init__(self, model: NamedModel) -> None:
+
+class _Fetch:
+    """One background fill of one model (its files matching ``include``) into the cache."""
+
+    def __init__(self, model: NamedModel, include: tuple[str, ...]) -> None:
         self.model = model
+        self.include = include
         self.progress = Progress(emit=lambda line: log.info("%s: %s", model.source.uri, line))
         self.error: str | None = None
         self.task: asyncio.Task[None] | None = None
 
-    def status(self) -> str:
-        if self.progress.total_bytes == 0:
-            return "listing the source"
-        return self.progress.line()
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def rate(self) -> float:
+        """Bytes per second this fetch downloaded since its listing (0 before)."""
+        p = self.progress
+        if not p.fetched_bytes:
+            return 0.0
+        return p.fetched_bytes / max(p.clock() - p.started, 1e-6)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """What the access check found for one model of one volume."""
+
+    #: the files the pod gets (after the include globs), as the source listed them
+    files: tuple[RemoteFile, ...]
+    #: hf:// only: the commit the listing resolved (None: served from the cache unlisted)
+    commit: str | None = None
+    #: complete in the cache with exactly these files at the time of the check
+    current: bool = False
 
 
 @dataclass
@@ -298,6 +358,7 @@ class _Volume:
     target: Path
     spec: VolumeSpec
     pins: contextlib.ExitStack
+    listings: dict[str, _Listing] = field(default_factory=dict)
     fuse_fd: int = -1
     listener: socket.socket | None = None
     socket_path: Path | None = None
@@ -327,7 +388,7 @@ class Publisher:
         self.config = config
         self.cache = cache or NodeCache(config.cache_dir)
         self.node_env = dict(os.environ if node_env is None else node_env)
-        self._fetches: dict[str, _Fetch] = {}
+        self._fetches: dict[_FetchKey, _Fetch] = {}
         self._volumes: dict[Path, _Volume] = {}
         self._locks: dict[Path, asyncio.Lock] = {}
 
@@ -351,8 +412,8 @@ class Publisher:
                 )
             socket_dir = self._socket_dir(spec.pod) if spec.kind == KIND_FUSE else None
             env = pod_env(req.secrets, self.node_env, spec.credential_keys)
-            complete = await self._check_models(spec, env, wait=spec.kind == KIND_VIEW)
-            vol = _Volume(req.volume_id, target, spec, contextlib.ExitStack())
+            listings = await self._check_models(spec, env)
+            vol = _Volume(req.volume_id, target, spec, contextlib.ExitStack(), listings)
             try:
                 self._pin(vol)
                 if mounts.mounts_under(target):
@@ -362,7 +423,7 @@ class Publisher:
                     await asyncio.to_thread(self._mount_view, vol)
                 else:
                     await asyncio.to_thread(self._mount_fuse, vol, socket_dir)
-                    self._start_handover(vol, complete)
+                    self._start_handover(vol)
             except BaseException:
                 await self._teardown(vol)
                 raise
@@ -452,41 +513,32 @@ class Publisher:
 
     # ---- access check and fetch ---------------------------------------------------------
 
-    async def _check_models(
-        self, spec: VolumeSpec, env: Mapping[str, str], *, wait: bool
-    ) -> dict[str, bool]:
-        """Check every model's access; return name → complete. With ``wait``, a model not
-        complete yet is a PENDING error (after its fetch was started)."""
+    async def _check_models(self, spec: VolumeSpec, env: Mapping[str, str]) -> dict[str, _Listing]:
+        """Check every model's access (starting the fetch of any that is not complete);
+        return name → what the check listed. Every failure is reported, the gravest first."""
         results = await asyncio.gather(
-            *(self._check_model(m, spec.pod, env) for m in spec.models), return_exceptions=True
+            *(self._check_model(m, spec, env) for m in spec.models), return_exceptions=True
         )
         errors: list[PublishError] = []
-        complete: dict[str, bool] = {}
+        listings: dict[str, _Listing] = {}
         for m, res in zip(spec.models, results, strict=True):
             if isinstance(res, PublishError):
                 errors.append(res)
             elif isinstance(res, BaseException):
                 raise res
             else:
-                complete[m.name] = res
-                if not res and wait:
-                    fetch = self._fetches.get(m.source.cache_key)
-                    status = fetch.status() if fetch is not None else "just finished"
-                    errors.append(
-                        PublishError(
-                            ErrorKind.PENDING,
-                            f"model {m.name!r} ({m.source.uri}) is being fetched into the node "
-                            f"cache: {status}",
-                        )
-                    )
+                listings[m.name] = res
         if errors:
             kind = min((e.kind for e in errors), key=_SEVERITY.index)
             raise PublishError(kind, "; ".join(str(e) for e in errors))
-        return complete
+        return listings
 
-    async def _check_model(self, model: NamedModel, pod: PodInfo, env: Mapping[str, str]) -> bool:
-        """Raise unless ``pod`` may read ``model`` now; return whether it is complete in the
-        cache, starting its fetch if it is not."""
+    async def _check_model(
+        self, model: NamedModel, spec: VolumeSpec, env: Mapping[str, str]
+    ) -> _Listing:
+        """Raise unless the pod may read ``model`` now; return the files it gets, starting
+        their fetch unless they are complete in the cache."""
+        pod = spec.pod
         what = f"model {model.name!r} ({model.source.uri})"
         src = open_source(
             model,
@@ -505,7 +557,8 @@ class Publisher:
                 f"{pod} may not read {what} with its own credentials: {_detail(exc, model)}",
             ) from None
         except (SourceUnavailableError, TimeoutError) as exc:
-            if anonymous and self._fetched_anonymously(model) and self.cache.is_complete(model):
+            cached = self._cached_listing(model, spec.include)
+            if anonymous and self._fetched_anonymously(model) and cached is not None:
                 log.warning(
                     "%s: source unreachable (%s); serving the complete cached copy to %s "
                     "(fetched with no credentials, and the pod sends none)",
@@ -513,7 +566,7 @@ class Publisher:
                     _detail(exc, model) or "timed out",
                     pod,
                 )
-                return True
+                return cached
             raise PublishError(
                 ErrorKind.UNAVAILABLE,
                 f"cannot check that {pod} may read {what}: the source is unreachable: "
@@ -525,13 +578,39 @@ class Publisher:
             await src.aclose()
         if not listed:
             raise PublishError(ErrorKind.SOURCE, f"{what}: the source lists no files")
-        if self._is_current(model, listed):
-            return True
-        self._ensure_fetch(model, env, anonymous=anonymous)
-        return False
+        plan = plan_files(listed, spec.include)
+        if not plan:
+            raise PublishError(
+                ErrorKind.SOURCE,
+                f"{what}: volumeAttributes {INCLUDE_ATTR} {','.join(spec.include)} selects "
+                f"none of the {len(listed)} file(s) the source lists; check the globs",
+            )
+        commit = getattr(src, "commit", None)
+        current = self._is_current(model, listed, plan)
+        if not current:
+            self._ensure_fetch(model, spec.include, env, anonymous=anonymous)
+        return _Listing(
+            tuple(plan), commit if isinstance(commit, str) and commit else None, current
+        )
 
-    def _is_current(self, model: NamedModel, listed: list[RemoteFile]) -> bool:
-        """Complete in the cache, with exactly the files the source lists now."""
+    def _cached_listing(self, model: NamedModel, include: Sequence[str]) -> _Listing | None:
+        """The complete cached copy's files matching ``include``, or None (not complete, or
+        it holds none of them)."""
+        manifest = self.cache.read_manifest(model)
+        if manifest is None or not self.cache.is_complete(model):
+            return None
+        try:
+            files = [RemoteFile(e["path"], e["size"], e.get("sha256")) for e in manifest["files"]]
+        except (KeyError, TypeError):
+            return None
+        plan = plan_files(files, include)
+        return _Listing(tuple(plan), None, True) if plan else None
+
+    def _is_current(
+        self, model: NamedModel, listed: Sequence[RemoteFile], plan: Sequence[RemoteFile]
+    ) -> bool:
+        """Complete in the cache with every planned file as the source lists it now, and
+        nothing the source no longer lists."""
         manifest = self.cache.read_manifest(model)
         if manifest is None or not self.cache.is_complete(model):
             return False
@@ -539,9 +618,11 @@ class Publisher:
             cached = {e["path"]: (e["size"], e.get("sha256")) for e in manifest["files"]}
         except (KeyError, TypeError):
             return False
-        if set(cached) != {f.path for f in listed}:
+        if not set(cached) <= {f.path for f in listed}:
             return False
-        for f in listed:
+        for f in plan:
+            if f.path not in cached:
+                return False
             size, sha = cached[f.path]
             if size != f.size or (f.sha256 and sha and sha != f.sha256):
                 return False
@@ -550,19 +631,21 @@ class Publisher:
     def _fetched_anonymously(self, model: NamedModel) -> bool:
         return (self.cache.model_dir(model).root / ANONYMOUS_MARKER).is_file()
 
-    def _ensure_fetch(self, model: NamedModel, env: Mapping[str, str], *, anonymous: bool) -> None:
-        key = model.source.cache_key
+    def _ensure_fetch(
+        self,
+        model: NamedModel,
+        include: tuple[str, ...],
+        env: Mapping[str, str],
+        *,
+        anonymous: bool,
+    ) -> None:
+        """Start the model's fetch unless one runs (single flight); a failed one is
+        replaced: every publish of a model whose fetch failed starts it again."""
+        key = (model.source.cache_key, include)
         fetch = self._fetches.get(key)
-        if fetch is not None and fetch.task is not None and not fetch.task.done():
+        if fetch is not None and fetch.running:
             return  # single flight: the running fetch serves every pod that may read it
-        if fetch is not None and fetch.error is not None:
-            # report the failure once, to whoever asks next; the call after that retries
-            del self._fetches[key]
-            raise PublishError(
-                ErrorKind.UNAVAILABLE,
-                f"fetching model {model.name!r} ({model.source.uri}) failed: {fetch.error}",
-            )
-        fetch = _Fetch(model)
+        fetch = _Fetch(model, include)
         fetch.task = asyncio.get_running_loop().create_task(
             self._fill(fetch, dict(env), anonymous), name=f"fetch {model.source.uri}"
         )
@@ -578,6 +661,7 @@ class Publisher:
             await warm_models(
                 self.cache,
                 [model],
+                include=fetch.include,
                 parallel=self.config.parallel,
                 timeout=self.config.fetch_timeout,
                 progress=fetch.progress,
@@ -587,7 +671,7 @@ class Publisher:
             if anonymous:
                 marker.touch()
         except WarmupError as exc:
-            fetch.error = "; ".join(exc.failures)
+            fetch.error = "; ".join(f.message for f in exc.problems) or str(exc)
         except (OSError, CacheError) as exc:
             fetch.error = str(exc)
         except Exception as exc:
@@ -595,10 +679,114 @@ class Publisher:
             fetch.error = f"{type(exc).__name__}: {exc}"
         if fetch.error:
             log.warning("fetching %s failed: %s", model.source.uri, fetch.error)
-            return  # kept until the next publish of this model has reported it
+            return  # kept: the status says "failed" until a publish starts it again
         log.info("fetched %s in %.1fs", model.source.uri, time.monotonic() - started)
-        if self._fetches.get(model.source.cache_key) is fetch:
-            del self._fetches[model.source.cache_key]
+        key = (model.source.cache_key, fetch.include)
+        if self._fetches.get(key) is fetch:
+            del self._fetches[key]
+
+    # ---- status -------------------------------------------------------------------------
+
+    def status(self, vol: _Volume) -> dict[str, Any]:
+        """The volume's live status (the hand-over's JSON line); blocking (it stats each
+        listed file), so the event loop runs it in a thread."""
+        fetches = {
+            m.name: self._fetches.get((m.source.cache_key, vol.spec.include))
+            for m in vol.spec.models
+        }
+        return {
+            "volume_id": vol.volume_id,
+            "models": [
+                self._model_status(m, vol.listings.get(m.name), fetches[m.name])
+                for m in vol.spec.models
+            ],
+        }
+
+    def _model_status(
+        self, model: NamedModel, listing: _Listing | None, fetch: _Fetch | None
+    ) -> dict[str, Any]:
+        src = model.source
+        hub = src.scheme == "hf"
+        out: dict[str, Any] = {
+            "name": model.name,
+            "uri": src.uri,
+            "cache_key": src.cache_key,
+            "state": STATE_PENDING,
+            "complete": False,
+            "error": None,
+            "bytes_done": 0,
+            "bytes_total": 0,
+            "rate": 0.0,
+            "revision": (src.revision or "main") if hub else None,
+            "commit": None,
+            "files": [],
+        }
+        if listing is None:
+            return out
+        done = self._complete_files(model, listing)
+        total = sum(f.size for f in listing.files)
+        done_bytes = sum(f.size for f in listing.files if f.path in done)
+        complete = len(done) == len(listing.files)
+        error: str | None = None
+        if complete:
+            state = STATE_COMPLETE
+        elif fetch is not None and fetch.error is not None:
+            state, error = STATE_FAILED, fetch.error
+        elif fetch is not None:
+            state = STATE_FETCHING
+            # the fetch's own count includes the parts of files still in flight
+            done_bytes = max(done_bytes, min(fetch.progress.done_bytes, total - 1))
+            out["rate"] = round(fetch.rate(), 1)
+        else:
+            missing = [f.path for f in listing.files if f.path not in done]
+            state = STATE_FAILED
+            error = (
+                f"the fetch ended without {len(missing)} file(s) of the listing "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the "
+                "source changed after the volume was published; publish it again"
+            )
+        out.update(
+            state=state,
+            complete=complete,
+            error=error,
+            bytes_done=done_bytes,
+            bytes_total=total,
+            files=[
+                {"path": f.path, "size": f.size, "complete": f.path in done} for f in listing.files
+            ],
+        )
+        if hub:
+            md = self.cache.model_dir(model)
+            recorded = _recorded_commit(md, [f.path for f in listing.files if f.path in done])
+            if listing.commit is None:
+                out["commit"] = recorded
+            else:
+                out["commit"] = recorded if complete and recorded else listing.commit
+        return out
+
+    def _complete_files(self, model: NamedModel, listing: _Listing) -> set[str]:
+        """Paths of the listing that are in the model's ``data/`` as listed."""
+        md = self.cache.model_dir(model)
+        manifest = self.cache.read_manifest(model) or {}
+        recorded: dict[str, tuple[Any, Any]] = {}
+        for e in manifest.get("files", []):
+            if isinstance(e, dict) and isinstance(e.get("path"), str):
+                recorded[e["path"]] = (e.get("size"), e.get("sha256"))
+        done: set[str] = set()
+        for f in listing.files:
+            try:
+                if md.data_file(f.path).stat().st_size != f.size:
+                    continue
+            except (OSError, ValueError):
+                continue
+            size, sha = recorded.get(f.path, (None, None))
+            if f.sha256 is None or (size == f.size and sha == f.sha256):
+                done.add(f.path)
+                continue
+            meta = read_file_meta(md, f.path)  # not in the manifest yet: as fetched
+            if meta is not None and meta.get("sha256") in (None, f.sha256):
+                done.add(f.path)
+        return done
 
     # ---- mounts -------------------------------------------------------------------------
 
@@ -616,11 +804,13 @@ class Publisher:
         try:
             _make_target(target)
             mounts.mount_view_root(target)
-            for m in vol.spec.models:
-                (target / m.name).mkdir(mode=0o755)
-                mounts.bind_readonly(self.cache.model_dir(m).data, target / m.name)
+            for key, m in {m.source.cache_key: m for m in vol.spec.models}.items():
+                # data/ exists before the first file lands, so the bind shows them as they do
+                data = self.cache.prepare_model(m).data
+                (target / key).mkdir(mode=0o755)
+                mounts.bind_readonly(data, target / key)
             mounts.seal_view_root(target)
-        except OSError as exc:
+        except (OSError, CacheError) as exc:
             raise PublishError(ErrorKind.INTERNAL, f"cannot publish {target}: {exc}") from None
 
     def _mount_fuse(self, vol: _Volume, socket_dir: Path) -> None:
@@ -634,41 +824,40 @@ class Publisher:
         except (OSError, handover.HandoverError) as exc:
             raise PublishError(ErrorKind.INTERNAL, f"cannot publish {target}: {exc}") from None
 
-    def _start_handover(self, vol: _Volume, complete: Mapping[str, bool]) -> None:
-        info: dict[str, Any] = {
-            "volume_id": vol.volume_id,
-            "models": [
-                {
-                    "name": m.name,
-                    "uri": m.source.uri,
-                    "cache_key": m.source.cache_key,
-                    "complete": complete.get(m.name, False),
-                }
-                for m in vol.spec.models
-            ],
-        }
+    def _start_handover(self, vol: _Volume) -> None:
         vol.serve_task = asyncio.get_running_loop().create_task(
-            self._serve_handover(vol, info), name=f"hand-over {vol.volume_id}"
+            self._serve_handover(vol), name=f"hand-over {vol.volume_id}"
         )
 
-    async def _serve_handover(self, vol: _Volume, info: dict[str, Any]) -> None:
-        """Give the descriptor to every connection until the volume is unpublished."""
+    async def _serve_handover(self, vol: _Volume) -> None:
+        """Give the descriptor and the live status to every connection until the volume is
+        unpublished; one connection at a time, each sent from a thread (a pod that does not
+        read holds up only its own volume, for at most ``handover.SEND_TIMEOUT``)."""
         assert vol.listener is not None
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(vol.listener)
-            with conn:
-                try:
-                    pid, uid, _gid = _peer(conn)
-                    handover.send_fd(conn, vol.fuse_fd, info)
-                    log.info(
-                        "handed the FUSE descriptor of volume %s to pid %d (uid %d)",
-                        vol.volume_id,
-                        pid,
-                        uid,
-                    )
-                except OSError as exc:
-                    log.warning("hand-over of volume %s failed: %s", vol.volume_id, exc)
+            # the thread owns its own duplicate: an unpublish meanwhile closes only ours
+            fd = os.dup(vol.fuse_fd)
+            await asyncio.to_thread(self._hand_over, vol, conn, fd)
+
+    def _hand_over(self, vol: _Volume, conn: socket.socket, fd: int) -> None:
+        try:
+            pid, uid, _gid = _peer(conn)
+            handover.send_fd(conn, fd, self.status(vol))
+            log.info(
+                "handed the FUSE descriptor of volume %s to pid %d (uid %d)",
+                vol.volume_id,
+                pid,
+                uid,
+            )
+        except (OSError, handover.HandoverError) as exc:
+            log.warning("hand-over of volume %s failed: %s", vol.volume_id, exc)
+        except Exception:
+            log.exception("hand-over of volume %s failed", vol.volume_id)
+        finally:
+            conn.close()
+            os.close(fd)
 
     def _stop_handover(self, vol: _Volume) -> None:
         if vol.serve_task is not None:
@@ -716,6 +905,17 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return pid, uid, gid
+
+
+def _recorded_commit(md: ModelDir, paths: Sequence[str]) -> str | None:
+    """The hub commit complete files were fetched at (their ``version``), when they agree."""
+    seen: set[str] = set()
+    for path in paths:
+        meta = read_file_meta(md, path)
+        version = meta.get("version") if meta is not None else None
+        if isinstance(version, str) and version:
+            seen.add(version)
+    return seen.pop() if len(seen) == 1 else None
 
 
 def _detail(exc: BaseException, model: NamedModel) -> str:

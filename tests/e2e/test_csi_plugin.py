@@ -9,13 +9,16 @@ on the retryable codes, and looks at the result from inside the plugin's mount n
 the pod would (``nsenter``, and ``setpriv`` to uid 65534 with no capabilities).
 
 Sources are real: nginx, the fake Hugging Face hub (a private repo with a bearer token) and
-the fault-injecting server for a slow fetch.
+the fault-injecting server for a slow or failing fetch. A view is published at once and
+its files appear as they complete; the status line every hand-over connection carries goes
+from ``fetching`` to ``complete`` (or ``failed`` with the source's error).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -24,10 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -35,7 +40,7 @@ import pytest
 from sidecar.modelsource import parse_model_uri
 from sidecar.node import _csi_pb2 as pb
 from sidecar.node import _csi_pb2_grpc as pb_grpc
-from sidecar.node.handover import HandoverError, is_fuse_device, receive_fd
+from sidecar.node.handover import HandoverError, is_fuse_device, read_status, receive_fd
 from tests.fixtures.modelgen import ModelInfo, generate_model, sha256_file
 from tests.fixtures.nobody import open_to_others
 from tests.fixtures.servers import ServedModel, fake_hf_hub, fault_server, free_port
@@ -298,6 +303,59 @@ def expected_files(info: ModelInfo, name: str) -> dict[str, str]:
     }
 
 
+def key_of(uri: str) -> str:
+    """The directory a view shows a model in: its cache key."""
+    return parse_model_uri(uri).cache_key
+
+
+def wait_for_view(
+    plugin: Plugin, req: pb.NodePublishVolumeRequest, key: str, info: ModelInfo
+) -> tuple[dict[str, object], list[set[str]]]:
+    """Look at the view as the pod's user until every file of the model is there; returns
+    the last look and the file sets seen on the way. Every look must show only complete,
+    correct files (``data/`` never holds a partial one)."""
+    expected = expected_files(info, key)
+    seen: list[set[str]] = []
+    end = time.monotonic() + 120
+    while True:
+        look = json.loads(plugin.py_in_ns(_WALK, req.target_path, key, nobody=True))
+        files: dict[str, str] = look["files"]
+        wrong = {p for p, h in files.items() if expected.get(p) != h}
+        assert not wrong, f"the view shows files that are not complete and correct: {wrong}"
+        seen.append(set(files))
+        if files == expected:
+            return look, seen
+        assert time.monotonic() < end, f"the view never completed: {sorted(files)}"
+        time.sleep(0.1)  # polling the view, bounded by `end`
+
+
+def wait_for_status(
+    socket_path: Path, done: str = "complete", deadline: float = 120
+) -> list[dict[str, Any]]:
+    """The status line read about ten times a second until every model is ``done`` (or
+    one failed); every status read on the way, in order."""
+    seen: list[dict[str, Any]] = []
+    end = time.monotonic() + deadline
+    while True:
+        status = read_status(socket_path, timeout=10)
+        seen.append(status)
+        states = {m["state"] for m in status["models"]}
+        if states == {done} or "failed" in states:
+            return seen
+        assert time.monotonic() < end, f"still {states} after {deadline}s"
+        time.sleep(0.1)  # polling like the warm-up does, bounded by `end`
+
+
+def hub_commit(served: ServedModel, revision: str = "main") -> str:
+    """What the fake hub says ``revision`` of the model is (its model info's ``sha``)."""
+    repo = served.url.removeprefix("hf://")
+    url = f"{served.server.rstrip('/')}/api/models/{repo}/revision/{revision}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {HUB_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        commit: str = json.load(resp)["sha"]
+    return commit
+
+
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
@@ -372,53 +430,56 @@ def test_view_holds_the_pods_models_complete_and_read_only(
 ) -> None:
     pod = Pod.new("llm-0")
     req = plugin.request(pod, "modelcache-models", models_attr(small=served["small"].url))
-    retried = plugin.publish(req)
-    # the first call finds the model missing, starts the fetch and says so
-    assert retried and retried[0].code() == grpc.StatusCode.ABORTED
-    assert "being fetched into the node cache" in (retried[0].details() or "")
+    plugin.publish_once(req)  # a cold model: published at once, the fetch runs behind it
+    key = key_of(served["small"].url)
 
     target = req.target_path
-    seen = json.loads(plugin.py_in_ns(_WALK, target, "small", nobody=True))
-    assert seen["top"] == ["small"]
-    assert seen["files"] == expected_files(served["small"].info, "small")
+    seen, _ = wait_for_view(plugin, req, key, served["small"].info)
+    assert seen["top"] == [key]
     # the pod's user is refused every write (EROFS, or EACCES where the mode says no first)
     assert set(seen["writes"].values()) <= {errno.EROFS, errno.EACCES}, seen["writes"]
     # root in the namespace cannot write either: the mounts themselves are read-only
-    as_root = json.loads(plugin.py_in_ns(_WALK, target, "small"))
+    as_root = json.loads(plugin.py_in_ns(_WALK, target, key))
     assert set(as_root["writes"].values()) == {errno.EROFS}, as_root["writes"]
 
     mounted = {m[0]: (m[1], m[2]) for m in plugin.mounts_in_ns()}
     assert mounted[target][0] == "tmpfs" and mounted[target][1].startswith("ro,")
-    bind_opts = set(mounted[f"{target}/small"][1].split(","))
+    bind_opts = set(mounted[f"{target}/{key}"][1].split(","))
     assert {"ro", "nosuid", "nodev"} <= bind_opts
 
     # a second publish of the same volume (a lost answer) is fine and changes nothing
     plugin.publish_once(req)
-    assert sum(1 for m in plugin.mounts_in_ns() if m[0] == f"{target}/small") == 1
+    assert sum(1 for m in plugin.mounts_in_ns() if m[0] == f"{target}/{key}") == 1
 
 
-def test_publish_returns_retryable_errors_while_the_fetch_runs_then_succeeds(
+def test_a_view_is_published_at_once_and_its_files_appear_as_they_complete(
     plugin: Plugin, served: dict[str, ServedModel]
 ) -> None:
     web = served["other"].server
-    web.faults.delay = 0.05  # every 256 KiB of body waits: the fetch takes seconds
+    web.faults.delay = 0.3  # every 256 KiB of body waits: the fetch takes seconds
     pods = [Pod.new(f"llm-{i}") for i in range(2)]
     reqs = [
         plugin.request(p, "modelcache-models", models_attr(other=served["other"].url)) for p in pods
     ]
+    key = key_of(served["other"].url)
     before = dict(web.stats.per_path)
     try:
-        for _ in range(3):
-            for req in reqs:
-                with pytest.raises(grpc.RpcError) as err:
-                    plugin.publish_once(req)
-                assert err.value.code() == grpc.StatusCode.ABORTED
-                assert "model 'other'" in (err.value.details() or "")
+        for req in reqs:
+            started = time.monotonic()
+            plugin.publish_once(req)  # no ABORTED, no kubelet backoff: the fetch runs behind
+            assert time.monotonic() - started < 10
+        # the weights (4 x 256 KiB chunks at 0.3 s each) are not there yet
+        weights = {f"{key}/{p}" for p in served["other"].info.weight_files}
+        first = json.loads(plugin.py_in_ns(_WALK, reqs[0].target_path, key, nobody=True))
+        assert first["top"] == [key]
+        assert not weights <= set(first["files"]), first["files"]
+        _, seen = wait_for_view(plugin, reqs[0], key, served["other"].info)
+        wait_for_view(plugin, reqs[1], key, served["other"].info)
     finally:
         web.faults.delay = 0.0
-    for req in reqs:
-        plugin.publish(req)
-    # single flight: two pods, eight calls, and every byte of every file sent once
+    # files appeared one after another, never shrinking
+    assert all(a <= b for a, b in itertools.pairwise(seen))
+    # single flight: two pods, and every byte of every file sent once
     fetched = {
         p: n - before.get(p, 0)
         for p, n in web.stats.per_path.items()
@@ -435,20 +496,22 @@ def test_a_view_never_shows_another_pods_model(
     req_b = plugin.request(b, "modelcache-models", models_attr(other=served["other"].url))
     plugin.publish(req_a)
     plugin.publish(req_b)
-    seen_b = json.loads(plugin.py_in_ns(_WALK, req_b.target_path, "other", nobody=True))
-    assert seen_b["top"] == ["other"]
-    assert seen_b["files"] == expected_files(served["other"].info, "other")
+    key_a, key_b = key_of(served["small"].url), key_of(served["other"].url)
+    wait_for_view(plugin, req_a, key_a, served["small"].info)
+    seen_b, _ = wait_for_view(plugin, req_b, key_b, served["other"].info)
+    assert seen_b["top"] == [key_b]
     # (tokenizer files are the same in both generated models: compare the weights)
     small = served["small"].info
     small_hashes = {small.files[p].sha256 for p in small.weight_files}
     assert not small_hashes & set(seen_b["files"].values())
     # and the way out of the bind leads only to the view's own read-only tmpfs
     up = plugin.py_in_ns(
-        "import os,sys; print(sorted(os.listdir(os.path.join(sys.argv[1], 'other', '..'))))",
+        "import os,sys; print(sorted(os.listdir(os.path.join(sys.argv[1], sys.argv[2], '..'))))",
         req_b.target_path,
+        key_b,
         nobody=True,
     )
-    assert up.strip() == "['other']"
+    assert up.strip() == repr([key_b])
 
 
 def test_unpublish_removes_the_view_and_twice_is_fine(
@@ -474,7 +537,10 @@ def test_a_private_hub_model_is_published_only_to_pods_whose_token_reads_it(
     private = served["private"]
     attrs = models_attr(secret=private.url)
     owner = Pod.new("owner")
-    plugin.publish(plugin.request(owner, "modelcache-models", attrs, {"HF_TOKEN": HUB_TOKEN}))
+    owner_req = plugin.request(owner, "modelcache-models", attrs, {"HF_TOKEN": HUB_TOKEN})
+    plugin.publish(owner_req)
+    key = key_of(private.url)
+    wait_for_view(plugin, owner_req, key, private.info)
     files_before = private.server.stats.file_requests
 
     attempts = {
@@ -505,9 +571,9 @@ def test_a_private_hub_model_is_published_only_to_pods_whose_token_reads_it(
     renamed = {**attrs, "credentialKeys": "HF_TOKEN=token"}
     req = plugin.request(friend, "modelcache-models", renamed, {"token": HUB_TOKEN})
     plugin.publish_once(req)
+    seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, key, nobody=True))
+    assert seen["files"] == expected_files(private.info, key)
     assert private.server.stats.file_requests == files_before  # no byte fetched again
-    seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, "secret", nobody=True))
-    assert seen["files"] == expected_files(private.info, "secret")
 
 
 def test_file_sources_outside_the_allowed_roots_are_refused(
@@ -515,10 +581,10 @@ def test_file_sources_outside_the_allowed_roots_are_refused(
 ) -> None:
     # another tenant's model in the cache, read as a file:// source: the attack of old
     owner = Pod.new("owner")
-    plugin.publish(
-        plugin.request(owner, "modelcache-models", models_attr(small=served["small"].url))
-    )
-    key = parse_model_uri(served["small"].url).cache_key
+    owner_req = plugin.request(owner, "modelcache-models", models_attr(small=served["small"].url))
+    plugin.publish(owner_req)
+    key = key_of(served["small"].url)
+    wait_for_view(plugin, owner_req, key, served["small"].info)
     cached = plugin.cache_dir / "models" / key / "data"
     allowed = plugin.root / "allowed"
     (allowed / "sneaky").symlink_to(cached)  # a link from an allowed root into the cache
@@ -536,8 +602,10 @@ def test_file_sources_outside_the_allowed_roots_are_refused(
     # under an allowed root it works (the control)
     req = plugin.request(Pod.new("ok"), "modelcache-models", models_attr(local=f"file://{local}"))
     plugin.publish(req)
-    seen = json.loads(plugin.py_in_ns(_WALK, req.target_path, "local", nobody=True))
-    assert seen["top"] == ["local"] and seen["files"]
+    local_key = key_of(f"file://{local}")
+    local_info = ModelInfo(local, served["other"].info.files)
+    seen, _ = wait_for_view(plugin, req, local_key, local_info)
+    assert seen["top"] == [local_key]
 
 
 def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_credentials(
@@ -546,8 +614,14 @@ def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_creden
     private, web = served["private"], served["small"].server
     both = {"models": f"secret={private.url}", "kind": "view"}
     public = models_attr(small=served["small"].url)
-    plugin.publish(plugin.request(Pod.new("owner"), "v", both, {"HF_TOKEN": HUB_TOKEN}))
-    plugin.publish(plugin.request(Pod.new("owner"), "w", public))
+    owner = Pod.new("owner")
+    for volume, attrs, secrets, uri, info in (
+        ("v", both, {"HF_TOKEN": HUB_TOKEN}, private.url, private.info),
+        ("w", public, {}, served["small"].url, served["small"].info),
+    ):
+        req = plugin.request(owner, volume, attrs, secrets)
+        plugin.publish(req)
+        wait_for_view(plugin, req, key_of(uri), info)
     plugin.stop()
 
     # the same node cache, with both sources now unreachable from the node
@@ -560,8 +634,9 @@ def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_creden
         # fetched anonymously, asked for anonymously: served, with a warning in the log
         req = again.request(Pod.new("reader"), "w", public)
         again.publish_once(req)
-        seen = json.loads(again.py_in_ns(_WALK, req.target_path, "small", nobody=True))
-        assert seen["files"] == expected_files(served["small"].info, "small")
+        key = key_of(served["small"].url)
+        seen = json.loads(again.py_in_ns(_WALK, req.target_path, key, nobody=True))
+        assert seen["files"] == expected_files(served["small"].info, key)
         assert "source unreachable" in again.log()
         # a private model is never served without the check, with or without a token
         for secrets in ({}, {"HF_TOKEN": HUB_TOKEN}):
@@ -586,6 +661,8 @@ def test_an_unreachable_source_is_served_from_cache_only_if_nobody_needed_creden
         ({"models": "x=pvc://claim/m"}, "pvc:// sources are not published"),
         ({"csi.storage.k8s.io/pod.uid": "../../etc"}, "is not a pod uid"),
         ({"credentialKeys": "HF_ENDPOINT=url"}, "credentialKeys: 'HF_ENDPOINT=url' is not"),
+        ({"include": "*.json,,*.safetensors"}, "include: '' is not a glob"),
+        ({"include": "*.json,bad\x07glob"}, "include: 'bad\\x07glob' is not a glob"),
     ],
 )
 def test_bad_volume_attributes_are_refused_with_the_key_named(
@@ -617,6 +694,7 @@ def test_a_target_outside_the_kubelets_pods_is_refused(plugin: Plugin) -> None:
 _SIDECAR = """
 import json, os, sys
 from pathlib import Path
+from typing import Any
 from sidecar.node.handover import receive_handover
 from sidecar import fusefs
 
@@ -714,3 +792,150 @@ def test_receive_fd_names_the_socket_when_nothing_is_published(tmp_path: Path) -
     with pytest.raises(HandoverError, match="no FUSE descriptor from the node plugin at"):
         receive_fd(tmp_path / "socket", timeout=0.3)
     assert time.monotonic() - started < 5
+
+
+# ---- the status line of the hand-over -----------------------------------------------------------
+
+
+def publish_fuse(
+    plugin: Plugin,
+    pod: Pod,
+    attributes: Mapping[str, str],
+    secrets: Mapping[str, str] | None = None,
+) -> tuple[pb.NodePublishVolumeRequest, Path]:
+    """A ``kind: fuse`` volume published for ``pod`` (its socket emptyDir made first);
+    returns the request and the hand-over socket."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    socket_dir = plugin.make_socket_volume(pod)
+    req = plugin.request(pod, "modelcache-fuse", {**attributes, "kind": "fuse"}, secrets)
+    plugin.publish_once(req)
+    return req, socket_dir / "socket"
+
+
+def test_status_goes_from_fetching_to_complete_while_the_view_fills(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    other = served["other"]
+    web = other.server
+    web.faults.delay = 0.2
+    pod = Pod.new("llm-status")
+    attrs = models_attr(other=other.url)
+    try:
+        view = plugin.request(pod, "modelcache-models", attrs)
+        plugin.publish_once(view)
+        fuse, sock = publish_fuse(plugin, pod, attrs)
+        seen = wait_for_status(sock)
+    finally:
+        web.faults.delay = 0.0
+    first, last = seen[0]["models"][0], seen[-1]["models"][0]
+    key = key_of(other.url)
+    total = other.info.total_bytes
+    listing = {p: f.size for p, f in other.info.files.items()}
+    # a cold model: fetching (never pending: the access check listed it before the publish)
+    assert first["state"] == "fetching" and not first["complete"], first
+    assert first["bytes_total"] == total and first["bytes_done"] < total
+    assert {f["path"]: f["size"] for f in first["files"]} == listing
+    assert not all(f["complete"] for f in first["files"])
+    # the states only move forward, bytes never go back
+    order = ["pending", "fetching", "complete"]
+    states = [s["models"][0]["state"] for s in seen]
+    assert [order.index(x) for x in states] == sorted(order.index(x) for x in states)
+    done = [s["models"][0]["bytes_done"] for s in seen]
+    assert done == sorted(done)
+    assert any(s["models"][0]["rate"] > 0 for s in seen[:-1]), seen
+    assert last["state"] == "complete" and last["complete"] and last["error"] is None
+    assert last["bytes_done"] == last["bytes_total"] == total
+    assert all(f["complete"] for f in last["files"])
+    assert last["name"] == "other" and last["uri"] == other.url and last["cache_key"] == key
+    assert last["revision"] is None and last["commit"] is None  # not a hub model
+    # what the status calls complete is in the view, whole
+    wait_for_view(plugin, view, key, other.info)
+    plugin.unpublish(fuse)
+    plugin.unpublish(view)
+
+
+def test_status_of_a_hub_model_names_the_commit(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    private = served["private"]
+    pod = Pod.new("hub-status")
+    attrs = {"models": f"secret={private.url}", "credentialKeys": "HF_TOKEN=token"}
+    _, sock = publish_fuse(plugin, pod, attrs, {"token": HUB_TOKEN})
+    last = wait_for_status(sock)[-1]["models"][0]
+    assert last["state"] == "complete", last
+    assert last["revision"] == "main"
+    assert last["commit"] == hub_commit(private)
+    assert HUB_TOKEN not in json.dumps(last)
+
+
+def test_a_failed_fetch_shows_in_the_status_until_a_new_publish_restarts_it(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    small = served["small"]
+    web = small.server
+    web.faults.fail_first, web.faults.fail_status = 10**6, 404
+    attrs = models_attr(small=small.url)
+    try:
+        first = Pod.new("unlucky")
+        _, sock = publish_fuse(plugin, first, attrs)
+        failed = wait_for_status(sock)[-1]["models"][0]
+        # every later connection says so, with the source's own message
+        again = read_status(sock, timeout=10)["models"][0]
+    finally:
+        web.faults.fail_first, web.faults.fail_status = 0, 503
+    for m in (failed, again):
+        assert m["state"] == "failed" and not m["complete"], m
+        assert "404" in m["error"] or "not found" in m["error"], m["error"]
+        assert m["files"] and m["bytes_done"] < m["bytes_total"]
+    assert read_status(sock, timeout=10)["models"][0]["state"] == "failed"  # source fixed
+    # a new publish of the model starts the fetch again; every volume of it sees the end
+    _, sock2 = publish_fuse(plugin, Pod.new("lucky"), attrs)
+    assert wait_for_status(sock2)[-1]["models"][0]["state"] == "complete"
+    assert read_status(sock, timeout=10)["models"][0]["state"] == "complete"
+
+
+def test_include_globs_choose_the_files_listed_and_fetched(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    other = served["other"]
+    web = other.server
+    before = dict(web.stats.per_path)
+    attrs = {**models_attr(other=other.url), "include": "*.json"}
+    _, sock = publish_fuse(plugin, Pod.new("json-only"), attrs)
+    last = wait_for_status(sock)[-1]["models"][0]
+    wanted = {p: f.size for p, f in other.info.files.items() if p.endswith(".json")}
+    assert wanted and len(wanted) < len(other.info.files)
+    assert last["state"] == "complete"
+    assert {f["path"]: f["size"] for f in last["files"]} == wanted
+    assert last["bytes_total"] == last["bytes_done"] == sum(wanted.values())
+    fetched = {p for p, n in web.stats.per_path.items() if n != before.get(p, 0)}
+    assert fetched == {f"other-llama/{p}" for p in wanted}  # no weight fetched
+
+    # globs that select nothing: refused, naming the globs
+    none = {**models_attr(other=other.url), "include": "*.gguf,*.bin"}
+    req = plugin.request(Pod.new("typo"), "modelcache-models", none)
+    with pytest.raises(grpc.RpcError) as err:
+        plugin.publish_once(req)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "include *.gguf,*.bin selects none of the" in (err.value.details() or "")
+    assert not Path(req.target_path).exists()
+
+
+def test_the_status_of_a_model_of_3000_files_crosses_the_socket(plugin: Plugin) -> None:
+    many = plugin.root / "allowed" / "many-files"
+    many.mkdir()
+    sizes = {}
+    for i in range(3000):
+        name = f"shard-{i:05d}-of-03000/part-{i:05d}.bin"
+        (many / name).parent.mkdir()
+        (many / name).write_bytes(b"x" * (i % 97 + 1))
+        sizes[name] = i % 97 + 1
+    _, sock = publish_fuse(plugin, Pod.new("many"), {"models": f"many=file://{many}"})
+    status = read_status(sock, timeout=10)
+    listed = status["models"][0]["files"]
+    assert len(json.dumps(status)) > 200_000  # well past the old 64 KiB line
+    assert {f["path"]: f["size"] for f in listed} == sizes
+    last = wait_for_status(sock, deadline=300)[-1]["models"][0]
+    assert last["state"] == "complete"
+    assert last["bytes_done"] == last["bytes_total"] == sum(sizes.values())
