@@ -9,6 +9,7 @@ through CSI ephemeral inline volumes that this package publishes:
   in the background, read-only view or FUSE hand-over) and how it is undone;
 * ``mounts.py``: mount(2) and umount2(2) through ctypes;
 * ``handover.py``: passing the FUSE descriptor to the pod's unprivileged sidecar
-  (SCM_RIGHTS over a unix socket in a volume of that pod);
+  (SCM_RIGHTS over a unix socket in a volume of that pod) with the volume's live status
+  (one JSON line), and reading that status (``read_status``, for the warm-up);
 * ``_csi_pb2.py``, ``_csi_pb2_grpc.py``: generated from ``csi.proto`` by ``make proto``.
 """

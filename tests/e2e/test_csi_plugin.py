@@ -932,8 +932,12 @@ def test_the_status_of_a_model_of_3000_files_crosses_the_socket(plugin: Plugin) 
         (many / name).write_bytes(b"x" * (i % 97 + 1))
         sizes[name] = i % 97 + 1
     _, sock = publish_fuse(plugin, Pod.new("many"), {"models": f"many=file://{many}"})
+    started = time.monotonic()
     status = read_status(sock, timeout=10)
+    took = time.monotonic() - started
     listed = status["models"][0]["files"]
+    print(f"status of 3000 files: {len(json.dumps(status))} bytes in {took * 1000:.0f} ms")
+    assert took < 5  # built (3000 stats) and sent at every connection: must stay cheap
     assert len(json.dumps(status)) > 200_000  # well past the old 64 KiB line
     assert {f["path"]: f["size"] for f in listed} == sizes
     last = wait_for_status(sock, deadline=300)[-1]["models"][0]
