@@ -143,7 +143,7 @@ class ErrorKind(enum.Enum):
     INVALID = "invalid"  # the request itself is wrong
     DENIED = "denied"  # this pod may not have this
     CONFLICT = "conflict"  # the target is published with something else
-    PENDING = "pending"  # in progress (a fetch): retry
+    PENDING = "pending"  # not ready yet (the socket's emptyDir, an eviction): retry
     UNAVAILABLE = "unavailable"  # the source cannot be reached now: retry
     SOURCE = "source"  # the source cannot be used as it is
     INTERNAL = "internal"  # the node side failed (disk, mount)
@@ -360,6 +360,7 @@ class _Volume:
     pins: contextlib.ExitStack
     listings: dict[str, _Listing] = field(default_factory=dict)
     fuse_fd: int = -1
+    last_peer: int = 0
     listener: socket.socket | None = None
     socket_path: Path | None = None
     serve_task: asyncio.Task[None] | None = None
@@ -687,13 +688,13 @@ class Publisher:
 
     # ---- status -------------------------------------------------------------------------
 
-    def status(self, vol: _Volume) -> dict[str, Any]:
-        """The volume's live status (the hand-over's JSON line); blocking (it stats each
-        listed file), so the event loop runs it in a thread."""
-        fetches = {
-            m.name: self._fetches.get((m.source.cache_key, vol.spec.include))
-            for m in vol.spec.models
-        }
+    def fetches_of(self, vol: _Volume) -> dict[str, _Fetch | None]:
+        """Model name → the fetch its status follows (taken on the event loop)."""
+        return {m.name: self._fetch_for(m, vol.spec.include) for m in vol.spec.models}
+
+    def status(self, vol: _Volume, fetches: Mapping[str, _Fetch | None]) -> dict[str, Any]:
+        """The volume's live status (the hand-over's JSON line) given :meth:`fetches_of`;
+        blocking (it stats each listed file), so the event loop runs it in a thread."""
         return {
             "volume_id": vol.volume_id,
             "models": [
@@ -701,6 +702,17 @@ class Publisher:
                 for m in vol.spec.models
             ],
         }
+
+    def _fetch_for(self, model: NamedModel, include: tuple[str, ...]) -> _Fetch | None:
+        """The fetch of the volume's model and globs; else a running one of the same model
+        with other globs (it may be fetching a file this volume lists again, say one that
+        failed verification and was moved out of ``data/``)."""
+        key = model.source.cache_key
+        fetch = self._fetches.get((key, include))
+        if fetch is not None:
+            return fetch
+        others = [f for (k, _), f in self._fetches.items() if k == key and f.running]
+        return others[0] if others else None
 
     def _model_status(
         self, model: NamedModel, listing: _Listing | None, fetch: _Fetch | None
@@ -838,15 +850,29 @@ class Publisher:
         while True:
             conn, _ = await loop.sock_accept(vol.listener)
             # the thread owns its own duplicate: an unpublish meanwhile closes only ours
-            fd = os.dup(vol.fuse_fd)
-            await asyncio.to_thread(self._hand_over, vol, conn, fd)
+            try:
+                fd = os.dup(vol.fuse_fd)
+            except OSError as exc:
+                log.warning("hand-over of volume %s failed: %s", vol.volume_id, exc)
+                conn.close()
+                continue
+            await asyncio.to_thread(self._hand_over, vol, conn, fd, self.fetches_of(vol))
 
-    def _hand_over(self, vol: _Volume, conn: socket.socket, fd: int) -> None:
+    def _hand_over(
+        self,
+        vol: _Volume,
+        conn: socket.socket,
+        fd: int,
+        fetches: Mapping[str, _Fetch | None],
+    ) -> None:
         try:
             pid, uid, _gid = _peer(conn)
-            handover.send_fd(conn, fd, self.status(vol))
-            log.info(
-                "handed the FUSE descriptor of volume %s to pid %d (uid %d)",
+            handover.send_fd(conn, fd, self.status(vol, fetches))
+            # a warm-up polls the status about once a second: one line per process
+            new_peer, vol.last_peer = pid != vol.last_peer, pid
+            log.log(
+                logging.INFO if new_peer else logging.DEBUG,
+                "handed the FUSE descriptor and status of volume %s to pid %d (uid %d)",
                 vol.volume_id,
                 pid,
                 uid,

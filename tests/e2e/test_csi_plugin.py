@@ -755,6 +755,9 @@ def test_fuse_descriptor_is_handed_to_an_unprivileged_sidecar_that_serves_it(
         assert hello["uid"] == NOBODY and int(hello["cap_eff"], 16) == 0
         assert hello["info"]["volume_id"] == req.volume_id
         assert [m["name"] for m in hello["info"]["models"]] == ["small"]
+        model = hello["info"]["models"][0]
+        assert model["cache_key"] == key_of(served["small"].url)
+        assert model["state"] in ("fetching", "complete") and model["files"], model
 
         # the app (another unprivileged user) reads through the mount the plugin made
         read = plugin.run_in_ns(["cat", f"{req.target_path}/tiny/hello.txt"], nobody=True)
