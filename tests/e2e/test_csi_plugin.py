@@ -821,7 +821,7 @@ def test_status_goes_from_fetching_to_complete_while_the_view_fills(
 ) -> None:
     other = served["other"]
     web = other.server
-    web.faults.delay = 0.2
+    web.faults.delay = 0.3  # 4 chunks of the 1 MiB shard: the fetch takes over a second
     pod = Pod.new("llm-status")
     attrs = models_attr(other=other.url)
     try:
