@@ -177,8 +177,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    if args.parallel < 1 or args.check_timeout <= 0 or args.fetch_timeout <= 0:
-        log.error("--parallel must be >= 1, --check-timeout and --fetch-timeout > 0")
+    if (
+        args.parallel < 1
+        or args.check_timeout <= 0
+        or args.fetch_timeout <= 0
+        or args.fetch_retry <= 0
+    ):
+        log.error("--parallel must be >= 1, --check-timeout, --fetch-timeout and --fetch-retry > 0")
         return 2
     config = PluginConfig(
         cache_dir=Path(args.cache_dir),
@@ -187,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         check_timeout=args.check_timeout,
         fetch_timeout=args.fetch_timeout,
         parallel=args.parallel,
+        fetch_retry=args.fetch_retry,
     )
     asyncio.run(serve(args.csi_endpoint, config, args.node_id))
     return 0

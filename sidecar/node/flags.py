@@ -43,3 +43,10 @@ def add_parser(sub: Any) -> None:
         "--fetch-timeout", type=float, default=3600.0, help="seconds for one model's fetch"
     )
     c.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads per fetch")
+    c.add_argument(
+        "--fetch-retry",
+        type=float,
+        default=10.0,
+        help="seconds after a failed fetch before a status poll of one of its pods starts it "
+        "again (doubling per failure, at most 300)",
+    )

@@ -202,6 +202,8 @@ class PluginConfig:
     check_timeout: float = 30.0
     fetch_timeout: float = 3600.0
     parallel: int = 8
+    #: seconds after a fetch's first failure before a status poll restarts it
+    fetch_retry: float = 10.0
 
 
 def parse_volume_context(ctx: Mapping[str, str]) -> VolumeSpec:
@@ -327,6 +329,10 @@ class _Fetch:
         self.progress = Progress(emit=lambda line: log.info("%s: %s", model.source.uri, line))
         self.error: str | None = None
         self.task: asyncio.Task[None] | None = None
+        #: how many fetches of this model and globs failed in a row before this one
+        self.failures = 0
+        #: ``time.monotonic()`` when this fetch failed (None: it has not)
+        self.failed_at: float | None = None
 
     @property
     def running(self) -> bool:
@@ -350,6 +356,8 @@ class _Listing:
     commit: str | None = None
     #: complete in the cache with exactly these files at the time of the check
     current: bool = False
+    #: the check read the source without credentials
+    anonymous: bool = False
 
 
 @dataclass
@@ -359,6 +367,9 @@ class _Volume:
     spec: VolumeSpec
     pins: contextlib.ExitStack
     listings: dict[str, _Listing] = field(default_factory=dict)
+    #: the pod's credentials as checked at publish (kept in memory only, to retry a
+    #: failed fetch for this pod)
+    env: dict[str, str] = field(default_factory=dict)
     fuse_fd: int = -1
     last_peer: int = 0
     listener: socket.socket | None = None
@@ -414,7 +425,14 @@ class Publisher:
             socket_dir = self._socket_dir(spec.pod) if spec.kind == KIND_FUSE else None
             env = pod_env(req.secrets, self.node_env, spec.credential_keys)
             listings = await self._check_models(spec, env)
-            vol = _Volume(req.volume_id, target, spec, contextlib.ExitStack(), listings)
+            vol = _Volume(
+                req.volume_id,
+                target,
+                spec,
+                contextlib.ExitStack(),
+                listings,
+                env=dict(env),
+            )
             try:
                 self._pin(vol)
                 if mounts.mounts_under(target):
@@ -591,7 +609,7 @@ class Publisher:
         if not current:
             self._ensure_fetch(model, spec.include, env, anonymous=anonymous)
         return _Listing(
-            tuple(plan), commit if isinstance(commit, str) and commit else None, current
+            tuple(plan), commit if isinstance(commit, str) and commit else None, current, anonymous
         )
 
     def _cached_listing(self, model: NamedModel, include: Sequence[str]) -> _Listing | None:
@@ -646,7 +664,9 @@ class Publisher:
         fetch = self._fetches.get(key)
         if fetch is not None and fetch.running:
             return  # single flight: the running fetch serves every pod that may read it
+        failures = fetch.failures + 1 if fetch is not None and fetch.error else 0
         fetch = _Fetch(model, include)
+        fetch.failures = failures
         fetch.task = asyncio.get_running_loop().create_task(
             self._fill(fetch, dict(env), anonymous), name=f"fetch {model.source.uri}"
         )
@@ -679,8 +699,9 @@ class Publisher:
             log.exception("fetching %s failed", model.source.uri)
             fetch.error = f"{type(exc).__name__}: {exc}"
         if fetch.error:
+            fetch.failed_at = time.monotonic()
             log.warning("fetching %s failed: %s", model.source.uri, fetch.error)
-            return  # kept: the status says "failed" until a publish starts it again
+            return  # kept: the status says "failed" until a publish or a retry restarts it
         log.info("fetched %s in %.1fs", model.source.uri, time.monotonic() - started)
         key = (model.source.cache_key, fetch.include)
         if self._fetches.get(key) is fetch:
@@ -856,7 +877,33 @@ class Publisher:
                 log.warning("hand-over of volume %s failed: %s", vol.volume_id, exc)
                 conn.close()
                 continue
+            self._retry_failed(vol)
             await asyncio.to_thread(self._hand_over, vol, conn, fd, self.fetches_of(vol))
+
+    def _retry_failed(self, vol: _Volume) -> None:
+        """Start again, with this pod's credentials, a failed fetch of one of its models
+        once its back-off has passed (:func:`retry_delay`). The pod's warm-up polls the
+        status, and the kubelet restarts a failed warm-up without publishing the volume
+        again: without this a source that was down for a minute would hold the pod until
+        it is recreated."""
+        now = time.monotonic()
+        for m in vol.spec.models:
+            fetch = self._fetches.get((m.source.cache_key, vol.spec.include))
+            listing = vol.listings.get(m.name)
+            if (
+                fetch is not None
+                and listing is not None
+                and fetch.failed_at is not None
+                and now - fetch.failed_at
+                >= retry_delay(fetch.failures, first=self.config.fetch_retry)
+            ):
+                log.info(
+                    "retrying the fetch of %s for %s (%d failure(s) so far)",
+                    m.source.uri,
+                    vol.spec.pod,
+                    fetch.failures + 1,
+                )
+                self._ensure_fetch(m, vol.spec.include, vol.env, anonymous=listing.anonymous)
 
     def _hand_over(
         self,
@@ -918,6 +965,17 @@ class Publisher:
                 os.close(vol.fuse_fd)
                 vol.fuse_fd = -1
             vol.pins.close()
+
+
+#: the longest back-off between retries of a failed fetch (seconds)
+RETRY_MAX: Final = 300.0
+
+
+def retry_delay(failures_before: int, *, first: float = 10.0) -> float:
+    """Seconds after a failure before a status connection restarts the fetch: ``first``
+    (``--fetch-retry``, 10 s) after the first failure, doubling, at most 5 minutes (a
+    source that stays down costs one listing every 5 minutes per model)."""
+    return float(min(first * 2.0 ** min(failures_before, 16), RETRY_MAX))
 
 
 def _make_target(target: Path) -> None:

@@ -128,6 +128,7 @@ class Plugin:
             f"--cache-dir={self.cache_dir}",
             f"--kubelet-root={self.kubelet_root}",
             "--check-timeout=20",
+            "--fetch-retry=1",
             *(f"--file-root={r}" for r in file_roots),
         ]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "NODE_NAME": "node-a", **env}
@@ -891,11 +892,38 @@ def test_a_failed_fetch_shows_in_the_status_until_a_new_publish_restarts_it(
         assert m["state"] == "failed" and not m["complete"], m
         assert "404" in m["error"] or "not found" in m["error"], m["error"]
         assert m["files"] and m["bytes_done"] < m["bytes_total"]
-    assert read_status(sock, timeout=10)["models"][0]["state"] == "failed"  # source fixed
     # a new publish of the model starts the fetch again; every volume of it sees the end
     _, sock2 = publish_fuse(plugin, Pod.new("lucky"), attrs)
     assert wait_for_status(sock2)[-1]["models"][0]["state"] == "complete"
     assert read_status(sock, timeout=10)["models"][0]["state"] == "complete"
+
+
+def test_a_failed_fetch_is_retried_by_the_status_polls_after_its_back_off(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    """A warm-up restarted by the kubelet polls the same volume again (no new publish):
+    once the source is back, a poll after the back-off (--fetch-retry 1 s here) starts
+    the fetch again, and the pod gets its model without being recreated."""
+    small = served["small"]
+    web = small.server
+    web.faults.fail_first, web.faults.fail_status = 10**6, 503
+    try:
+        _, sock = publish_fuse(plugin, Pod.new("patient"), models_attr(small=small.url))
+        assert wait_for_status(sock)[-1]["models"][0]["state"] == "failed"
+        time.sleep(1.2)  # past the first back-off: the next poll retries, and fails again
+        assert wait_for_status(sock)[-1]["models"][0]["state"] == "failed"
+    finally:
+        web.faults.fail_first, web.faults.fail_status = 0, 503
+    states: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the second back-off is 2 s
+        states.append(read_status(sock, timeout=10)["models"][0]["state"])
+        if states[-1] == "complete":
+            break
+        time.sleep(0.3)
+    assert states[-1] == "complete", states
+    assert states[0] == "failed"  # it waited for the back-off before retrying
+    assert "retrying the fetch of" in plugin.log()
 
 
 def test_include_globs_choose_the_files_listed_and_fetched(
