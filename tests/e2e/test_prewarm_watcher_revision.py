@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -85,8 +86,9 @@ async def test_a_damaged_donor_is_not_copied(tmp_path: Path) -> None:
         await warm_models(cache, [parse_model_arg("llm=hf://acme/llm@main")], env=env)
         weights = info.weight_files[0]
         donor = cache.model_dir(parse_model_arg("llm=hf://acme/llm@main")).data_file(weights)
-        with open(donor, "r+b") as f:
-            f.write(b"\0" * 16)
+        fd = os.open(donor, os.O_WRONLY)
+        os.pwrite(fd, b"\0" * 16, 0)
+        os.close(fd)
         sent_before = hub.stats.bytes_sent
         model_v2 = parse_model_arg("llm=hf://acme/llm@v2")
         await warm_models(cache, [model_v2], env=env)
