@@ -16,6 +16,8 @@ about one copy of the model.
   the headers the origin needs, the byte range, and ``need_piece_content`` so the pieces
   come back in the stream) and yields the range in order from the pieces it receives (they
   may arrive out of order; offsets are positions in the file, trimmed to the range);
+* a file whose bytes from the daemon fail the engine's sha256 check is read from the origin
+  from then on (``reject_file``, which the engine calls before fetching it again);
 * **any** daemon failure (socket missing, refused, an RPC error, a stall longer than
   ``read_timeout``, a piece that does not fit, a stream that ends early) falls back to the
   origin for the bytes not yet yielded, and the daemon is left alone for ``cooldown`` seconds
@@ -206,6 +208,7 @@ class DragonflySource:
         self.meter = meter or _no_meter
         self.read_timeout = read_timeout
         self._sha256: dict[str, str | None] = {}
+        self._direct: set[str] = set()  # files whose daemon bytes failed verification
 
     # the optional abilities of the origin, unchanged
     @property
@@ -221,9 +224,18 @@ class DragonflySource:
         self._sha256 = {f.path: f.sha256 for f in files}
         return files
 
+    def reject_file(self, path: str) -> bool:
+        """The file failed its sha256 check: read it from the origin from now on. True when
+        that is a different place than before (the fetch engine then fetches it again)."""
+        if path in self._direct:
+            return False
+        self._direct.add(path)
+        log.warning("%s: bytes from the dragonfly daemon failed verification; origin next", path)
+        return True
+
     async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
         pos = start
-        if self.daemon.available():
+        if self.daemon.available() and path not in self._direct:
             target: _Targeted = self.origin  # type: ignore[assignment]
             url, headers = target.download_target(path)
             try:
