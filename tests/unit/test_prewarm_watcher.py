@@ -66,7 +66,7 @@ def test_status_models_reads_models_and_include():
     found = status_models(pod)
     assert found is not None
     models, include = found
-    assert [m.to_arg() for m in models] == [f"llm={URI}", "lora=s3://adapters/lora"]
+    assert [m.to_arg() for m in models] == [f"llm={URI}", "lora=s3://adapters/lora/"]
     assert include == ("*.json",)
 
 
