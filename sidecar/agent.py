@@ -1198,9 +1198,24 @@ def _manifest_total(root: Path) -> int:
         return 0
 
 
+def warm_can_wrap() -> bool:
+    """Whether the fetch engine takes a source wrapper (``warm_models(wrap=...)``): what
+    routes the agent's fetches through the Dragonfly daemon."""
+    import inspect
+
+    from sidecar.warmup import warm_models
+
+    return "wrap" in inspect.signature(warm_models).parameters
+
+
 async def _default_warm(cache: NodeCache, models: list[Any], **kwargs: Any) -> Any:
     from sidecar.warmup import warm_models
 
+    if "wrap" in kwargs and not warm_can_wrap():
+        raise RuntimeError(
+            "--dragonfly-socket: this build's fetch engine cannot route through a daemon "
+            "(warm_models has no wrap parameter)"
+        )
     return await warm_models(cache, models, **kwargs)
 
 
