@@ -1126,7 +1126,11 @@ class Agent:
 
     async def _watch_loop(self) -> None:
         while True:
-            await self.watch_pass()
+            try:
+                await self.watch_pass()
+            except Exception:  # one bad object must not end the watcher for good
+                self.metrics.watch_errors.inc()
+                log.exception("pre-warm watch pass failed")
             await asyncio.sleep(self.settings.watch_interval)
 
     # -- loop ----------------------------------------------------------------------------

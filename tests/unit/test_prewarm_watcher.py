@@ -390,3 +390,43 @@ def test_no_gauge_is_named_total():
     families = list(text_string_to_metric_families(AgentMetrics().render().decode()))
     gauges = [f.name for f in families if f.type == "gauge"]
     assert gauges and not [g for g in gauges if g.endswith("_total")]
+
+
+# --- the manifests component ----------------------------------------------------------------
+
+
+def test_the_component_turns_the_watch_on_with_exactly_the_access_it_reads() -> None:
+    from pathlib import Path
+
+    import kubernetes_validate
+
+    from sidecar.__main__ import build_parser
+    from tests.fixtures.kustomize import _apply_component
+    from tests.unit.test_agent_manifests import load_resources
+
+    component = Path(__file__).resolve().parents[2] / "manifests" / "components" / "prewarm-watch"
+    objs = _apply_component(component, load_resources())
+    [ds] = [o for o in objs if o["kind"] == "DaemonSet"]
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    parsed = build_parser().parse_args(container["command"][3:] + container["args"])
+    assert parsed.prewarm_watch is True
+    [role] = [o for o in objs if o["kind"] == "ClusterRole" and "watch" in o["metadata"]["name"]]
+    kubernetes_validate.validate(role, "1.30", strict=True)
+    granted = set()
+    for rule in role["rules"]:
+        assert rule["verbs"] == ["list"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.add(f"/apis/{group}/{resource}" if group else f"/api/v1/{resource}")
+    # every collection the watcher lists is granted, and nothing more
+    read = set()
+    for _, path in watcher.COLLECTIONS:
+        parts = path.strip("/").split("/")
+        read.add(f"/api/v1/{parts[-1]}" if parts[0] == "api" else f"/apis/{parts[1]}/{parts[-1]}")
+    assert granted == read
+    [binding] = [
+        o
+        for o in objs
+        if o["kind"] == "ClusterRoleBinding" and o["roleRef"]["name"] == role["metadata"]["name"]
+    ]
+    assert binding["subjects"][0]["name"] == "modelcache-agent"
