@@ -1156,9 +1156,9 @@ class Agent:
     async def run(self, once: bool = False) -> int:
         """The agent loop; with ``once``, one pass (and its pre-warm) then an exit status."""
         if once:
-            await self.watch_pass()
+            watched = await self.watch_pass()
             result = await self.run_pass()
-            if result.started_prewarm:
+            if result.started_prewarm or watched:
                 warmed = await self.wait_prewarm()
                 result = await self.run_pass()
                 return 0 if result.ok and warmed else 1

@@ -10,6 +10,9 @@ the pod starts, and the lead time is measured when it starts.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ from sidecar.node.watcher import PREWARM_ANNOTATION
 from tests.fixtures.kube_api import KubeApiServer
 from tests.fixtures.servers import ServedModel, nginx_bytes_sent
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NS = "ml"
 DEPLOY = f"/apis/apps/v1/namespaces/{NS}/deployments/llm"
 GPU = "nvidia.com/gpu"
@@ -299,3 +303,30 @@ async def test_cluster_read_errors_are_counted_and_nothing_starts(
         assert await agents["node-03"].wait_prewarm()
     finally:
         await agents["node-03"].close()
+
+
+def test_agent_cli_prewarm_watch_once_fetches_a_bound_pods_model(
+    tmp_path: Path, cluster: KubeApiServer, nginx_model: ServedModel
+):
+    """``python -m sidecar agent --once --prewarm-watch`` as a process: one watch pass, the
+    bound pod's model fetched, the node labelled with it, exit 0."""
+    model = parse_model_arg(f"llm={nginx_model.url}")
+    status = {"version": 2, "models": [{"name": "llm", "uri": model.source.uri}]}
+    injected = {
+        "labels": {"modelcache.io/injected": "true"},
+        "annotations": {"modelcache.io/status": json.dumps(status)},
+    }
+    pod = _pod("bound", "node-08", metadata=injected, status={"phase": "Pending"})
+    cluster.put(f"/api/v1/namespaces/{NS}/pods/bound", pod)
+    env = dict(os.environ, KUBECONFIG=str(cluster.write_kubeconfig(tmp_path / "kubeconfig")))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache), "--node",
+         "node-08", "--once", "--min-free", "0", "--prewarm-watch"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    labels = cluster.get("/api/v1/nodes/node-08")["metadata"]["labels"]  # type: ignore[index]
+    assert labels.get(f"cache.modelcache.io/{model.source.cache_key}") == "ready"
+    assert "pod ml/bound bound to node-08" in done.stderr

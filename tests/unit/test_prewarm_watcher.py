@@ -430,3 +430,38 @@ def test_the_component_turns_the_watch_on_with_exactly_the_access_it_reads() -> 
         if o["kind"] == "ClusterRoleBinding" and o["roleRef"]["name"] == role["metadata"]["name"]
     ]
     assert binding["subjects"][0]["name"] == "modelcache-agent"
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--prewarm-watch-interval", "0"], "--prewarm-watch-interval 0.0: must be positive"),
+        (
+            ["--dragonfly-socket", "dfdaemon.sock"],
+            "--dragonfly-socket dfdaemon.sock: must be an absolute path",
+        ),
+    ],
+)
+def test_agent_flags_are_checked(flags: list[str], error: str) -> None:
+    from sidecar.__main__ import build_parser
+    from sidecar.agent import settings_from_args
+
+    args = build_parser().parse_args(["agent", "--cache-dir", "/c", "--node", "n", *flags])
+    with pytest.raises(ValueError, match=error.replace(".", r"\.")):
+        settings_from_args(args)
+
+
+def test_agent_flags_reach_the_settings() -> None:
+    from sidecar.__main__ import build_parser
+    from sidecar.agent import settings_from_args
+
+    args = build_parser().parse_args(
+        ["agent", "--cache-dir", "/c", "--node", "n", "--prewarm-watch",
+         "--prewarm-watch-interval", "2.5", "--dragonfly-socket", "/run/dfdaemon.sock"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.watch, settings.watch_interval, settings.dragonfly_socket) == (
+        True,
+        2.5,
+        "/run/dfdaemon.sock",
+    )
