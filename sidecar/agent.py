@@ -1192,6 +1192,10 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.settings.dragonfly_socket:
+            from sidecar.sources import dragonfly
+
+            await dragonfly.daemon_client(self.settings.dragonfly_socket).aclose()
 
 
 def _manifest_total(root: Path) -> int:

@@ -55,6 +55,7 @@ async def test_every_byte_comes_through_the_daemon(tmp_path: Path, nginx_model: 
             files = await _fill(cache, src, f"m={nginx_model.url}")
         finally:
             await src.aclose()
+            await src.daemon.aclose()
     total = nginx_model.info.total_bytes
     assert _digests(files) == _expected(nginx_model)
     assert meter == {"dragonfly": total}
@@ -79,6 +80,7 @@ async def test_hub_token_and_sha256_reach_the_daemon(tmp_path: Path, hf_model: S
             files = await _fill(cache, src, f"m={hf_model.url}")
         finally:
             await src.aclose()
+            await src.daemon.aclose()
     assert _digests(files) == _expected(hf_model)
     assert {h.get("Authorization") for h in daemon.stats.headers} == {"Bearer hf_test_token"}
     lfs = {g.sha256 for p, g in hf_model.info.files.items() if p.endswith(".safetensors")}
@@ -103,6 +105,7 @@ async def test_daemon_failing_mid_stream_falls_back_to_origin(
             files = await _fill(cache, src, f"m={nginx_model.url}")
         finally:
             await src.aclose()
+            await src.daemon.aclose()
     assert _digests(files) == _expected(nginx_model)
     assert meter["dragonfly"] + meter["origin"] == nginx_model.info.total_bytes
     assert meter["origin"] > 0
@@ -131,6 +134,7 @@ async def test_stalled_daemon_falls_back_after_read_timeout(
             files = await _fill(cache, src, f"m={nginx_model.url}")
         finally:
             await src.aclose()
+            await src.daemon.aclose()
     assert _digests(files) == _expected(nginx_model)
     assert meter == {"origin": nginx_model.info.total_bytes}
 
@@ -148,6 +152,7 @@ async def test_missing_socket_falls_back_to_origin(tmp_path: Path, nginx_model: 
         files = await _fill(cache, src, f"m={nginx_model.url}")
     finally:
         await src.aclose()
+        await src.daemon.aclose()
     assert _digests(files) == _expected(nginx_model)
     assert meter == {"origin": nginx_model.info.total_bytes}
 
@@ -169,6 +174,7 @@ async def test_corrupt_pieces_are_caught_by_the_sha256_check(tmp_path: Path, hf_
                 await cache.ensure_file(model, src, weights)
         finally:
             await src.aclose()
+            await src.daemon.aclose()
     assert not cache.model_dir(model).data_file(weights.path).exists()
 
 
