@@ -229,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many cache labels on the node, most recently used models first",
     )
     a.add_argument("--prewarm-config", default=None, help="pre-warm YAML (re-read every pass)")
+    a.add_argument(
+        "--prewarm-watch",
+        action="store_true",
+        help="event-driven pre-warm: fetch the models of injected pods bound to this node "
+        "before they start, and warm the nodes opted-in workloads scale out to (needs list "
+        "access to pods, nodes, deployments, statefulsets, HPAs, leaderworkersets)",
+    )
+    a.add_argument(
+        "--prewarm-watch-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between two reads of the cluster by the pre-warm watcher",
+    )
+    a.add_argument(
+        "--dragonfly-socket",
+        default=None,
+        metavar="PATH",
+        help="the node's Dragonfly daemon (dfdaemon) unix socket: model bytes go through it, "
+        "with the origin as fallback",
+    )
     _add_file_root(a)
     a.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
     a.add_argument(

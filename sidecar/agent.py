@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sidecar import journal
@@ -66,6 +66,8 @@ from sidecar.layout import (
     models_root,
     trash_root,
 )
+from sidecar.modelsource import NamedModel
+from sidecar.node import watcher
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
 from sidecar.progress import Progress
 
@@ -82,6 +84,18 @@ _LABEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9
 T = TypeVar("T")
 #: ``reason`` label values of the eviction counters.
 EVICTION_REASONS: Final = ("size", "disk_pressure")
+#: ``via`` label values of ``modelcache_fetch_bytes_total``: where fetched bytes came from.
+#: Sources that get bytes elsewhere than the origin (the Dragonfly daemon, peer agents)
+#: report them through :meth:`AgentMetrics.count_fetch`; the rest of what the agent's own
+#: fetches wrote is counted as ``origin``.
+FETCH_VIAS: Final = ("origin", "peer", "dragonfly")
+#: ``trigger`` label values: why the agent fetched a model (the pre-warm config, an
+#: injected pod bound to the node, an opted-in workload scaling out).
+TRIGGERS: Final = ("config", "pod", "scale-out")
+#: Buckets of the fetch duration histogram (seconds).
+FETCH_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+#: Buckets of the pre-warm lead time (seconds; negative: ready after the pod started).
+LEAD_BUCKETS: Final = (-600, -120, -30, -10, 0, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class NodeAPIError(RuntimeError):
@@ -520,6 +534,77 @@ class AgentMetrics:
             "When the last fully successful pass ended",
             registry=r,
         )
+        # fleet signals: sum(modelcache_model_ready) by (model) is the number of nodes
+        # holding each model
+        self.model_ready = Gauge(
+            "modelcache_model_ready",
+            "1 for each model complete in this node's cache, by cache key; summed across "
+            "nodes: the nodes holding the model",
+            ["model"],
+            registry=r,
+        )
+        self.fetch_bytes = Counter(
+            "modelcache_fetch_bytes",
+            "Bytes the agent fetched into the node cache, by where they came from: origin "
+            "(the model's source), peer (another node's agent), dragonfly (the node's "
+            "Dragonfly daemon)",
+            ["via"],
+            registry=r,
+        )
+        for via in FETCH_VIAS:
+            self.fetch_bytes.labels(via=via)
+        self.fetch_duration = Histogram(
+            "modelcache_fetch_duration_seconds",
+            "Duration of the agent's fetches of a model set, by trigger (config, pod, "
+            "scale-out), successful ones only",
+            ["trigger"],
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.prewarm_starts = Counter(
+            "modelcache_prewarm_starts",
+            "Pre-warm fetches started, by trigger (config, pod, scale-out)",
+            ["trigger"],
+            registry=r,
+        )
+        for trigger in TRIGGERS:
+            self.prewarm_starts.labels(trigger=trigger)
+        self.prewarm_lead = Histogram(
+            "modelcache_prewarm_lead_seconds",
+            "For pods the watcher saw bound to the node before they started: how long before "
+            "the pod started (status.startTime) its models were complete in the node cache "
+            "(negative: after)",
+            buckets=LEAD_BUCKETS,
+            registry=r,
+        )
+        self.watch_errors = Counter(
+            "modelcache_prewarm_watch_errors",
+            "Watch passes that could not read the cluster",
+            registry=r,
+        )
+        self._fetched = 0  # every byte the agent's own fetches wrote
+        self._elsewhere = 0  # bytes sources reported as not from the origin
+        self._origin_counted = 0
+
+    def count_fetch(self, via: str, n: int) -> None:
+        """Bytes a source got from somewhere other than the origin (``peer``, ``dragonfly``).
+        ``origin`` reports are ignored: the origin's share is what :meth:`settle_origin`
+        finds the others do not account for, so a source that falls back never counts
+        twice."""
+        if via == "origin" or via not in FETCH_VIAS:
+            return
+        self.fetch_bytes.labels(via=via).inc(n)
+        self._elsewhere += n
+
+    def settle_origin(self, fetched: int) -> None:
+        """Add ``fetched`` bytes written by one of the agent's fetches: what the other
+        ``via`` counters do not account for came from the origin. (Sources report their
+        bytes as they yield them, before the engine writes them, so the origin counter
+        never runs ahead.)"""
+        self._fetched += fetched
+        origin = max(self._origin_counted, self._fetched - self._elsewhere)
+        self.fetch_bytes.labels(via="origin").inc(origin - self._origin_counted)
+        self._origin_counted = origin
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -579,6 +664,13 @@ class AgentSettings:
     prewarm_backoff: float = 60.0
     #: Seconds a pod's pin keeps its model from eviction after its last renewal.
     pin_ttl: float = PIN_TTL
+    #: Event-driven pre-warm (``sidecar.node.watcher``): bound pods and opted-in workloads.
+    watch: bool = False
+    #: Seconds between two reads of the cluster by the watcher.
+    watch_interval: float = 5.0
+    #: The node's Dragonfly daemon socket (``--dragonfly-socket``): model bytes go through
+    #: it (``sidecar.sources.dragonfly``) where the fetch path wraps sources for the node.
+    dragonfly_socket: str | None = None
 
 
 @dataclass
@@ -641,6 +733,14 @@ class Agent:
         self._wake = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.metrics_url = ""
+        self._shown_ready: set[str] = set()
+        self._reader = watcher.ClusterReader(api_client) if settings.watch else None
+        #: pods the watcher saw bound here before they started: uid -> their models
+        self._awaited: dict[str, list[NamedModel]] = {}
+        self._measured: set[str] = set()  # pods whose lead time was observed (once each)
+        self._watch_task: asyncio.Task[None] | None = None
+        #: the last watch pass's scale-out plans (for logs and tests)
+        self.last_plans: list[watcher.ScalePlan] = []
         self._resolve_sizes(None)
         if settings.prewarm_config is not None:
             self._config = load_prewarm_config(settings.prewarm_config)  # bad config: fail now
@@ -833,6 +933,12 @@ class Agent:
         return labels
 
     def _observe(self, models: list[ModelState]) -> None:
+        ready = {m.key for m in models if m.ready}
+        for key in ready:
+            self.metrics.model_ready.labels(model=key).set(1)
+        for gone in self._shown_ready - ready:
+            self.metrics.model_ready.remove(gone)
+        self._shown_ready = ready
         self.metrics.cache_bytes.set(sum(m.bytes for m in models))
         self.metrics.models.labels(state="ready").set(sum(1 for m in models if m.ready))
         self.metrics.models.labels(state="partial").set(sum(1 for m in models if not m.ready))
@@ -888,13 +994,20 @@ class Agent:
                 started.append(entry.model)
         return started
 
-    async def _run_prewarm(self, entry: PrewarmEntry, state: _PrewarmState) -> None:
+    async def _run_prewarm(
+        self, entry: PrewarmEntry, state: _PrewarmState, trigger: str = "config"
+    ) -> None:
         keys = [m.source.cache_key for m in entry.models]
         self._filling.update(keys)
-        log.info("pre-warm %s: starting", entry.model)
+        log.info("pre-warm %s: starting (%s)", entry.model, trigger)
+        self.metrics.prewarm_starts.labels(trigger=trigger).inc()
         state.progress = Progress(emit=lambda line: log.info("pre-warm %s: %s", entry.model, line))
+        started = time.monotonic()
         try:
             warm = self._warm or _default_warm
+            extra: dict[str, Any] = {}
+            if self.settings.dragonfly_socket:
+                extra["wrap"] = self.wrap_source
             await warm(
                 self.cache,
                 entry.models,
@@ -904,6 +1017,7 @@ class Agent:
                 pvc_root=self.settings.pvc_root,
                 file_roots=self.settings.file_roots,
                 progress=state.progress,
+                **extra,
             )
         except Exception as exc:  # noqa: BLE001 - any failure of a source must not stop the agent
             state.failures += 1
@@ -915,9 +1029,11 @@ class Agent:
         else:
             state.failures = 0
             self.metrics.prewarm_runs.labels(result="ok").inc()
+            self.metrics.fetch_duration.labels(trigger=trigger).observe(time.monotonic() - started)
             log.info("pre-warm %s: done", entry.model)
         finally:
             self.metrics.prewarm_fetched.inc(state.progress.fetched_bytes)
+            self.metrics.settle_origin(state.progress.fetched_bytes)
             self._filling.difference_update(keys)
             self._wake.set()  # label the new model now, not one interval later
 
@@ -931,6 +1047,91 @@ class Agent:
         if tasks:
             await asyncio.gather(*tasks)
         return self._prewarm_failures == before
+
+    def wrap_source(self, origin: Any, uri: str) -> Any:
+        """The source the agent's own fetches read ``uri`` through: the node's Dragonfly
+        daemon when ``--dragonfly-socket`` names one (``sidecar.sources.dragonfly``), its
+        bytes counted as ``via="dragonfly"``."""
+        from sidecar.sources import dragonfly
+
+        return dragonfly.wrap(origin, uri, self.settings, meter=self.metrics.count_fetch)
+
+    # -- event-driven pre-warm (sidecar.node.watcher) --------------------------------------
+    async def watch_pass(self) -> list[str]:
+        """Read the cluster once, start the fetches this node should make now (bound pods
+        first, then scale-out), observe lead times; the models started. Never raises for
+        API errors (logged and counted)."""
+        if self._reader is None:
+            return []
+        try:
+            view = await self._reader.read()
+        except watcher.ClusterReadError as exc:
+            self.metrics.watch_errors.inc()
+            log.error("pre-warm watch: %s", exc)
+            return []
+        wanted, self.last_plans = watcher.decide(view, self.settings.node)
+        for plan in self.last_plans:
+            if plan.nodes:
+                log.info(
+                    "pre-warm plan %s: %d wanted, %d warm node(s), %d candidate(s), warming %s",
+                    plan.workload,
+                    plan.desired,
+                    plan.holders,
+                    plan.candidates,
+                    ", ".join(plan.nodes),
+                )
+        for pod in watcher.bound_pods(view.pods, self.settings.node):
+            uid = str((pod.get("metadata") or {}).get("uid") or "")
+            found = watcher.status_models(pod)
+            if uid and found is not None and uid not in self._measured:
+                self._awaited.setdefault(uid, found[0])
+        self._observe_lead(view.pods)
+        started = []
+        for want in wanted:
+            if self._start_wanted(want):
+                started.append(want.spec)
+        return started
+
+    def _start_wanted(self, want: watcher.Wanted) -> bool:
+        if all(self.cache.is_complete(m) for m in want.models):
+            return False
+        entry = PrewarmEntry(model=want.spec, include=list(want.include))
+        state = self._prewarm.setdefault(entry.ident, _PrewarmState())
+        if state.task is not None and not state.task.done():
+            return False
+        if time.monotonic() < state.not_before:
+            return False
+        log.info("pre-warm %s: %s", want.spec, want.reason)
+        state.last_start = self._clock()
+        state.task = asyncio.create_task(self._run_prewarm(entry, state, want.trigger))
+        return True
+
+    def _observe_lead(self, pods: list[dict[str, Any]]) -> None:
+        """Lead time of each awaited pod once it started and its models are complete."""
+        by_uid = {str((p.get("metadata") or {}).get("uid") or ""): p for p in pods}
+        self._measured &= by_uid.keys()  # forget pods that are gone
+        for uid in list(self._awaited):
+            pod = by_uid.get(uid)
+            if pod is None or (pod.get("spec") or {}).get("nodeName") != self.settings.node:
+                del self._awaited[uid]  # gone (or never ours): nothing to measure
+                continue
+            start = watcher.pod_start(pod)
+            models = self._awaited[uid]
+            if start is None or not all(self.cache.is_complete(m) for m in models):
+                continue
+            ready = max(self.cache.model_dir(m).manifest.stat().st_mtime for m in models)
+            self.metrics.prewarm_lead.observe(start.timestamp() - ready)
+            del self._awaited[uid]
+            self._measured.add(uid)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                await self.watch_pass()
+            except Exception:  # one bad object must not end the watcher for good
+                self.metrics.watch_errors.inc()
+                log.exception("pre-warm watch pass failed")
+            await asyncio.sleep(self.settings.watch_interval)
 
     # -- loop ----------------------------------------------------------------------------
     async def start_metrics(self) -> None:
@@ -955,13 +1156,16 @@ class Agent:
     async def run(self, once: bool = False) -> int:
         """The agent loop; with ``once``, one pass (and its pre-warm) then an exit status."""
         if once:
+            watched = await self.watch_pass()
             result = await self.run_pass()
-            if result.started_prewarm:
+            if result.started_prewarm or watched:
                 warmed = await self.wait_prewarm()
                 result = await self.run_pass()
                 return 0 if result.ok and warmed else 1
             return 0 if result.ok else 1
         await self.start_metrics()
+        if self._reader is not None:
+            self._watch_task = asyncio.create_task(self._watch_loop())
         failures = 0
         while True:
             self._wake.clear()
@@ -975,6 +1179,11 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
         for task in self.prewarm_tasks():
             task.cancel()
         for task in self.prewarm_tasks():
@@ -983,6 +1192,10 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.settings.dragonfly_socket:
+            from sidecar.sources import dragonfly
+
+            await dragonfly.daemon_client(self.settings.dragonfly_socket).aclose()
 
 
 def _manifest_total(root: Path) -> int:
@@ -993,9 +1206,24 @@ def _manifest_total(root: Path) -> int:
         return 0
 
 
+def warm_can_wrap() -> bool:
+    """Whether the fetch engine takes a source wrapper (``warm_models(wrap=...)``): what
+    routes the agent's fetches through the Dragonfly daemon."""
+    import inspect
+
+    from sidecar.warmup import warm_models
+
+    return "wrap" in inspect.signature(warm_models).parameters
+
+
 async def _default_warm(cache: NodeCache, models: list[Any], **kwargs: Any) -> Any:
     from sidecar.warmup import warm_models
 
+    if "wrap" in kwargs and not warm_can_wrap():
+        raise RuntimeError(
+            "--dragonfly-socket: this build's fetch engine cannot route through a daemon "
+            "(warm_models has no wrap parameter)"
+        )
     return await warm_models(cache, models, **kwargs)
 
 
@@ -1015,6 +1243,12 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         raise ValueError(f"--max-labels {args.max_labels}: must be 0-1000")
     if not 0 <= args.metrics_port <= 65535:
         raise ValueError(f"--metrics-port {args.metrics_port}: must be 0-65535")
+    watch_interval = getattr(args, "prewarm_watch_interval", 5.0)
+    if watch_interval <= 0:
+        raise ValueError(f"--prewarm-watch-interval {watch_interval}: must be positive")
+    dragonfly_socket = getattr(args, "dragonfly_socket", None) or None
+    if dragonfly_socket is not None and not os.path.isabs(dragonfly_socket):
+        raise ValueError(f"--dragonfly-socket {dragonfly_socket}: must be an absolute path")
     return AgentSettings(
         cache_dir=Path(args.cache_dir),
         node=args.node,
@@ -1025,6 +1259,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         max_labels=args.max_labels,
         interval=args.interval,
         metrics_port=None if args.once or args.metrics_port == 0 else args.metrics_port,
+        watch=bool(getattr(args, "prewarm_watch", False)),
+        watch_interval=watch_interval,
+        dragonfly_socket=dragonfly_socket,
     )
 
 

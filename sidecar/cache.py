@@ -16,6 +16,11 @@ writer of ``data/``, ``.partial/``, ``.locks/``, ``source.json`` and ``manifest.
   state from another version of the file is discarded.
 * Disk I/O runs in threads (``asyncio.to_thread``); sha256 is computed in file order while
   later parts are still downloading, so verification adds little after the last byte.
+* A new revision of an ``hf://`` model downloads only the files that changed: a file whose
+  listed sha256 matches a complete, unchanged file of another revision of the same repository
+  in the cache is copied from it (``copy_file_range``: a reflink where the filesystem can),
+  hashed again, and renamed into place like a download. A copy, not a hard link: the two
+  files keep their own inodes, so one model's stamp never changes with the other's.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.layout import PIN_TTL, ModelDir
-from sidecar.modelsource import NamedModel
+from sidecar.layout import PIN_TTL, ModelDir, models_root
+from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_uri
 from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -529,6 +534,7 @@ class NodeCache:
             job = _Job(
                 md, source, f, dest, on_bytes, limiter or asyncio.Semaphore(max(1, parallel))
             )
+            job.repo = _hub_repo(model)
             path = await self._ensure_locked(job)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
@@ -574,13 +580,108 @@ class NodeCache:
                         f"{exc.strerror or exc}"
                     ) from None
                 state = CURRENT if ok else STALE
-            if state == STALE:
+            if state == STALE and not await self._reuse(job, version):
                 # stale or missing: fetch it and rename over any old copy (readers that
                 # have the old one open keep reading it; new opens get the new one)
                 await self._download(job)
             return job.dest
         finally:
             os.close(lock_fd)
+
+    # ---- reuse across revisions ----------------------------------------------------------
+
+    def find_same_content(self, md: ModelDir, repo: str, f: RemoteFile) -> Path | None:
+        """A complete file with ``f``'s sha256 in another revision of hub repo ``repo``:
+        verified when written and unchanged since (its stamp), else None."""
+        if not f.sha256:
+            return None
+        try:
+            roots = sorted(p for p in models_root(self.cache_dir).iterdir() if p != md.root)
+        except OSError:
+            return None
+        for root in roots:
+            other = ModelDir(self.cache_dir, root.name)
+            try:
+                uri = json.loads(other.source_file.read_bytes()).get("uri", "")
+                if _hub_repo_of(str(uri)) != repo:
+                    continue
+                metas = sorted(other.locks_dir.glob("*.meta"))
+            except (OSError, ValueError, AttributeError):
+                continue
+            # the same path first (the usual case), then any path (a renamed file)
+            same = other.file_meta(f.path)
+            for meta_path in sorted(metas, key=lambda p: p != same):
+                try:
+                    meta = json.loads(meta_path.read_bytes())
+                    if meta.get("sha256") != f.sha256 or meta.get("size") != f.size:
+                        continue
+                    path = other.data_file(str(meta["path"]))
+                    if file_stamp(path.stat()) == meta.get("stamp"):
+                        return path
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        return None
+
+    async def _reuse(self, job: _Job, version: str | None) -> bool:
+        """Fill ``job`` from the same bytes of another revision (see the module docstring);
+        False when there is none or the copy does not verify (then it is downloaded)."""
+        if job.repo is None:
+            return False
+        donor = await asyncio.to_thread(self.find_same_content, job.md, job.repo, job.f)
+        if donor is None:
+            return False
+        part_path = job.md.partial_file(job.f.path)
+        identity = {"path": job.f.path, "size": job.f.size, "sha256": job.f.sha256}
+        try:
+            ok = await asyncio.to_thread(self._copy_verified, donor, part_path, job.f)
+            if ok:
+                job.dest.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(part_path, job.dest)
+                _fsync_dir(job.dest.parent)
+                stamp = file_stamp(os.stat(job.dest))
+                atomic_write_json(
+                    self._meta_path(job.md, job.f.path),
+                    {**identity, "version": version, "stamp": stamp, "copied_from": str(donor)},
+                    durable=False,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    job.md.partial_state(job.f.path).unlink()  # an older partial's resume state
+        except (OSError, SourceError) as exc:
+            with contextlib.suppress(OSError):
+                part_path.unlink()
+            if isinstance(exc, OSError) and _is_space_error(exc):
+                raise self._disk_error(job.f, exc) from None
+            log.warning(
+                "%s: could not copy it from %s (%s); downloading it", job.f.path, donor, exc
+            )
+            return False
+        if ok:
+            log.info("%s: same content as %s, copied instead of downloaded", job.f.path, donor)
+        return ok
+
+    @staticmethod
+    def _copy_verified(donor: Path, part_path: Path, f: RemoteFile) -> bool:
+        """Copy ``donor`` to ``part_path`` and check size and sha256 of the copy (blocking).
+        A copy that does not verify is removed."""
+        src = os.open(donor, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst = os.open(part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                _copy_range(lambda _: os.dup(src), f.path, dst, 0, f.size)
+                h = hashlib.sha256()
+                _hash_range(dst, h, 0, f.size)
+                ok = h.hexdigest() == f.sha256 and os.fstat(dst).st_size == f.size
+                if ok:
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        if not ok:
+            log.warning("%s: the copy from %s does not match its sha256", f.path, donor)
+            with contextlib.suppress(OSError):
+                part_path.unlink()
+        return ok
 
     @staticmethod
     def _load_state(path: Path) -> dict[str, Any] | None:
@@ -777,6 +878,19 @@ class NodeCache:
                 await asyncio.sleep(delay)
 
 
+def _hub_repo_of(uri: str) -> str | None:
+    try:
+        source = parse_model_uri(uri)
+    except ModelSourceError:
+        return None
+    return source.location if source.scheme == "hf" else None
+
+
+def _hub_repo(model: NamedModel) -> str | None:
+    """The hub repository of an ``hf://`` model (every revision of it shares files)."""
+    return model.source.location if model.source.scheme == "hf" else None
+
+
 @dataclass
 class _Job:
     """One file download in progress."""
@@ -790,6 +904,8 @@ class _Job:
     fd: int = -1
     done: set[int] = field(default_factory=set)
     save_state: Callable[[], None] = lambda: None
+    #: the hub repository of an hf:// model: files of its other revisions may be reused
+    repo: str | None = None
 
     def add_bytes(self, n: int) -> None:
         if self.on_bytes is not None:

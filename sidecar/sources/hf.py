@@ -138,13 +138,21 @@ class HfSource:
     def version(self, path: str) -> str | None:
         return self.commit
 
-    async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
+    def _resolve_url(self, path: str) -> URL:
         rev = self.commit or self.revision
-        url = URL(
+        return URL(
             f"{self.endpoint}/{quote(self.repo, safe='/')}/resolve/{quote(rev, safe='')}/"
             f"{quote(safe_relpath(path), safe='/')}",
             encoded=True,
         )
+
+    def download_target(self, path: str) -> tuple[str, dict[str, str]]:
+        """The resolve URL of a listed file (at the listed commit) and the headers a download
+        needs, token included (for a node-level downloader such as Dragonfly's daemon)."""
+        return str(self._resolve_url(path)), dict(self._headers)
+
+    async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
+        url = self._resolve_url(path)
         async for chunk in self.http.stream_range(url, path, start, end, headers=self._headers):
             yield chunk
 

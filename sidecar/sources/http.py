@@ -100,6 +100,11 @@ class HttpSource:
     def version(self, path: str) -> str | None:
         return self._versions.get(path)
 
+    def download_target(self, path: str) -> tuple[str, dict[str, str]]:
+        """The URL of a listed file and the headers a download needs (for a node-level
+        downloader such as Dragonfly's daemon, which fetches it back-to-source)."""
+        return str(self._url(safe_relpath(path))), {}
+
     def _check_etag(self, path: str, resp: aiohttp.ClientResponse) -> None:
         etag = resp.headers.get("ETag")
         if not etag:
