@@ -65,8 +65,28 @@ def _add_models(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+#: Flags that only the --cache-dir mode uses (dest, flag, value when not given).
+_CACHE_ONLY: tuple[tuple[str, str, object], ...] = (
+    ("pvc_root", "--pvc-root", "/var/run/modelcache/pvc"),
+    ("file_root", "--file-root", []),
+    ("serve_cached_when_unreachable", "--serve-cached-when-unreachable", False),
+    ("parallel", "--parallel", 8),
+    ("warmup", "--warmup", False),
+)
+
+
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", required=True, help="the node cache (hostPath)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--node-socket",
+        metavar="PATH",
+        help="node mode (unprivileged): everything comes from the CSI node plugin through "
+        "this socket (the FUSE descriptor and the live fetch status); no node cache access",
+    )
+    where.add_argument(
+        "--cache-dir",
+        help="the node cache (hostPath; the legacy nodeCache: hostPath setting, privileged)",
+    )
     p.add_argument(
         "--include",
         default="",
@@ -76,8 +96,9 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pvc-root",
-        default="/var/run/modelcache/pvc",
-        help="where pvc://CLAIM sources are mounted: <pvc-root>/<CLAIM>",
+        default=None,
+        help="where pvc://CLAIM sources are mounted: <pvc-root>/<CLAIM> "
+        "(default /var/run/modelcache/pvc; --cache-dir mode)",
     )
     _add_file_root(p)
     p.add_argument(
@@ -85,9 +106,15 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve a complete cached copy while its source is unreachable even when the pod "
         "sends credentials (then nothing proves the pod may still read the model: a cluster "
-        "setting, off by default; anonymous sources are always served from a complete cache)",
+        "setting, off by default; anonymous sources are always served from a complete cache; "
+        "--cache-dir mode)",
     )
-    p.add_argument("--parallel", type=int, default=8, help="concurrent ranged reads")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="concurrent ranged reads (default 8; --cache-dir mode)",
+    )
 
 
 def _add_file_root(p: argparse.ArgumentParser) -> None:
@@ -99,6 +126,30 @@ def _add_file_root(p: argparse.ArgumentParser) -> None:
         help="a directory file:// sources may read (repeat for several); none by default, "
         "so every file:// source is refused",
     )
+
+
+def check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the --cache-dir mode's flags in node mode; give them their defaults otherwise."""
+    if args.role not in ("warmup", "mount"):
+        return
+    node = args.node_socket is not None
+    for dest, flag, default in _CACHE_ONLY:
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        given = value is not None and value is not False and value != []
+        if node and given:
+            parser.error(
+                f"{args.role}: {flag} is for the --cache-dir mode; with --node-socket the node "
+                "plugin fetches and serves the models"
+            )
+        if value is None:
+            setattr(args, dest, default)
+    if node and args.role == "warmup" and args.include:
+        parser.error(
+            "warmup: --include is for the --cache-dir mode; with --node-socket the volume's "
+            "include attribute tells the node plugin what to fetch"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "warmup",
         help="fetch models into the node cache, then exit",
         description="Fetch every --model into the node cache and exit 0 when all are "
-        "complete and verified. Progress goes to the log every few seconds; the final line "
+        "complete and verified; with --node-socket (node mode) the CSI node plugin fetches and "
+        "this waits, reading its status through the socket about once a second, with no access "
+        "to the node cache. Progress goes to the log every few seconds; the final line "
         "(cache hit, bytes downloaded, or what failed and what to do) also goes to the "
         "termination message, which `kubectl describe pod` shows. Exit codes: 0 done (or "
         "failed with --on-failure continue), 1 a model could not be fetched, 2 bad arguments.",
@@ -144,7 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /dev/termination-log)",
     )
 
-    m = sub.add_parser("mount", help="serve models over a read-only FUSE mount")
+    m = sub.add_parser(
+        "mount",
+        help="serve models over a read-only FUSE mount",
+        description="Serve every --model read-only over FUSE at --mountpoint as "
+        "<NAME>/<file>. With --cache-dir (legacy, privileged) the sidecar mounts /dev/fuse "
+        "itself and fills the node cache; with --node-socket (node mode, unprivileged) it "
+        "receives the FUSE connection the CSI node plugin mounted, serves files the node has "
+        "completed as links into --link-root/<cache key>/ (the csi view volume), and lets an "
+        "open of a file not complete yet wait until the node has it (EIO if its fetch failed).",
+    )
     _add_source_flags(m)
     _add_models(m)
     m.add_argument("--mountpoint", required=True)
@@ -187,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=1800.0,
-        help="seconds for the background warm-up (--warmup) and for each on-demand fetch",
+        help="seconds for the background warm-up (--warmup) and for each on-demand fetch; "
+        "node mode: for the hand-over and for each open that waits on the node",
     )
 
     p = sub.add_parser("probe", help="exit 0 when the mount serves the models")
@@ -290,12 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_mode(parser, args)
     _setup_logging(args.log_level, args.log_json)
     if args.role == "warmup":
         from sidecar import warmup
 
-        return warmup.run(args)
+        return warmup.run_node(args) if args.node_socket else warmup.run(args)
     if args.role == "mount":
         from sidecar import mount
 

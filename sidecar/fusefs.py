@@ -10,7 +10,8 @@ works without ever exposing a partial file.
 Two data paths (see docs/design.md, "Measured facts that shape the design"):
 
 ``link`` mode
-    Every file is a symlink to ``<link-root>/<cache-key>/<path>``, a read-only view of the
+    Every file (or, for the node plugin's hand-over, every file complete when the mount
+    started) is a symlink to ``<link-root>/<cache-key>/<path>``, a read-only view of the
     node cache that app containers also mount. ``readlink`` returns the target only once the
     file is complete, so an app that opens ``M/NAME/file`` blocks in path resolution until the
     file exists and then reads it straight from the node cache: data never crosses this
@@ -190,11 +191,13 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
         self,
         namespace: Namespace,
         provider: FileProvider,
-        link_target: Callable[[FileEntry], str] | None,
+        link_target: Callable[[FileEntry], str | None] | None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.ns = namespace
         self.provider = provider
         self.link_target = link_target
+        self.on_ready = on_ready
         self.started_ns = time.time_ns()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -219,6 +222,8 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
                 want |= _FUSE_CAP_SPLICE_MOVE
             conn.want |= want & conn.capable
         log.info("FUSE connection ready (%d files)", len(self.ns.files))
+        if self.on_ready is not None:
+            self.on_ready()
 
     # -- namespace --------------------------------------------------------------------------
     def _attrs(self, mode: int, size: int, nlink: int) -> dict[str, Any]:
@@ -238,8 +243,8 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         entry = self.ns.files.get(path)
         if entry is not None:
-            if self.link_target is not None:
-                target = self.link_target(entry)
+            target = self.link_target(entry) if self.link_target is not None else None
+            if target is not None:
                 return self._attrs(stat.S_IFLNK | 0o777, len(target.encode()), 1)
             return self._attrs(stat.S_IFREG | 0o444, entry.size, 1)
         alias = self.ns.aliases.get(path)
@@ -266,12 +271,13 @@ class ModelFS(mfusepy.Operations):  # type: ignore[misc]
         entry = self.ns.files.get(path)
         if entry is None:
             raise mfusepy.FuseOSError(errno.ENOENT if path not in self.ns.notes else errno.EINVAL)
-        if self.link_target is None:
+        target = self.link_target(entry) if self.link_target is not None else None
+        if target is None:
             raise mfusepy.FuseOSError(errno.EINVAL)
         # The target is returned only once it exists complete: path resolution of an app
         # that opens the file waits here for the fetch instead of failing with ENOENT.
         self.provider.ensure_file(entry.model, entry.relpath)
-        return self.link_target(entry)
+        return target
 
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
@@ -347,15 +353,23 @@ def serve(
     namespace: Namespace,
     provider: FileProvider,
     mountpoint: str,
-    link_target: Callable[[FileEntry], str] | None,
+    link_target: Callable[[FileEntry], str | None] | None,
+    *,
     fsname: str = "modelcache",
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount and serve until unmounted; blocks. Run it in a thread other than the main one.
+
+    ``mountpoint`` ``/dev/fd/N`` serves a connection someone else mounted already (the CSI
+    node plugin hands its descriptor over); libfuse then mounts nothing, and the loop ends
+    when the kernel ends the connection (the mount is gone). ``link_target`` returning None
+    for an entry serves it as a regular file. ``on_ready`` runs once the kernel's ``INIT``
+    is answered: from then on requests are served.
 
     From a non-main thread libfuse leaves the signal handlers the caller installed alone
     (it only replaces default ones), so the caller decides how SIGTERM is handled.
     """
-    ops = ModelFS(namespace, provider, link_target)
+    ops = ModelFS(namespace, provider, link_target, on_ready)
     mfusepy.FUSE(
         ops,
         mountpoint,

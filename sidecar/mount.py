@@ -53,9 +53,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sidecar import fusefs, hubcache
+from sidecar import fusefs, hubcache, nodeclient
 from sidecar.cache import CacheError, NodeCache, pin_holder
 from sidecar.layout import ANONYMOUS_MARKER, ModelDir, file_id, models_root, safe_relpath
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
@@ -428,78 +428,67 @@ async def _prepare_model(
     return {f.path: f for f in planned}
 
 
-class MountService:
-    """Everything one ``mount`` process holds; ``run`` drives it."""
+class ModelOrigin(Protocol):
+    """Where a mount's file lists and complete files come from.
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    :class:`CacheOrigin`: the node cache itself (``--cache-dir``, the legacy privileged
+    sidecar that lists sources and fetches). :class:`NodeOrigin`: the CSI node plugin,
+    through its socket (``--node-socket``, unprivileged). :class:`MountService` does the
+    rest the same way for both: namespace, GGUF aliases, hub cache, serving, signals.
+    It is also the ``fusefs.FileProvider`` of the mount (``ensure_file``).
+    """
+
+    #: what ``fusefs.serve`` mounts on: a directory, or ``/dev/fd/N`` (mounted already)
+    fuse_target: str
+
+    def list_model(self, model: NamedModel, include: list[str]) -> dict[str, int]:
+        """``{path: size}`` to serve; :class:`SourceListingError` when it cannot be had."""
+        ...
+
+    def hub_commit(self, model: NamedModel, files: list[str], known_ref: str | None) -> str | None:
+        """The hub commit to lay the model out at, or None when it cannot be known."""
+        ...
+
+    def ensure_file(self, model: str, relpath: str) -> Path: ...
+
+    def link_target(self, entry: fusefs.FileEntry) -> str | None:
+        """Where the entry links to, or None to serve it as a regular file."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def start(self) -> None:
+        """The view serves: start background work."""
+        ...
+
+    def stop(self) -> None:
+        """Shutting down: every wait ends (``ESHUTDOWN``)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CacheOrigin:
+    """The ``--cache-dir`` mode: list each source with the pod's credentials, serve from the
+    node cache, fetch on demand (and in the background with ``--warmup``)."""
+
+    def __init__(self, args: argparse.Namespace, mountpoint: str) -> None:
         self.args = args
-        # absolute: libfuse changes the working directory to / when it starts serving
-        self.mountpoint = os.path.abspath(args.mountpoint)
+        self.fuse_target = mountpoint
         self.cache_dir = Path(args.cache_dir).absolute()
         self.pvc_root = os.path.abspath(args.pvc_root)
-        self.include = _include_globs(args.include)
-        try:
-            self.models = [parse_model_arg(v) for v in args.model]
-        except ModelSourceError as exc:
-            raise MountError(str(exc)) from exc
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise MountError(f"--model: duplicate model names in {', '.join(names)}")
         if args.parallel < 1:
             raise MountError(f"--parallel {args.parallel}: must be at least 1")
         self.link_root = parse_link_root(args.link_root, self.cache_dir)
-        self.on_failure = getattr(args, "on_failure", "fail")
-        if self.on_failure not in ON_FAILURE:
-            raise MountError(f"--on-failure {self.on_failure!r}: expected fail or continue")
-        hub_cache = getattr(args, "hub_cache", None)
-        self.hub_cache = Path(hub_cache).absolute() if hub_cache else None
-        self.hub_link_root = getattr(args, "hub_link_root", None) or self.mountpoint
-        if not self.hub_link_root.startswith("/"):
-            raise MountError(f"--hub-link-root {self.hub_link_root!r}: expected an absolute path")
-        self.gguf_aliases = parse_gguf_aliases(list(getattr(args, "gguf_alias", None) or []), names)
         self.cache = NodeCache(self.cache_dir)
         self.loop = LoopThread()
         self.served: dict[str, ServedModel] = {}
-        self.left_out: dict[str, str] = {}
         self.stack = contextlib.ExitStack()
-        self.stop_requested = False
         self.warmup: concurrent.futures.Future[Any] | None = None
-        self.fuse_error: BaseException | None = None
-        self.fuse_stuck = False
+        self.provider = Provider(self.cache, self.loop, self.served, args.parallel, args.timeout)
         self._touch_stop = threading.Event()
 
-    # -- start ------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        if self.hub_cache is not None and not self.hub_cache.is_dir():
-            raise MountError(f"--hub-cache {self.hub_cache}: not a directory")
-        for model in self.models:
-            try:
-                self._prepare_one(model)
-            except SourceListingError as exc:
-                if self.on_failure != "continue":
-                    raise
-                self.left_out[model.name] = str(exc)
-                log.warning(
-                    "model %s left out (--on-failure continue): %s; the app loads it by itself",
-                    model.name,
-                    exc,
-                )
-        for name, quant in self.gguf_aliases.items():
-            if name in self.served:
-                self._alias_gguf(name, quant)
-        seen: set[tuple[str, str]] = set()
-        for model in self.models:
-            if self.hub_cache is None or not model.source.is_hub:
-                continue
-            served = self.served.get(model.name)
-            if served is None or not self._lay_out_hub(served, seen):
-                # no layout, but the app's mount of the folder must be writable for it
-                try:
-                    hubcache.ensure_repo_dir(self.hub_cache, model.source.location)
-                except (hubcache.HubCacheError, OSError) as exc:
-                    raise MountError(f"model {model.name}: hub cache: {exc}") from exc
-
-    def _prepare_one(self, model: NamedModel) -> None:
+    def list_model(self, model: NamedModel, include: list[str]) -> dict[str, int]:
         try:
             source = open_source(
                 model,
@@ -517,7 +506,7 @@ class MountService:
                         self.cache,
                         model,
                         source,
-                        self.include,
+                        include,
                         serve_cached=self.args.serve_cached_when_unreachable,
                     )
                 )
@@ -531,37 +520,25 @@ class MountService:
         mdir = ModelDir(self.cache_dir, model.source.cache_key)
         self.served[model.name] = ServedModel(model, source, mdir, files)
         self.cache.touch(model)
-        log.info("model %s: %d files from %s", model.name, len(files), model.source.uri)
+        return {f.path: f.size for f in files.values()}
 
-    def _alias_gguf(self, name: str, quant: str) -> None:
-        target = pick_gguf(sorted(self.served[name].files), quant)
-        if target is None:
-            raise MountError(
-                f"--gguf-alias {name}:{quant}: model {name} has no GGUF file of {quant}"
-            )
-        self.served[name].aliases = {f"{quant}.gguf": target}
-        log.info("model %s: %s.gguf -> %s", name, quant, target)
-
-    def _hub_commit(self, served: ServedModel) -> str | None:
-        assert self.hub_cache is not None
-        src = served.model.source
-        revision = src.revision or "main"
+    def hub_commit(self, model: NamedModel, files: list[str], known_ref: str | None) -> str | None:
+        served = self.served[model.name]
+        revision = model.source.revision or "main"
         commit = getattr(served.source, "commit", None)
         listed = commit if isinstance(commit, str) and commit else None
-        recorded = recorded_commit(served.mdir, sorted(served.files))
-        complete = self.cache.is_complete(served.model)
         chosen = choose_commit(
             listed=listed,
-            recorded=recorded,
-            complete=complete,
-            known_ref=hubcache.read_ref(self.hub_cache, src.location, revision),
+            recorded=recorded_commit(served.mdir, files),
+            complete=self.cache.is_complete(model),
+            known_ref=known_ref,
             revision=revision,
         )
         if chosen is not None and listed is not None and chosen != listed:
             log.warning(
                 "model %s: the node cache holds commit %s, %s is now %s at the hub: laying "
                 "out %s (the app downloads the newer commit by itself)",
-                served.model.name,
+                model.name,
                 chosen,
                 revision,
                 listed,
@@ -569,52 +546,19 @@ class MountService:
             )
         return chosen
 
-    def _lay_out_hub(self, served: ServedModel, seen: set[tuple[str, str]]) -> bool:
-        """Write the model's layout; False when it gets none (its commit is unknown)."""
-        assert self.hub_cache is not None
-        src, name = served.model.source, served.model.name
-        commit = self._hub_commit(served)
-        if commit is None:
-            log.warning(
-                "model %s: the hub commit of %s is unknown (source unreachable, nothing "
-                "recorded); no hub-cache layout, the app resolves it by itself",
-                name,
-                src.uri,
-            )
-            return False
-        if (src.location, commit) in seen:
-            log.info("model %s: %s@%s is laid out already", name, src.location, commit)
-            return True
-        seen.add((src.location, commit))
-        try:
-            plan = hubcache.plan_repo(
-                src.location,
-                src.revision or "main",
-                commit,
-                served.files,
-                f"{self.hub_link_root.rstrip('/')}/{name}",
-            )
-            done = hubcache.write_repo(self.hub_cache, plan)
-        except (hubcache.HubCacheError, OSError) as exc:
-            raise MountError(f"model {name}: cannot write the hub cache layout: {exc}") from exc
-        log.info(
-            "model %s: hub cache %s/%s at commit %s (%d links, %d new, %d stale removed)",
-            name,
-            self.hub_cache,
-            plan.folder,
-            commit,
-            len(plan.links),
-            done.links,
-            done.pruned,
-        )
-        return True
+    def ensure_file(self, model: str, relpath: str) -> Path:
+        return self.provider.ensure_file(model, relpath)
 
-    def link_target(self, entry: fusefs.FileEntry) -> str:
-        assert self.link_root is not None
+    def link_target(self, entry: fusefs.FileEntry) -> str | None:
+        if self.link_root is None:
+            return None
         key = self.served[entry.model].model.source.cache_key
         if self.args.link_root == "cache":
             return str(self.link_root / key / "data" / entry.relpath)
         return str(self.link_root / key / entry.relpath)
+
+    def describe(self) -> str:
+        return f"links to {self.link_root}" if self.link_root else "bytes via FUSE"
 
     def _touch_loop(self) -> None:
         while not self._touch_stop.wait(TOUCH_INTERVAL):
@@ -625,6 +569,11 @@ class MountService:
                 except (OSError, CacheError) as exc:
                     log.warning("model %s: cannot touch .last-used: %s", served.model.name, exc)
 
+    def start(self) -> None:
+        threading.Thread(target=self._touch_loop, name="touch", daemon=True).start()
+        if self.args.warmup:
+            self._start_warmup()
+
     def _start_warmup(self) -> None:
         from sidecar.warmup import WarmupError, warm_models
 
@@ -632,7 +581,7 @@ class MountService:
             return await warm_models(
                 self.cache,
                 [s.model for s in self.served.values()],
-                include=self.include,
+                include=_include_globs(self.args.include),
                 parallel=self.args.parallel,
                 timeout=self.args.timeout,
                 pvc_root=self.pvc_root,
@@ -653,6 +602,253 @@ class MountService:
         self.warmup = self.loop.submit(_warm())
         self.warmup.add_done_callback(_done)
 
+    def stop(self) -> None:
+        self.provider.stopping.set()
+        if self.warmup is not None:
+            self.warmup.cancel()
+
+    def close(self) -> None:
+        self._touch_stop.set()
+        for served in self.served.values():
+            with contextlib.suppress(Exception):
+                self.loop.call(served.source.aclose(), timeout=10)
+        self.loop.stop()
+        self.stack.close()
+
+
+class NodeOrigin:
+    """The ``--node-socket`` mode: the CSI node plugin mounted ``/dev/fuse`` for this pod,
+    fetches into the node cache, and publishes each model's complete files in the pod's
+    view volume at ``--link-root/<cache key>/``. This process receives the FUSE connection
+    and the status through the socket and never touches the node cache.
+
+    A file complete when the mount starts is a symlink into the view (data never crosses
+    this daemon); one that is not is a regular file whose ``open`` waits until the status
+    says it is complete (polled about every half second), then reads through the view's
+    file. An entry's type never changes while mounted (the kernel caches attributes).
+    """
+
+    def __init__(self, args: argparse.Namespace, models: list[NamedModel]) -> None:
+        self.socket_path = args.node_socket
+        self.timeout = float(args.timeout)
+        if not str(args.link_root).startswith("/"):
+            raise MountError(
+                f"--link-root {args.link_root!r}: with --node-socket, the absolute path where "
+                "the csi view volume is mounted (its files are what the mount serves)"
+            )
+        self.link_root = Path(args.link_root)
+        self.models = models
+        self.linked: dict[str, set[str]] = {}
+        self.keys: dict[str, str] = {}
+        self.fuse_fd = -1
+        self.fuse_target = ""
+        self.tracker: nodeclient.StatusTracker | None = None
+
+    def connect(self) -> None:
+        """Receive the FUSE descriptor and the first status (waiting up to ``--timeout``)."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            fd, status = nodeclient.wait_reachable(
+                self.socket_path, deadline, on_wait=log.info, keep_fd=True
+            )
+        except nodeclient.NodeStatusError as exc:
+            raise MountError(f"no FUSE connection from the node plugin: {exc}") from None
+        problems = nodeclient.mismatches(status, [(m.name, m.source.uri) for m in self.models])
+        if problems:
+            os.close(fd)
+            raise MountError("; ".join(problems))
+        self.fuse_fd = fd
+        self.fuse_target = f"/dev/fd/{fd}"
+        self.tracker = nodeclient.StatusTracker(self.socket_path, status)
+        log.info(
+            "received the FUSE connection of volume %s from %s", status.volume_id, self.socket_path
+        )
+
+    def list_model(self, model: NamedModel, include: list[str]) -> dict[str, int]:
+        assert self.tracker is not None
+        try:
+            status = self.tracker.wait_model_listed(model.name, self.timeout)
+        except nodeclient.NodeStatusError as exc:
+            raise SourceListingError(str(exc)) from None
+        if status.failed:
+            raise SourceListingError(
+                f"model {model.name} ({model.source.uri}): the node plugin could not fetch "
+                f"it: {status.error or 'no reason given'}"
+            )
+        files = [RemoteFile(safe_relpath(f.path), f.size) for f in status.files]
+        if include:
+            from sidecar.warmup import plan_files
+
+            files = plan_files(files, include)
+        chosen = {f.path for f in files}
+        self.linked[model.name] = {f.path for f in status.files if f.complete} & chosen
+        self.keys[model.name] = status.cache_key
+        return {f.path: f.size for f in files}
+
+    def hub_commit(self, model: NamedModel, files: list[str], known_ref: str | None) -> str | None:
+        assert self.tracker is not None
+        status = self.tracker.status.model(model.name)
+        listed = status.commit if status is not None else None
+        return choose_commit(
+            listed=listed or None,
+            recorded=None,
+            complete=False,
+            known_ref=known_ref,
+            revision=model.source.revision or "main",
+        )
+
+    def _view_file(self, model: str, relpath: str) -> Path:
+        return self.link_root / self.keys[model] / relpath
+
+    def ensure_file(self, model: str, relpath: str) -> Path:
+        if relpath not in self.linked.get(model, ()):
+            assert self.tracker is not None
+            self.tracker.wait_file(model, relpath, self.timeout)
+        return self._view_file(model, relpath)
+
+    def link_target(self, entry: fusefs.FileEntry) -> str | None:
+        if entry.relpath in self.linked.get(entry.model, ()):
+            return str(self._view_file(entry.model, entry.relpath))
+        return None
+
+    def describe(self) -> str:
+        linked = sum(len(v) for v in self.linked.values())
+        return f"{linked} complete file(s) as links to {self.link_root}, the others on open"
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        if self.tracker is not None:
+            self.tracker.stopping.set()
+
+    def close(self) -> None:
+        pass  # the descriptor lives as long as the FUSE loop that reads it: until exit
+
+
+class MountService:
+    """Everything one ``mount`` process holds; ``run`` drives it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        # absolute: libfuse changes the working directory to / when it starts serving
+        self.mountpoint = os.path.abspath(args.mountpoint)
+        self.include = _include_globs(args.include)
+        try:
+            self.models = [parse_model_arg(v) for v in args.model]
+        except ModelSourceError as exc:
+            raise MountError(str(exc)) from exc
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise MountError(f"--model: duplicate model names in {', '.join(names)}")
+        self.on_failure = getattr(args, "on_failure", "fail")
+        if self.on_failure not in ON_FAILURE:
+            raise MountError(f"--on-failure {self.on_failure!r}: expected fail or continue")
+        hub_cache = getattr(args, "hub_cache", None)
+        self.hub_cache = Path(hub_cache).absolute() if hub_cache else None
+        self.hub_link_root = getattr(args, "hub_link_root", None) or self.mountpoint
+        if not self.hub_link_root.startswith("/"):
+            raise MountError(f"--hub-link-root {self.hub_link_root!r}: expected an absolute path")
+        self.gguf_aliases = parse_gguf_aliases(list(getattr(args, "gguf_alias", None) or []), names)
+        self.node_mode = getattr(args, "node_socket", None) is not None
+        self.origin: ModelOrigin = (
+            NodeOrigin(args, self.models) if self.node_mode else CacheOrigin(args, self.mountpoint)
+        )
+        self.served: dict[str, dict[str, int]] = {}
+        self.aliases: dict[str, dict[str, str]] = {}
+        self.left_out: dict[str, str] = {}
+        self.stop_requested = False
+        self.fuse_error: BaseException | None = None
+        self.exit_at_once = False
+        self.ready = threading.Event()
+
+    # -- start ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self.hub_cache is not None and not self.hub_cache.is_dir():
+            raise MountError(f"--hub-cache {self.hub_cache}: not a directory")
+        if isinstance(self.origin, NodeOrigin):
+            self.origin.connect()
+        for model in self.models:
+            try:
+                self.served[model.name] = self.origin.list_model(model, self.include)
+            except SourceListingError as exc:
+                if self.on_failure != "continue":
+                    raise
+                self.left_out[model.name] = str(exc)
+                log.warning(
+                    "model %s left out (--on-failure continue): %s; the app loads it by itself",
+                    model.name,
+                    exc,
+                )
+                continue
+            log.info(
+                "model %s: %d files from %s",
+                model.name,
+                len(self.served[model.name]),
+                model.source.uri,
+            )
+        for name, quant in self.gguf_aliases.items():
+            if name in self.served:
+                self._alias_gguf(name, quant)
+        seen: set[tuple[str, str]] = set()
+        for model in self.models:
+            if self.hub_cache is None or not model.source.is_hub:
+                continue
+            if model.name not in self.served or not self._lay_out_hub(model, seen):
+                # no layout, but the app's mount of the folder must be writable for it
+                try:
+                    hubcache.ensure_repo_dir(self.hub_cache, model.source.location)
+                except (hubcache.HubCacheError, OSError) as exc:
+                    raise MountError(f"model {model.name}: hub cache: {exc}") from exc
+
+    def _alias_gguf(self, name: str, quant: str) -> None:
+        target = pick_gguf(sorted(self.served[name]), quant)
+        if target is None:
+            raise MountError(
+                f"--gguf-alias {name}:{quant}: model {name} has no GGUF file of {quant}"
+            )
+        self.aliases[name] = {f"{quant}.gguf": target}
+        log.info("model %s: %s.gguf -> %s", name, quant, target)
+
+    def _lay_out_hub(self, model: NamedModel, seen: set[tuple[str, str]]) -> bool:
+        """Write the model's layout; False when it gets none (its commit is unknown)."""
+        assert self.hub_cache is not None
+        src, name = model.source, model.name
+        files = sorted(self.served[name])
+        revision = src.revision or "main"
+        known_ref = hubcache.read_ref(self.hub_cache, src.location, revision)
+        commit = self.origin.hub_commit(model, files, known_ref)
+        if commit is None:
+            log.warning(
+                "model %s: the hub commit of %s is unknown (source unreachable, nothing "
+                "recorded); no hub-cache layout, the app resolves it by itself",
+                name,
+                src.uri,
+            )
+            return False
+        if (src.location, commit) in seen:
+            log.info("model %s: %s@%s is laid out already", name, src.location, commit)
+            return True
+        seen.add((src.location, commit))
+        try:
+            plan = hubcache.plan_repo(
+                src.location, revision, commit, files, f"{self.hub_link_root.rstrip('/')}/{name}"
+            )
+            done = hubcache.write_repo(self.hub_cache, plan)
+        except (hubcache.HubCacheError, OSError) as exc:
+            raise MountError(f"model {name}: cannot write the hub cache layout: {exc}") from exc
+        log.info(
+            "model %s: hub cache %s/%s at commit %s (%d links, %d new, %d stale removed)",
+            name,
+            self.hub_cache,
+            plan.folder,
+            commit,
+            len(plan.links),
+            done.links,
+            done.pruned,
+        )
+        return True
+
     # -- serve ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_requested = True
@@ -660,22 +856,24 @@ class MountService:
     def serve(self) -> int:
         try:
             namespace = fusefs.Namespace(
-                {n: ((f.path, f.size) for f in s.files.values()) for n, s in self.served.items()},
+                {n: files.items() for n, files in self.served.items()},
                 notes={
                     f"{LEFT_OUT_DIR}/{n}": f"{why}\n".encode() for n, why in self.left_out.items()
                 },
-                aliases={n: s.aliases for n, s in self.served.items() if s.aliases},
+                aliases=self.aliases,
             )
         except ValueError as exc:
             raise MountError(f"cannot build the file tree: {exc}") from exc
-        provider = Provider(
-            self.cache, self.loop, self.served, self.args.parallel, self.args.timeout
-        )
-        link = self.link_target if self.link_root is not None else None
 
         def _fuse() -> None:
             try:
-                fusefs.serve(namespace, provider, self.mountpoint, link)
+                fusefs.serve(
+                    namespace,
+                    self.origin,
+                    self.origin.fuse_target,
+                    self.origin.link_target,
+                    on_ready=self.ready.set,
+                )
             except (RuntimeError, OSError) as exc:  # reported by the main thread
                 self.fuse_error = exc
 
@@ -683,31 +881,39 @@ class MountService:
             signal.signal(sig, self._on_signal)
         fuse_thread = threading.Thread(target=_fuse, name="fuse", daemon=True)
         fuse_thread.start()
-        threading.Thread(target=self._touch_loop, name="touch", daemon=True).start()
         announced = False
         while fuse_thread.is_alive() and not self.stop_requested:
             fuse_thread.join(0.2)
-            if not announced and is_fuse(find_mount(self.mountpoint)):
+            if not announced and (
+                self.ready.is_set() or (not self.node_mode and is_fuse(find_mount(self.mountpoint)))
+            ):
                 announced = True
                 log.info(
                     "serving %s at %s (%s)%s",
                     ", ".join(self.served) or "no model",
                     self.mountpoint,
-                    f"links to {self.link_root}" if self.link_root else "bytes via FUSE",
+                    self.origin.describe(),
                     f"; left out: {', '.join(self.left_out)}" if self.left_out else "",
                 )
-                if self.args.warmup:
-                    self._start_warmup()
+                self.origin.start()
         if not self.stop_requested:
             if self.fuse_error is not None:
                 log.error("FUSE mount failed: %s", self.fuse_error)
-            else:
-                log.error("%s was unmounted from outside; exiting", self.mountpoint)
+                return 1
+            if self.node_mode:
+                log.info("the node plugin ended the FUSE connection (volume unpublished); exiting")
+                return 0
+            log.error("%s was unmounted from outside; exiting", self.mountpoint)
             return 1
+        self.origin.stop()
+        if self.node_mode:
+            # The mount is the node plugin's: it stays, and requests wait in the kernel until
+            # a restarted sidecar takes the connection again. The FUSE loop sits in a read of
+            # the descriptor, so the process ends without waiting for it.
+            log.info("signal received: leaving the FUSE connection to the node plugin")
+            self.exit_at_once = True
+            return 0
         log.info("signal received: unmounting %s", self.mountpoint)
-        provider.stopping.set()
-        if self.warmup is not None:
-            self.warmup.cancel()
         # a signal right at start may come before libfuse has mounted: let the mount appear
         # first, else it would appear after our unmount and die with the process
         deadline = time.monotonic() + UNMOUNT_GRACE
@@ -726,7 +932,7 @@ class MountService:
             # another mount namespace (propagated to a container, busy there) keeps it open.
             # Exiting closes /dev/fuse, which aborts the connection, so those copies fail
             # fast with ENOTCONN instead of hanging.
-            self.fuse_stuck = True
+            self.exit_at_once = True
             if is_fuse(find_mount(self.mountpoint)):
                 log.error("%s is still mounted after unmount; exiting anyway", self.mountpoint)
                 return 1
@@ -738,17 +944,15 @@ class MountService:
         return 0
 
     def close(self) -> None:
-        self._touch_stop.set()
-        for served in self.served.values():
-            with contextlib.suppress(Exception):
-                self.loop.call(served.source.aclose(), timeout=10)
-        self.loop.stop()
-        self.stack.close()
+        self.origin.close()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        recover_mountpoint(str(args.mountpoint))
+        if getattr(args, "node_socket", None) is None:
+            # node mode: the mountpoint is the node plugin's mount, not ours to recover (and
+            # it hangs every look until this process serves it)
+            recover_mountpoint(str(args.mountpoint))
         service = MountService(args)
     except MountError as exc:
         print(f"mount: {exc}", file=sys.stderr, flush=True)
@@ -764,7 +968,7 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         service.close()
-    if code != 0 or service.fuse_stuck:
+    if code != 0 or service.exit_at_once:
         # a FUSE loop still running must not keep a dying process (and its mount) alive
         logging.shutdown()
         sys.stdout.flush()

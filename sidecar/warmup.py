@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from sidecar import journal
+from sidecar import journal, nodeclient
 from sidecar.cache import BACKOFF, PART_SIZE, CacheError, CacheFullError, NodeCache, pin_holder
 from sidecar.layout import ANONYMOUS_MARKER
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_arg
+from sidecar.progress import INTERVAL as PROGRESS_INTERVAL
 from sidecar.progress import Progress, human_bytes, human_rate
 from sidecar.sources import (
     DEFAULT_PVC_ROOT,
@@ -599,3 +600,120 @@ def run(args: argparse.Namespace) -> int:
         if not line.startswith("warmup warning:"):
             print(line, file=sys.stderr)
     return 0 if args.on_failure == "continue" else 1
+
+
+def _node_failure_lines(status: nodeclient.VolumeStatus, timed_out: float | None) -> list[str]:
+    """One ``warmup failed:`` line per model that failed (or, on timeout, is not complete)."""
+    lines = []
+    for m in status.models:
+        if m.failed:
+            lines.append(f"warmup failed: model {m.name!r} ({m.uri}): {m.error or 'fetch failed'}")
+        elif timed_out is not None and not m.complete:
+            lines.append(
+                f"warmup failed: model {m.name!r} ({m.uri}): timed out after {timed_out:g}s "
+                f"with {human_bytes(m.bytes_done)} of {human_bytes(m.bytes_total)} in the node "
+                f"cache (state {m.state}); the node keeps fetching, a restart resumes from there"
+            )
+    return lines
+
+
+def _finish_node(args: argparse.Namespace, lines: list[str], *, failed: bool) -> int:
+    """Termination message (failures first), stderr, exit code for node mode."""
+    if failed and args.on_failure == "continue":
+        lines = [*lines, CONTINUE_NOTE]
+    first = [ln for ln in lines if ln.startswith("warmup failed:")]
+    write_termination_message(args.termination_log, first + [ln for ln in lines if ln not in first])
+    if not failed:
+        log.info("%s", lines[0])
+        return 0
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return 0 if args.on_failure == "continue" else 1
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """The ``warmup --node-socket`` role: wait until the node plugin has every model of
+    this pod complete in the node cache, reading its status through the socket. No cache
+    access, no credentials, no privileges."""
+    try:
+        models = [parse_model_arg(v) for v in args.model]
+    except ModelSourceError as exc:
+        print(f"warmup failed: {exc}", file=sys.stderr)
+        return 2
+    names = [m.name for m in models]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        print(f"warmup failed: duplicate --model name(s): {', '.join(dups)}", file=sys.stderr)
+        return 2
+    if args.timeout <= 0:
+        print("warmup failed: --timeout must be > 0", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    deadline = started + args.timeout
+    socket_path = args.node_socket
+    try:
+        _fd, status = nodeclient.wait_reachable(socket_path, deadline, on_wait=log.info)
+    except nodeclient.NodeStatusError as exc:
+        what = "no answer" if isinstance(exc, nodeclient.NodeUnreachableError) else "bad answer"
+        return _finish_node(
+            args,
+            [
+                f"warmup failed: {what} from the node plugin within {args.timeout:g}s: {exc}",
+                f"warmup stopped: models {', '.join(names)} not known to be in the node cache",
+            ],
+            failed=True,
+        )
+    wanted = [(m.name, m.source.uri) for m in models]
+    problems = nodeclient.mismatches(status, wanted)
+    if problems:
+        return _finish_node(
+            args,
+            [f"warmup failed: {p}" for p in problems]
+            + ["warmup stopped: this pod's models and the node plugin's volume differ"],
+            failed=True,
+        )
+    meter = nodeclient.RateMeter()
+    first_look = True
+    last_line = 0.0
+    while True:
+        rate = meter.rate(status)
+        if all(m.complete for m in status.models):
+            files = sum(len(m.files) for m in status.models)
+            total = sum(m.bytes_total or sum(f.size for f in m.files) for m in status.models)
+            took = time.monotonic() - started
+            what = f"{len(status.models)} model(s), {files} file(s), {human_bytes(total)}"
+            if first_look:
+                line = f"warmup complete: cache hit: {what} already in the node cache"
+            else:
+                line = f"warmup complete: {what} in the node cache"
+            return _finish_node(args, [f"{line} (in {took:.2f}s)"], failed=False)
+        failed = _node_failure_lines(status, None)
+        if failed:
+            summary = (
+                f"warmup stopped: {len(failed)} of {len(status.models)} model(s) could not be "
+                f"fetched by the node; {human_bytes(status.bytes_done)} of "
+                f"{human_bytes(status.bytes_total)} in the node cache"
+            )
+            return _finish_node(args, [*failed, summary], failed=True)
+        now = time.monotonic()
+        if first_look or now - last_line >= PROGRESS_INTERVAL:
+            log.info("warmup: %s", nodeclient.progress_line(status, rate))
+            last_line = now
+        first_look = False
+        if now + nodeclient.WARMUP_POLL > deadline:
+            lines = _node_failure_lines(status, args.timeout)
+            return _finish_node(
+                args, [*lines, f"warmup stopped: timed out after {args.timeout:g}s"], failed=True
+            )
+        time.sleep(nodeclient.WARMUP_POLL)  # the poll interval; the loop is bounded above
+        try:
+            _fd, status = nodeclient.wait_reachable(socket_path, deadline, on_wait=log.info)
+        except nodeclient.NodeStatusError as exc:
+            log.warning("warmup: reading the node status: %s", exc)
+            if time.monotonic() + nodeclient.WARMUP_POLL > deadline:
+                lines = _node_failure_lines(status, args.timeout)
+                return _finish_node(
+                    args,
+                    [*lines, f"warmup stopped: timed out after {args.timeout:g}s ({exc})"],
+                    failed=True,
+                )

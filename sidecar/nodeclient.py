@@ -1,0 +1,392 @@
+"""The pod side of the node plugin's socket: the FUSE descriptor and the live status.
+
+In node mode (``--node-socket``) the warm-up and the sidecar never touch the node cache: the
+CSI node plugin fetches, and tells the pod how far it got through a unix socket in the pod's
+own ``modelcache-fuse-socket`` emptyDir. Every connection gets a duplicate of the volume's
+FUSE descriptor (``SCM_RIGHTS``) and one JSON line, built at connect time::
+
+    {"volume_id": str,
+     "models": [{"name", "uri", "cache_key", "state": pending|fetching|complete|failed,
+                 "complete", "error", "bytes_done", "bytes_total", "rate",
+                 "revision", "commit", "files": [{"path", "size", "complete"}]}]}
+
+So the status is polled by connecting again (about once a second for the warm-up, every half
+second while an app waits on a file); a poller that wants only the status closes the
+descriptor at once. :class:`StatusTracker` shares one poll among every thread that waits.
+
+Standard library (plus :mod:`sidecar.node.handover`, itself standard library only, and the
+pure :mod:`sidecar.progress` formatting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sidecar.node.handover import is_fuse_device
+from sidecar.progress import human_bytes, human_duration
+
+#: The status line may be large (a model of many thousand files): at most this many bytes.
+STATUS_LINE_MAX: Final = 16 << 20
+#: Seconds between status polls of a waiting warm-up.
+WARMUP_POLL: Final = 1.0
+#: Seconds between status polls while an app waits on a file that is not complete yet.
+FILE_POLL: Final = 0.5
+STATES: Final = ("pending", "fetching", "complete", "failed")
+
+
+class NodeStatusError(Exception):
+    """The node plugin's answer is missing or malformed; the message says which."""
+
+
+class NodeUnreachableError(NodeStatusError):
+    """Nothing listens on the socket (yet): no such file, or connection refused."""
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    path: str
+    size: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    uri: str
+    cache_key: str
+    state: str
+    error: str | None
+    bytes_done: int
+    bytes_total: int
+    rate: float
+    revision: str | None
+    commit: str | None
+    files: tuple[FileStatus, ...]
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
+
+    def file(self, path: str) -> FileStatus | None:
+        for f in self.files:
+            if f.path == path:
+                return f
+        return None
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    volume_id: str
+    models: tuple[ModelStatus, ...]
+    received: float  # time.monotonic() when it arrived
+
+    def model(self, name: str) -> ModelStatus | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(m.bytes_done for m in self.models)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(m.bytes_total for m in self.models)
+
+
+def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise NodeStatusError(f"node status: {where}: {key!r} is {value!r}, not the expected type")
+    return value
+
+
+def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise NodeStatusError(f"node status: {where}: {key!r} is {value!r}, not a string")
+    return value
+
+
+def parse_status(data: Any, received: float | None = None) -> VolumeStatus:
+    """The status line as sent by the node plugin; :class:`NodeStatusError` naming the field."""
+    if not isinstance(data, dict):
+        raise NodeStatusError(f"node status: expected a JSON object, got {type(data).__name__}")
+    volume_id = _field(data, "volume_id", str, "volume")
+    raw_models = _field(data, "models", list, "volume")
+    models = []
+    for i, m in enumerate(raw_models):
+        if not isinstance(m, dict):
+            raise NodeStatusError(f"node status: models[{i}] is not an object")
+        name = _field(m, "name", str, f"models[{i}]")
+        where = f"model {name!r}"
+        state = _field(m, "state", str, where)
+        if state not in STATES:
+            raise NodeStatusError(f"node status: {where}: unknown state {state!r}")
+        files = []
+        for j, f in enumerate(_field(m, "files", list, where)):
+            if not isinstance(f, dict):
+                raise NodeStatusError(f"node status: {where}: files[{j}] is not an object")
+            fwhere = f"{where} files[{j}]"
+            files.append(
+                FileStatus(
+                    _field(f, "path", str, fwhere),
+                    _field(f, "size", int, fwhere),
+                    _field(f, "complete", bool, fwhere),
+                )
+            )
+        models.append(
+            ModelStatus(
+                name=name,
+                uri=_field(m, "uri", str, where),
+                cache_key=_field(m, "cache_key", str, where),
+                state=state,
+                error=_optional_str(m, "error", where),
+                bytes_done=int(m.get("bytes_done") or 0),
+                bytes_total=int(m.get("bytes_total") or 0),
+                rate=float(m.get("rate") or 0.0),
+                revision=_optional_str(m, "revision", where),
+                commit=_optional_str(m, "commit", where),
+                files=tuple(files),
+            )
+        )
+    return VolumeStatus(
+        volume_id, tuple(models), time.monotonic() if received is None else received
+    )
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A path short enough for ``sockaddr_un`` (a kubelet volume path can be longer)."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dfd}/{path.name}"
+    finally:
+        os.close(dfd)
+
+
+def connect(socket_path: str | Path, timeout: float) -> tuple[int, VolumeStatus]:
+    """One connection: ``(FUSE descriptor, status)``; the caller owns the descriptor.
+
+    Raises :class:`NodeUnreachableError` when nothing listens (no retry here) and
+    :class:`NodeStatusError` for anything else that is wrong.
+    """
+    path = Path(socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    try:
+        sock.settimeout(max(0.1, timeout))
+        try:
+            with _short_path(path) as short:
+                sock.connect(short)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise NodeUnreachableError(
+                f"nothing listens on {path} ({exc.strerror}); is the csi.modelcache.io "
+                "volume of kind fuse published for this pod?"
+            ) from None
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 4)
+        buf = bytearray(msg)
+        while msg and b"\n" not in msg:
+            if len(buf) > STATUS_LINE_MAX:
+                raise NodeStatusError(f"{path}: status line longer than {STATUS_LINE_MAX} bytes")
+            msg = sock.recv(1 << 20)
+            buf += msg
+        received = time.monotonic()
+    except NodeStatusError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise NodeStatusError(f"reading the node status from {path}: {exc}") from None
+    finally:
+        sock.close()
+    if len(fds) != 1 or not is_fuse_device(fds[0]):
+        for fd in fds:
+            os.close(fd)
+        raise NodeStatusError(f"{path}: expected one /dev/fuse descriptor, got {len(fds)} other")
+    line = bytes(buf).split(b"\n", 1)[0]
+    try:
+        return fds[0], parse_status(json.loads(line.decode()), received)
+    except (ValueError, NodeStatusError) as exc:
+        os.close(fds[0])
+        if isinstance(exc, NodeStatusError):
+            raise
+        raise NodeStatusError(f"{path}: malformed status line {line[:80]!r}") from None
+
+
+def read_status(socket_path: str | Path, timeout: float) -> VolumeStatus:
+    """The status alone (the descriptor that comes with it is closed at once)."""
+    fd, status = connect(socket_path, timeout)
+    os.close(fd)
+    return status
+
+
+def wait_reachable(
+    socket_path: str | Path,
+    deadline: float,
+    *,
+    on_wait: Callable[[str], None] | None = None,
+    keep_fd: bool = False,
+) -> tuple[int, VolumeStatus]:
+    """Connect, retrying while nothing listens until ``deadline`` (``time.monotonic()``);
+    ``on_wait`` hears the reason once. Returns ``(fd, status)``; ``fd`` is -1 unless
+    ``keep_fd``."""
+    told = False
+    while True:
+        try:
+            fd, status = connect(socket_path, max(0.1, min(10.0, deadline - time.monotonic())))
+        except NodeUnreachableError as exc:
+            if time.monotonic() + WARMUP_POLL > deadline:
+                raise
+            if not told and on_wait is not None:
+                on_wait(f"waiting for the node plugin: {exc}")
+                told = True
+            time.sleep(WARMUP_POLL)  # polling a socket that appears later, bounded by deadline
+            continue
+        if keep_fd:
+            return fd, status
+        os.close(fd)
+        return -1, status
+
+
+def mismatches(status: VolumeStatus, wanted: Sequence[tuple[str, str]]) -> list[str]:
+    """What differs between the ``(name, uri)`` pairs this pod was given and the node's
+    status (one line each; empty when they agree)."""
+    problems = []
+    have = {m.name: m.uri for m in status.models}
+    for name, uri in wanted:
+        if name not in have:
+            problems.append(
+                f"model {name!r} ({uri}) is not in the node plugin's volume "
+                f"{status.volume_id} (it has: {', '.join(sorted(have)) or 'no model'})"
+            )
+        elif have[name] != uri:
+            problems.append(
+                f"model {name!r}: this pod says {uri}, the node plugin's volume says {have[name]}"
+            )
+    given = {n for n, _ in wanted}
+    problems += [
+        f"model {n!r} ({have[n]}) is in the node plugin's volume but not given here"
+        for n in sorted(set(have) - given)
+    ]
+    return problems
+
+
+class RateMeter:
+    """Bytes per second from successive statuses, when the node gives no rate."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None
+
+    def rate(self, status: VolumeStatus) -> float:
+        node_rate = sum(m.rate for m in status.models if m.state == "fetching")
+        if node_rate > 0:
+            return node_rate
+        if self.first is None:
+            self.first = (status.received, status.bytes_done)
+            return 0.0
+        t0, b0 = self.first
+        dt = status.received - t0
+        return (status.bytes_done - b0) / dt if dt > 0 else 0.0
+
+
+def progress_line(status: VolumeStatus, rate: float) -> str:
+    """``12.0 MiB / 40.0 MiB (30%), files 3/8, 5.2 MB/s, ETA 5s`` plus what still waits."""
+    done, total = status.bytes_done, status.bytes_total
+    files = [f for m in status.models for f in m.files]
+    pct = 100.0 * done / total if total else 0.0
+    head = (
+        f"{human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%), "
+        f"files {sum(f.complete for f in files)}/{len(files)}"
+    )
+    left = max(0, total - done)
+    if rate > 0:
+        eta = human_duration(left / rate) if left else "0s"
+        head += f", {rate / 1e6:.1f} MB/s, ETA {eta}"
+    else:
+        head += ", waiting for the first bytes" if not done else ", no bytes since the last look"
+    waiting = [f"{m.name} {m.state}" for m in status.models if not m.complete]
+    return f"{head} ({', '.join(waiting)})" if waiting else head
+
+
+class StatusTracker:
+    """The latest status, refreshed at most every ``interval`` seconds however many threads
+    wait on it (FUSE workers blocked in ``open``)."""
+
+    def __init__(
+        self, socket_path: str | Path, first: VolumeStatus, interval: float = FILE_POLL
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.status = first
+        self.interval = interval
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def refresh(self) -> VolumeStatus:
+        """A status at most ``interval`` old (one poll for every thread that asks)."""
+        with self._lock:
+            if time.monotonic() - self.status.received >= self.interval:
+                self.status = read_status(self.socket_path, 10.0)
+            return self.status
+
+    def wait_model_listed(self, name: str, timeout: float) -> ModelStatus:
+        """The model's status once it is no longer ``pending`` (its files are known)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            model = self.status.model(name)
+            if model is None or model.state != "pending":
+                assert model is not None, name
+                return model
+            if time.monotonic() >= deadline:
+                raise NodeStatusError(
+                    f"model {name!r}: the node plugin has not listed it after {timeout:g}s"
+                )
+            self.stopping.wait(self.interval)
+            self._refresh_or_keep()
+
+    def _refresh_or_keep(self) -> None:
+        # a restarting plugin: the next poll tries again (every caller is bounded)
+        with contextlib.suppress(NodeStatusError):
+            self.refresh()
+
+    def wait_file(self, name: str, path: str, timeout: float) -> None:
+        """Return once ``path`` of model ``name`` is complete on the node; ``OSError`` with
+        ``EIO`` if the node's fetch failed, ``ETIMEDOUT`` after ``timeout`` seconds,
+        ``ESHUTDOWN`` when stopping."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.stopping.is_set():
+                raise OSError(errno.ESHUTDOWN, "the mount is shutting down")
+            model = self.status.model(name)
+            entry = model.file(path) if model is not None else None
+            if entry is not None and entry.complete:
+                return
+            if model is not None and model.failed:
+                raise OSError(errno.EIO, f"model {name}: the node's fetch failed: {model.error}")
+            if model is not None and model.state == "complete":
+                # complete, and this path is not among its files: nothing will ever come
+                raise OSError(errno.EIO, f"model {name}: {path} is not among its files")
+            if time.monotonic() >= deadline:
+                raise OSError(errno.ETIMEDOUT, f"{name}/{path} not complete after {timeout:g}s")
+            self.stopping.wait(min(self.interval, max(0.0, deadline - time.monotonic())))
+            self._refresh_or_keep()
