@@ -617,6 +617,32 @@ def _node_failure_lines(status: nodeclient.VolumeStatus, timed_out: float | None
     return lines
 
 
+def node_verdict(
+    status: nodeclient.VolumeStatus, *, first_look: bool, elapsed: float
+) -> tuple[bool, list[str]] | None:
+    """``(failed, final lines)`` once the node's status decides the warm-up, None while it
+    has to wait (pure). Every model complete: done, a ``cache hit`` when it was so at the
+    first look; any model failed: one ``warmup failed:`` line for each, then a summary."""
+    if all(m.complete for m in status.models):
+        files = sum(len(m.files) for m in status.models)
+        total = sum(m.bytes_total or sum(f.size for f in m.files) for m in status.models)
+        what = f"{len(status.models)} model(s), {files} file(s), {human_bytes(total)}"
+        if first_look:
+            line = f"warmup complete: cache hit: {what} already in the node cache"
+        else:
+            line = f"warmup complete: {what} in the node cache"
+        return False, [f"{line} (in {elapsed:.2f}s)"]
+    failed = _node_failure_lines(status, None)
+    if not failed:
+        return None
+    summary = (
+        f"warmup stopped: {len(failed)} of {len(status.models)} model(s) could not be "
+        f"fetched by the node; {human_bytes(status.bytes_done)} of "
+        f"{human_bytes(status.bytes_total)} in the node cache"
+    )
+    return True, [*failed, summary]
+
+
 def _finish_node(args: argparse.Namespace, lines: list[str], *, failed: bool) -> int:
     """Termination message (failures first), stderr, exit code for node mode."""
     if failed and args.on_failure == "continue":
@@ -677,24 +703,10 @@ def run_node(args: argparse.Namespace) -> int:
     last_line = 0.0
     while True:
         rate = meter.rate(status)
-        if all(m.complete for m in status.models):
-            files = sum(len(m.files) for m in status.models)
-            total = sum(m.bytes_total or sum(f.size for f in m.files) for m in status.models)
-            took = time.monotonic() - started
-            what = f"{len(status.models)} model(s), {files} file(s), {human_bytes(total)}"
-            if first_look:
-                line = f"warmup complete: cache hit: {what} already in the node cache"
-            else:
-                line = f"warmup complete: {what} in the node cache"
-            return _finish_node(args, [f"{line} (in {took:.2f}s)"], failed=False)
-        failed = _node_failure_lines(status, None)
-        if failed:
-            summary = (
-                f"warmup stopped: {len(failed)} of {len(status.models)} model(s) could not be "
-                f"fetched by the node; {human_bytes(status.bytes_done)} of "
-                f"{human_bytes(status.bytes_total)} in the node cache"
-            )
-            return _finish_node(args, [*failed, summary], failed=True)
+        verdict = node_verdict(status, first_look=first_look, elapsed=time.monotonic() - started)
+        if verdict is not None:
+            failed, lines = verdict
+            return _finish_node(args, lines, failed=failed)
         now = time.monotonic()
         if first_look or now - last_line >= PROGRESS_INTERVAL:
             log.info("warmup: %s", nodeclient.progress_line(status, rate))

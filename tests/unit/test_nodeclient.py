@@ -259,3 +259,37 @@ def test_wait_file_ends_with_eshutdown_when_stopping(node: NodeStandIn) -> None:
     with pytest.raises(OSError) as err:
         tracker.wait_file("llm", "model.safetensors", timeout=30)
     assert err.value.errno == errno.ESHUTDOWN
+
+
+# ---- the warm-up's verdict on a status --------------------------------------------------------
+
+
+def test_the_warmup_verdict_waits_succeeds_or_names_each_failure() -> None:
+    from sidecar.warmup import node_verdict
+
+    files = [{"path": "config.json", "size": 1 << 20, "complete": True}]
+    done = model(state="complete", bytes_done=1 << 20, bytes_total=1 << 20, files=files)
+    assert node_verdict(parse_status(volume(model())), first_look=True, elapsed=0.1) is None
+    hit = node_verdict(parse_status(volume(done)), first_look=True, elapsed=0.05)
+    assert hit == (
+        False,
+        [
+            "warmup complete: cache hit: 1 model(s), 1 file(s), 1.0 MiB already in the node "
+            "cache (in 0.05s)"
+        ],
+    )
+    waited = node_verdict(parse_status(volume(done)), first_look=False, elapsed=3)
+    assert waited is not None and waited[1][0].startswith("warmup complete: 1 model(s)")
+    failed = node_verdict(
+        parse_status(volume(done, model("lora", state="failed", error="HTTP 403: forbidden"))),
+        first_look=False,
+        elapsed=1,
+    )
+    assert failed == (
+        True,
+        [
+            "warmup failed: model 'lora' (hf://acme/lora@main): HTTP 403: forbidden",
+            "warmup stopped: 1 of 2 model(s) could not be fetched by the node; 2.0 MiB of "
+            "5.0 MiB in the node cache",
+        ],
+    )
