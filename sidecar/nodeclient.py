@@ -14,29 +14,26 @@ So the status is polled by connecting again (about once a second for the warm-up
 second while an app waits on a file); a poller that wants only the status closes the
 descriptor at once. :class:`StatusTracker` shares one poll among every thread that waits.
 
-Standard library (plus :mod:`sidecar.node.handover`, itself standard library only, and the
-pure :mod:`sidecar.progress` formatting).
+Standard library, plus :mod:`sidecar.node.handover` (standard library only: the plugin's
+side of the same socket, whose :func:`~sidecar.node.handover.receive_handover` reads a status
+line of up to 16 MiB) and the formatting of :mod:`sidecar.progress`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from sidecar.node.handover import is_fuse_device
+from sidecar.node import handover
 from sidecar.progress import human_bytes, human_duration
 
-#: The status line may be large (a model of many thousand files): at most this many bytes.
-STATUS_LINE_MAX: Final = 16 << 20
 #: Seconds between status polls of a waiting warm-up.
 WARMUP_POLL: Final = 1.0
 #: Seconds between status polls while an app waits on a file that is not complete yet.
@@ -170,68 +167,27 @@ def parse_status(data: Any, received: float | None = None) -> VolumeStatus:
     )
 
 
-@contextlib.contextmanager
-def _short_path(path: Path) -> Iterator[str]:
-    """A path short enough for ``sockaddr_un`` (a kubelet volume path can be longer)."""
-    if len(os.fsencode(path)) < 100:
-        yield str(path)
-        return
-    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{dfd}/{path.name}"
-    finally:
-        os.close(dfd)
-
-
 def connect(socket_path: str | Path, timeout: float) -> tuple[int, VolumeStatus]:
-    """One connection: ``(FUSE descriptor, status)``; the caller owns the descriptor.
+    """``(FUSE descriptor, status)`` from the node plugin; the caller owns the descriptor.
 
-    Raises :class:`NodeUnreachableError` when nothing listens (no retry here) and
-    :class:`NodeStatusError` for anything else that is wrong.
+    Retries the connection for up to ``timeout`` seconds while nothing listens
+    (:func:`sidecar.node.handover.receive_handover`); then :class:`NodeUnreachableError` if
+    the socket is not there at all, :class:`NodeStatusError` for anything else.
     """
-    path = Path(socket_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    fds: list[int] = []
     try:
-        sock.settimeout(max(0.1, timeout))
-        try:
-            with _short_path(path) as short:
-                sock.connect(short)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
+        fd, info = handover.receive_handover(socket_path, timeout)
+    except handover.HandoverError as exc:
+        if not os.path.exists(socket_path):
             raise NodeUnreachableError(
-                f"nothing listens on {path} ({exc.strerror}); is the csi.modelcache.io "
-                "volume of kind fuse published for this pod?"
+                f"nothing listens on {socket_path}: is the csi.modelcache.io volume of kind "
+                "fuse published for this pod?"
             ) from None
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 4)
-        buf = bytearray(msg)
-        while msg and b"\n" not in msg:
-            if len(buf) > STATUS_LINE_MAX:
-                raise NodeStatusError(f"{path}: status line longer than {STATUS_LINE_MAX} bytes")
-            msg = sock.recv(1 << 20)
-            buf += msg
-        received = time.monotonic()
-    except NodeStatusError:
-        for fd in fds:
-            os.close(fd)
-        raise
-    except OSError as exc:
-        for fd in fds:
-            os.close(fd)
-        raise NodeStatusError(f"reading the node status from {path}: {exc}") from None
-    finally:
-        sock.close()
-    if len(fds) != 1 or not is_fuse_device(fds[0]):
-        for fd in fds:
-            os.close(fd)
-        raise NodeStatusError(f"{path}: expected one /dev/fuse descriptor, got {len(fds)} other")
-    line = bytes(buf).split(b"\n", 1)[0]
+        raise NodeStatusError(str(exc)) from None
     try:
-        return fds[0], parse_status(json.loads(line.decode()), received)
-    except (ValueError, NodeStatusError) as exc:
-        os.close(fds[0])
-        if isinstance(exc, NodeStatusError):
-            raise
-        raise NodeStatusError(f"{path}: malformed status line {line[:80]!r}") from None
+        return fd, parse_status(info)
+    except NodeStatusError:
+        os.close(fd)
+        raise
 
 
 def read_status(socket_path: str | Path, timeout: float) -> VolumeStatus:
@@ -249,24 +205,19 @@ def wait_reachable(
     keep_fd: bool = False,
 ) -> tuple[int, VolumeStatus]:
     """Connect, retrying while nothing listens until ``deadline`` (``time.monotonic()``);
-    ``on_wait`` hears the reason once. Returns ``(fd, status)``; ``fd`` is -1 unless
-    ``keep_fd``."""
-    told = False
-    while True:
-        try:
-            fd, status = connect(socket_path, max(0.1, min(10.0, deadline - time.monotonic())))
-        except NodeUnreachableError as exc:
-            if time.monotonic() + WARMUP_POLL > deadline:
-                raise
-            if not told and on_wait is not None:
-                on_wait(f"waiting for the node plugin: {exc}")
-                told = True
-            time.sleep(WARMUP_POLL)  # polling a socket that appears later, bounded by deadline
-            continue
-        if keep_fd:
-            return fd, status
-        os.close(fd)
-        return -1, status
+    ``on_wait`` hears what it waits for when the socket is not there yet. Returns
+    ``(fd, status)``; ``fd`` is -1 unless ``keep_fd``."""
+    if on_wait is not None and not os.path.exists(socket_path):
+        on_wait(
+            f"waiting for the node plugin: nothing listens on {socket_path} yet (the "
+            "csi.modelcache.io volume of kind fuse is published before the pod's containers "
+            "start)"
+        )
+    fd, status = connect(socket_path, max(0.1, deadline - time.monotonic()))
+    if keep_fd:
+        return fd, status
+    os.close(fd)
+    return -1, status
 
 
 def mismatches(status: VolumeStatus, wanted: Sequence[tuple[str, str]]) -> list[str]:

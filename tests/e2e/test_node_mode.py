@@ -406,9 +406,10 @@ def test_no_socket_at_all_and_models_that_differ_are_clear_errors(
     nodes.append(node)
     done = run(warmup(node, m, extra=("--timeout", "1.5")))
     assert done.returncode == 1
-    assert "warmup failed: no answer from the node plugin within 1.5s: nothing listens on" in (
-        done.stderr
-    )
+    assert (
+        f"warmup failed: no answer from the node plugin within 1.5s: nothing listens on "
+        f"{node.socket}: is the csi.modelcache.io volume of kind fuse published for this pod?"
+    ) in done.stderr
     node.start()
     other = Model("llm", "hf://acme/other-llama", {})
     done = run(warmup(node, other, extra=("--timeout", "10")))
@@ -651,3 +652,92 @@ def test_a_model_the_node_could_not_fetch_is_left_out_with_on_failure_continue(
     assert "mount: model lora (hf://acme/missing@main): the node plugin could not fetch it" in (
         done.stderr
     )
+
+
+# ---- against the real node plugin -------------------------------------------------------------
+
+
+def test_warmup_and_sidecar_against_the_real_node_plugin(root: Path) -> None:
+    """``python -m sidecar csi`` driven over gRPC as the kubelet does (tests/e2e/
+    test_csi_plugin.py's Plugin): a cold model behind a slow server, both volumes published
+    at once; the warm-up waits for the fetch, the sidecar serves the plugin's mount."""
+    from tests.e2e.test_csi_plugin import Plugin, Pod
+    from tests.fixtures.modelgen import generate_model, sha256_file
+    from tests.fixtures.servers import fault_server
+
+    web_root = root / "web"
+    info = generate_model(web_root / "small", total_bytes=2 << 20, shards=2, seed=21)
+    plugin_root = root / "plugin"
+    plugin_root.mkdir(mode=0o755)
+    with fault_server(web_root) as web:
+        url = f"{web}small/"
+        model = Model("llm", url, {})
+        plugin = Plugin(plugin_root, env={})
+        try:
+            pod = Pod.new("llm-0")
+            attrs = {"models": f"llm={url}"}
+            web.faults.delay = 0.2  # every 256 KiB waits: the fetch takes seconds
+            view = plugin.request(pod, "modelcache-models", {**attrs, "kind": "view"})
+            plugin.publish_once(view)  # at once: the fetch runs behind it
+            sock = plugin.make_socket_volume(pod) / "socket"
+            fuse = plugin.request(pod, "modelcache-fuse", {**attrs, "kind": "fuse"})
+            plugin.publish_once(fuse)
+
+            warm_cmd = [sys.executable, "-m", "sidecar", "warmup", "--node-socket", str(sock)]
+            warm_cmd += ["--model", model.arg, "--timeout", "120"]
+            warm = run(as_nobody(warm_cmd), timeout=180)
+            web.faults.delay = 0.0
+            assert warm.returncode == 0, warm.stderr + plugin.log()
+            progress = [ln for ln in warm.stderr.splitlines() if "warmup: " in ln]
+            assert progress and "%), files " in progress[0], warm.stderr
+            assert "warmup complete: 1 model(s), " in warm.stderr
+            assert "cache hit" not in warm.stderr
+
+            cmd = [sys.executable, "-m", "sidecar", "mount", "--node-socket", str(sock)]
+            cmd += ["--mountpoint", fuse.target_path, "--link-root", view.target_path]
+            cmd += ["--model", model.arg]
+            ns = ["nsenter", f"--target={plugin.proc.pid}", "--mount", "--"]
+            log_path = root / "sidecar.log"
+            with open(log_path, "wb") as log:
+                sidecar = subprocess.Popen(
+                    ns + as_nobody(cmd), env=ENV, cwd=REPO, stdout=log, stderr=log
+                )
+            try:
+                probe_cmd = [sys.executable, "-m", "sidecar", "probe"]
+                probe_cmd += ["--mountpoint", fuse.target_path, "--model", "llm", "--wait", "60"]
+                ready = plugin.run_in_ns(probe_cmd, nobody=True, timeout=120)
+                assert ready.returncode == 0, ready.stderr + log_path.read_text()
+                # the app reads every file through the plugin's mount, linked into the view
+                look = plugin.py_in_ns(
+                    "import hashlib, json, os, sys\n"
+                    "r = sys.argv[1]\n"
+                    "out = {}\n"
+                    "for d, _, names in os.walk(r):\n"
+                    "    for n in names:\n"
+                    "        p = os.path.join(d, n)\n"
+                    "        out[os.path.relpath(p, r)] = [os.readlink(p), "
+                    "hashlib.sha256(open(p, 'rb').read()).hexdigest()]\n"
+                    "print(json.dumps(out))",
+                    f"{fuse.target_path}/llm",
+                    nobody=True,
+                )
+                want = {
+                    p.relative_to(info.root).as_posix(): sha256_file(p)
+                    for p in info.root.rglob("*")
+                    if p.is_file() and not p.name.startswith(".")
+                }
+                assert json.loads(look) == {
+                    rel: [f"{view.target_path}/{model.key}/{rel}", digest]
+                    for rel, digest in want.items()
+                }
+                plugin.unpublish(fuse)  # the kernel ends the connection: a clean exit
+                assert sidecar.wait(timeout=60) == 0, log_path.read_text()
+            finally:
+                if sidecar.poll() is None:
+                    sidecar.kill()
+                    sidecar.wait(timeout=30)
+            assert "the node plugin ended the FUSE connection" in log_path.read_text()
+            plugin.unpublish(view)
+        finally:
+            web.faults.delay = 0.0
+            plugin.stop()

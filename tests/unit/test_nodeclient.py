@@ -190,16 +190,18 @@ def test_read_status_closes_the_descriptor(node: NodeStandIn) -> None:
 
 def test_what_is_not_a_fuse_descriptor_or_not_json_is_refused(node: NodeStandIn) -> None:
     node.fd_factory = lambda: os.open("/dev/null", os.O_RDONLY)
-    with pytest.raises(NodeStatusError, match="expected one /dev/fuse descriptor"):
+    with pytest.raises(NodeStatusError, match="the descriptor received is not /dev/fuse"):
         nodeclient.connect(node.path, timeout=10)
     node.fd_factory = lambda: os.open("/dev/fuse", os.O_RDWR)
     node.status = b"{not json\n"
-    with pytest.raises(NodeStatusError, match="malformed status line"):
+    with pytest.raises(NodeStatusError, match="malformed volume description"):
         nodeclient.connect(node.path, timeout=10)
 
 
 def test_nothing_listening_is_unreachable_and_waiting_is_bounded(tmp_path: Path) -> None:
-    with pytest.raises(NodeUnreachableError, match="nothing listens on"):
+    with pytest.raises(
+        NodeUnreachableError, match=r"nothing listens on .*: is the csi\.modelcache\.io volume"
+    ):
         nodeclient.connect(tmp_path / "socket", timeout=1)
     heard: list[str] = []
     started = time.monotonic()
