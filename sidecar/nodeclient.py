@@ -120,6 +120,14 @@ def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
+def _number(obj: dict[str, Any], key: str, where: str) -> float:
+    """A count or rate; 0 when the plugin leaves it out."""
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise NodeStatusError(f"node status: {where}: {key!r} is {value!r}, not a number >= 0")
+    return float(value)
+
+
 def parse_status(data: Any, received: float | None = None) -> VolumeStatus:
     """The status line as sent by the node plugin; :class:`NodeStatusError` naming the field."""
     if not isinstance(data, dict):
@@ -154,9 +162,9 @@ def parse_status(data: Any, received: float | None = None) -> VolumeStatus:
                 cache_key=_field(m, "cache_key", str, where),
                 state=state,
                 error=_optional_str(m, "error", where),
-                bytes_done=int(m.get("bytes_done") or 0),
-                bytes_total=int(m.get("bytes_total") or 0),
-                rate=float(m.get("rate") or 0.0),
+                bytes_done=int(_number(m, "bytes_done", where)),
+                bytes_total=int(_number(m, "bytes_total", where)),
+                rate=_number(m, "rate", where),
                 revision=_optional_str(m, "revision", where),
                 commit=_optional_str(m, "commit", where),
                 files=tuple(files),

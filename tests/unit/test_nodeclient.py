@@ -76,6 +76,8 @@ def test_a_status_parses_into_models_and_files() -> None:
         (lambda v: v["models"][0]["files"][0].update(complete=1), "files[0]: 'complete' is 1"),
         (lambda v: v["models"][0].update(commit=5), "model 'llm': 'commit' is 5"),
         (lambda v: v["models"].append("x"), "models[1] is not an object"),
+        (lambda v: v["models"][0].update(bytes_done="1"), "'bytes_done' is '1', not a number"),
+        (lambda v: v["models"][0].update(rate=-1.0), "'rate' is -1.0, not a number >= 0"),
     ],
 )
 def test_a_malformed_status_names_the_field(
