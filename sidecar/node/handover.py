@@ -12,8 +12,12 @@ serves FUSE on ``/dev/fd/N``: libfuse takes that mountpoint to mean "already mou
 is the connection". Reaching the socket takes access to that pod's volume, which only the
 pod's own containers (and root on the node) have.
 
-The plugin keeps listening until the volume is unpublished, so a sidecar that restarts
-connects again and goes on serving the same mount (requests wait in the kernel meanwhile).
+The plugin keeps listening until the volume is unpublished: the warm-up polls the status
+by connecting again. A sidecar that restarts gets the descriptor again but cannot serve the
+mount again: the kernel sends FUSE ``INIT`` once per connection and libfuse answers nothing
+before it has seen one, so the pod's FUSE view fails with ``EIO`` until the pod is recreated
+(the complete files it reads through the view's symlinks are not affected in block mode,
+where the app reads the CSI view directly once the links are resolved).
 
 Unix socket paths are limited to 107 bytes and a kubelet volume path can be longer, so both
 sides open the socket's directory and use ``/proc/self/fd/<dirfd>/<name>``.
