@@ -23,9 +23,9 @@ CASES = load_cases()
 CONFIG = Config()
 
 
-def inject(text: str) -> tuple[int, str, str]:
+def inject(text: str, config: Config = CONFIG) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    rc = run_inject(io.StringIO(text), out, err, CONFIG)
+    rc = run_inject(io.StringIO(text), out, err, config)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -43,7 +43,7 @@ def test_enough_cases() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_golden(case: GoldenCase) -> None:
-    rc, out, err = inject(case.input)
+    rc, out, err = inject(case.input, case.config)
     if UPDATE:
         _write(case.name, ".yaml.injected", out if rc == 0 else "")
         _write(case.name, ".warnings", err if rc == 0 else "")
@@ -74,7 +74,7 @@ def test_golden_output_valid_and_idempotent(case: GoldenCase) -> None:
             validate_pod_strict(item)
     for pod in _pods(docs):
         assert api_server_violations(pod) == []
-    rc, again, _ = inject(case.expected)
+    rc, again, _ = inject(case.expected, case.config)
     assert rc == 0
     assert again == case.expected
 
@@ -86,7 +86,8 @@ def test_no_unused_golden_files() -> None:
     unused = sorted(
         p.name
         for p in golden_files()
-        if p.name.split(".yaml")[0].split(".warnings")[0].split(".denied")[0] not in inputs
+        if p.name.split(".yaml")[0].split(".warnings")[0].split(".denied")[0].split(".config")[0]
+        not in inputs
     )
     assert unused == []
     # every case has exactly one outcome file
