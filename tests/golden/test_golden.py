@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.fixtures.podcheck import api_server_violations, validate_pod_strict
+from tests.fixtures.podsecurity import added_violations
 from tests.golden.cases import CASES_DIR, GoldenCase, golden_files, load_cases
 from webhook.config import Config
 from webhook.inject import run_inject
@@ -74,6 +75,14 @@ def test_golden_output_valid_and_idempotent(case: GoldenCase) -> None:
             validate_pod_strict(item)
     for pod in _pods(docs):
         assert api_server_violations(pod) == []
+    if case.config.node_cache == "csi":
+        # what the webhook adds meets PodSecurity restricted, and a pod that met restricted
+        # (or baseline) before still does (hostPath cases: the legacy shape is privileged)
+        before = _pods([d for d in yaml.safe_load_all(case.input) if d is not None])
+        after = _pods(docs)
+        assert len(before) == len(after)
+        for old, new in zip(before, after, strict=True):
+            assert [str(v) for v in added_violations(old, new)] == []
     rc, again, _ = inject(case.expected, case.config)
     assert rc == 0
     assert again == case.expected
