@@ -10,7 +10,7 @@ hostPath`` for the legacy pod shape. Regenerate with ``MODELCACHE_UPDATE_GOLDEN=
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from webhook.config import Config, load_config
@@ -30,7 +30,7 @@ class GoldenCase:
     #: expected stderr of a denial; None when the case is admitted
     denied: str | None
     #: the cluster config of this case (``<name>.config``, else the defaults)
-    config: Config = Config()
+    config: Config = field(default_factory=Config)
 
     @property
     def path(self) -> Path:

@@ -89,7 +89,10 @@ def test_cli_denial_exits_1_and_prints_nothing(tmp_path: Path) -> None:
 
 def test_cli_with_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("sidecarImage: registry.local/sidecar:dev\ncacheHostPath: /data/cache\n")
+    cfg.write_text(
+        "sidecarImage: registry.local/sidecar:dev\nnodeCache: hostPath\n"
+        "cacheHostPath: /data/cache\n"
+    )
     result = inject_cli(ROOT / "examples" / "tgi.yaml", None, "--config", str(cfg))
     assert result.returncode == 0, result.stderr
     assert "registry.local/sidecar:dev" in result.stdout

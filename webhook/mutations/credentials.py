@@ -117,7 +117,7 @@ def plan_node_credentials(
             if isinstance(got, str):
                 return got
             if got is not None:
-                sources.append((got[0], var, got[1], f"{var} (secretKeyRef)"))
+                sources.append((got[0], var, got[1], var))
         decided = {
             scheme
             for scheme, names in SCHEME_CREDENTIAL_ENV.items()
@@ -139,19 +139,19 @@ def plan_node_credentials(
     secrets = list(dict.fromkeys(s[0] for s in sources))
     if len(secrets) > 1:
         named = "; ".join(
-            f"Secret {secret}: {', '.join(dict.fromkeys(s[3] for s in sources if s[0] == secret))}"
+            f"{secret}: {', '.join(dict.fromkeys(s[3] for s in sources if s[0] == secret))}"
             for secret in secrets
         )
         return (
             f"the app's credentials come from {len(secrets)} Secrets ({named}); the node cache "
-            "receives one Secret (nodePublishSecretRef): put them in one Secret"
+            "receives one Secret (nodePublishSecretRef)"
         )
     keys: dict[str, str] = {}
     for _secret, var, key, _how in sources:
         if var not in NODE_CREDENTIAL_ENV:
             return (
-                f"the app takes {var} from Secret {secrets[0]}, and the node cache cannot use "
-                f"{var} yet"
+                f"the app may take {var} from Secret {secrets[0]}, and the node cache cannot "
+                f"use {var} yet"
             )
         if keys.setdefault(var, key) != key:
             return (
