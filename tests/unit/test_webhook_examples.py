@@ -99,6 +99,23 @@ def test_cli_with_config_file(tmp_path: Path) -> None:
     assert "path: /data/cache" in result.stdout
 
 
+def test_cli_reads_the_config_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("nodeCache: hostPath\ncacheHostPath: /data/cache\n")
+    monkeypatch.setenv("MODELCACHE_CONFIG", str(cfg))
+    assert "path: /data/cache" in inject_cli(ROOT / "examples" / "tgi.yaml").stdout
+    # --config wins over the environment
+    other = tmp_path / "other.yaml"
+    other.write_text("{}\n")
+    result = inject_cli(ROOT / "examples" / "tgi.yaml", None, "--config", str(other))
+    assert "csi.modelcache.io" in result.stdout and "/data/cache" not in result.stdout
+    monkeypatch.setenv("MODELCACHE_CONFIG", str(tmp_path / "missing.yaml"))
+    result = inject_cli(ROOT / "examples" / "tgi.yaml")
+    assert result.returncode != 0 and "missing.yaml" in result.stderr
+
+
 def _values(container: dict) -> list[str]:
     out = [*container.get("command", []), *container.get("args", [])]
     out += [e.get("value", "") for e in container.get("env", [])]
