@@ -423,6 +423,36 @@ def test_the_names_the_webhook_sends_are_the_ones_the_plugin_takes() -> None:
         assert names  # every scheme with credentials lists them
 
 
+@pytest.mark.parametrize(
+    "p",
+    [
+        pod(vllm("s3://bkt/llama/", env=[secret_env("AWS_ACCESS_KEY_ID", "aws", "id")])),
+        pod(vllm(), warmup_include="*.json,*.safetensors", warmup="async"),
+        pod(vllm(), model="base=hf://org/m@v2,lora=hf://org/adapter"),
+    ],
+    ids=["s3-credential-keys", "include", "two-models"],
+)
+def test_the_plugin_parses_every_volume_the_webhook_emits(p: dict[str, Any]) -> None:
+    """Each csi volume, with what the kubelet adds, goes through the plugin's own parser."""
+    from sidecar.node.publish import EPHEMERAL_KEY, POD_UID_KEY, parse_volume_context
+
+    out, result = inject(p)
+    assert result.decision == "injected", result.reason
+    status = json.loads(out["metadata"]["annotations"]["modelcache.io/status"])
+    for name, kind in (("modelcache-models", "view"), ("modelcache-fuse", "fuse")):
+        attrs = volumes(out)[name]["csi"]["volumeAttributes"]
+        spec = parse_volume_context(
+            {**attrs, EPHEMERAL_KEY: "true", POD_UID_KEY: "0f0e0d0c-0b0a-4908-8706-050403020100"}
+        )
+        assert spec.kind == kind
+        assert [m.to_arg() for m in spec.models] == [
+            f"{m['name']}={m['uri']}" for m in status["models"]
+        ]
+        assert list(spec.include) == status["include"]
+        if "credentialKeys" in attrs:
+            assert ("AWS_ACCESS_KEY_ID", "id") in spec.credential_keys
+
+
 # --- config and inject ------------------------------------------------------------------------
 
 
