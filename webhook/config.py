@@ -188,7 +188,7 @@ class Config(_Model):
     @field_validator("fallback_credentials_secret")
     @classmethod
     def _secret_name(cls, value: str | None) -> str | None:
-        if value is not None and not _DNS_SUBDOMAIN.fullmatch(value):
+        if value is not None and (len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value)):
             raise ValueError(f"must be a Secret name (a DNS subdomain), got {value!r}")
         return value
 
