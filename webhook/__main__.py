@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -37,6 +38,8 @@ from webhook.logs import setup_logging
 log = logging.getLogger("webhook")
 
 DEFAULT_PORT = 8443
+#: where ``serve`` and ``inject`` read the config file from when ``--config`` is not given
+CONFIG_ENV = "MODELCACHE_CONFIG"
 # Seconds in-flight requests get to finish after SIGTERM; the API server's webhook timeout
 # (timeoutSeconds <= 5) bounds how long any of them can matter anyway.
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -91,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain) to serve")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    serve.add_argument("--config", metavar="FILE", help="config YAML (every setting has a default)")
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get(CONFIG_ENV) or None,
+        help=f"config YAML (every setting has a default; env {CONFIG_ENV})",
+    )
     serve.add_argument(
         "--dev",
         action="store_true",
@@ -135,7 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         "repeat -f or list several",
     )
     inject.add_argument(
-        "--config", metavar="FILE", help="config YAML (every setting has a default)"
+        "--config",
+        metavar="FILE",
+        default=os.environ.get(CONFIG_ENV) or None,
+        help=f"config YAML (every setting has a default; env {CONFIG_ENV})",
     )
     return parser
 

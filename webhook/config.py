@@ -7,6 +7,7 @@ camelCase in ConfigMaps while Python code reads snake_case attributes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ DEFAULT_CACHE_HOST_PATH = "/var/lib/modelcache"
 DEFAULT_MOUNT_PATH = "/models"
 DEFAULT_WARMUP_TIMEOUT = 1800
 WEBHOOK_NAMESPACE = "modelcache-system"
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class ConfigError(ValueError):
@@ -121,11 +123,25 @@ class Config(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     #: ``native`` needs Kubernetes >= 1.29 (init container with restartPolicy Always).
     sidecar_mode: Literal["native", "classic"] = "native"
+    #: How pods reach the node cache. ``csi``: through inline volumes of the CSI driver
+    #: ``csi.modelcache.io`` (everything injected meets PodSecurity ``restricted``; the node
+    #: agent checks each pod's access with the pod's own credentials). ``hostPath``: the
+    #: legacy shape (a privileged sidecar and a hostPath to the cache), which trusts every pod
+    #: of enabled namespaces with every model on the node.
+    node_cache: Literal["csi", "hostPath"] = "csi"
+    #: ``nodeCache: csi`` only: the Secret (in the pod's namespace) handed to the node side
+    #: as the pod's credentials when the app has none of its own. It must exist in every
+    #: enabled namespace: the kubelet holds a pod whose ``nodePublishSecretRef`` names a
+    #: missing Secret in ContainerCreating. None: pods without credentials send none.
+    fallback_credentials_secret: str | None = None
+    #: ``nodeCache: hostPath`` only: the node cache directory on the node.
     cache_host_path: str = DEFAULT_CACHE_HOST_PATH
     default_mount_path: str = DEFAULT_MOUNT_PATH
     warmup_timeout: int = Field(default=DEFAULT_WARMUP_TIMEOUT, ge=1, le=86400)
     warmup_resources: Resources = Field(default_factory=_warmup_resources)
     sidecar_resources: Resources = Field(default_factory=_sidecar_resources)
+    #: ``nodeCache: hostPath`` only: per-scheme Secrets our containers read credentials from
+    #: when the app has none (in ``csi`` mode see ``fallbackCredentialsSecret``).
     credentials: Credentials = Field(default_factory=Credentials)
     #: What the server answers when the mutation fails with an internal error.
     on_error: Literal["allow", "deny"] = "allow"
@@ -168,6 +184,13 @@ class Config(_Model):
         if not value.startswith("/") or value.rstrip("/") == "":
             raise ValueError(f"must be an absolute path other than '/', got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("fallback_credentials_secret")
+    @classmethod
+    def _secret_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value)):
+            raise ValueError(f"must be a Secret name (a DNS subdomain), got {value!r}")
+        return value
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

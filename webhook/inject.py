@@ -43,7 +43,8 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
     """Mutate every pod slot of every document; returns (docs, warnings, denial message)."""
     warnings: list[str] = []
     box = list(docs)
-    guarded = _pod_security_guarded(box)
+    # csi: everything injected meets PodSecurity restricted, so no namespace is skipped
+    guarded = _pod_security_guarded(box) if config.node_cache == "hostPath" else {}
     for i in range(len(box)):
         if not is_workload(box[i]):
             warnings.append(
@@ -59,8 +60,8 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
                 skipped, result = skip_pod(
                     slot.pod,
                     f"namespace {slot.namespace} enforces PodSecurity {guarded[slot.namespace]}, "
-                    "which the injected sidecar does not meet yet (the webhook configuration "
-                    "skips such namespaces)",
+                    "which the privileged sidecar of nodeCache hostPath does not meet (the "
+                    "webhook configuration skips such namespaces)",
                 )
                 warnings += [f"{slot.owner}: {w}" for w in result.warnings]
                 slot.replace(skipped)
@@ -78,8 +79,8 @@ def inject_documents(docs: list[Any], config: Config) -> tuple[list[Any], list[s
     return box, warnings, None
 
 
-#: PodSecurity levels the injected pod does not meet yet (the webhook configuration's
-#: namespaceSelector skips namespaces that enforce them).
+#: PodSecurity levels a pod injected with ``nodeCache: hostPath`` does not meet (that
+#: mode's webhook configuration skips namespaces that enforce them).
 _GUARDED_LEVELS = ("baseline", "restricted")
 
 

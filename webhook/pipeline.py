@@ -28,6 +28,7 @@ from webhook.frameworks import LLAMACPP, image_hub_default
 from webhook.mutations.affinity import add_affinity
 from webhook.mutations.containers import inject_containers, ours_problem, reserved_name_problem
 from webhook.mutations.context import (
+    RESERVED_PREFIX,
     Context,
     Delivery,
     ModelRef,
@@ -35,6 +36,7 @@ from webhook.mutations.context import (
     Pod,
     app_containers,
 )
+from webhook.mutations.credentials import plan_node_credentials
 from webhook.mutations.detect import (
     CREDENTIAL_ENV,
     HUB_CACHE_ENV,
@@ -440,6 +442,15 @@ def plan_pod(
     reserved = reserved_name_problem(spec, annotations, status)
     if reserved:
         return _deny_message(reserved, "reserved name")
+    if status is not None and status.node_cache != config.node_cache:
+        # never rebuild (or keep) the other shape: a hostPath-era sidecar is privileged
+        return _deny_message(
+            f"this pod was injected with nodeCache {status.node_cache} and the webhook runs "
+            f"with nodeCache {config.node_cache}; inject the original manifest again (without "
+            f"the {RESERVED_PREFIX}* containers and volumes and the modelcache.io annotations "
+            "it added)",
+            "node cache mode changed",
+        )
     facts = {str(c["name"]): read_container(c, labels) for c in app_containers(spec)}
     warnings: list[str] = []
     if options.models is not None:
@@ -546,7 +557,26 @@ def plan_pod(
                     warnings,
                 )
     usable_set = set(usable)
-    app_env, app_env_from = _credentials(spec, tuple(usable))
+    node_secret: str | None = None
+    credential_keys: tuple[tuple[str, str], ...] = ()
+    if config.node_cache == "csi":
+        pvc = next((m for m in models if m.source.scheme == "pvc"), None)
+        if pvc is not None:
+            return _skip(
+                f"model {pvc.name} ({pvc.source.uri}): pvc:// sources are not served through "
+                "the CSI driver yet (the cluster setting nodeCache: hostPath serves them)",
+                warnings,
+            )
+        creds = plan_node_credentials(
+            [containers[n] for n in usable], models, config.fallback_credentials_secret
+        )
+        if isinstance(creds, str):
+            return _skip(creds, warnings)
+        node_secret, credential_keys = creds.secret, creds.keys
+        app_env: tuple[dict[str, Any], ...] = ()
+        app_env_from: tuple[dict[str, Any], ...] = ()
+    else:
+        app_env, app_env_from = _credentials(spec, tuple(usable))
     aliases: list[tuple[str, str]] = []
     include = list(options.include)
     by_uri = {m.source.uri: m for m in models}
@@ -586,6 +616,8 @@ def plan_pod(
         qos=_qos_class(spec),
         gguf_aliases=tuple(aliases),
         facts=facts,
+        node_secret=node_secret,
+        credential_keys=credential_keys,
     )
     if status is not None:
         problem = ours_problem(spec, ctx)

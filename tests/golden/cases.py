@@ -2,17 +2,21 @@
 
 For each input ``<name>.yaml``: ``<name>.yaml.injected`` is the expected stdout of
 ``inject`` (absent when the input is denied), ``<name>.warnings`` its stderr (absent when
-empty), ``<name>.denied`` the stderr of a denial. Regenerate with
-``MODELCACHE_UPDATE_GOLDEN=1`` (``make golden``).
+empty), ``<name>.denied`` the stderr of a denial. A case runs with the default cluster
+config unless ``<name>.config`` (a config YAML file) gives its own, e.g. ``nodeCache:
+hostPath`` for the legacy pod shape. Regenerate with ``MODELCACHE_UPDATE_GOLDEN=1``
+(``make golden``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from webhook.config import Config, load_config
+
 CASES_DIR = Path(__file__).parent / "cases"
-SUFFIXES = (".yaml.injected", ".warnings", ".denied")
+SUFFIXES = (".yaml.injected", ".warnings", ".denied", ".config")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class GoldenCase:
     warnings: str
     #: expected stderr of a denial; None when the case is admitted
     denied: str | None
+    #: the cluster config of this case (``<name>.config``, else the defaults)
+    config: Config = field(default_factory=Config)
 
     @property
     def path(self) -> Path:
@@ -46,6 +52,9 @@ def load_cases() -> list[GoldenCase]:
                 expected=_read(CASES_DIR / f"{name}.yaml.injected") or "",
                 warnings=_read(CASES_DIR / f"{name}.warnings") or "",
                 denied=_read(CASES_DIR / f"{name}.denied"),
+                config=load_config(
+                    str(config) if (config := CASES_DIR / f"{name}.config").exists() else None
+                ),
             )
         )
     return cases

@@ -17,7 +17,8 @@ and every resulting pod must pass strict schema validation for Kubernetes 1.29 a
 the API-server rules of ``tests/fixtures/podcheck.py``; a second pass changes nothing; no
 offline switch appears; every flag the webhook adds is accepted by that image's framework
 version (``webhook.frameworks.flag_accepted``); ``--safetensors-load-strategy`` never appears;
-the warm-up and sidecar carry the app container's own credentials. The ``inject`` output is
+the node side gets the app container's own Secret (``nodePublishSecretRef``) and our containers
+no credentials; what the webhook adds meets PodSecurity ``restricted``. The ``inject`` output is
 kept as ``corpus/<case>.yaml.injected``; ``MODELCACHE_UPDATE_GOLDEN=1`` rewrites it, and only
 after every check of the case passed. A golden file without a case fails.
 """
@@ -45,6 +46,7 @@ import pytest
 import yaml
 
 from tests.fixtures.podcheck import api_server_violations, validate_pod_strict
+from tests.fixtures.podsecurity import added_violations
 from tests.fixtures.webhook_server import REPO, WebhookProcess, make_review, start_webhook_process
 from webhook.config import Config
 from webhook.inject import run_inject
@@ -437,49 +439,65 @@ def check_injected(
         assert any(re.search(regex, w) for w in warnings), f"no warning matching {regex!r}"
     check_credentials(before, after, status)
     check_init_order(after)
+    # PodSecurity: what the webhook adds meets restricted; the pod keeps the level it met
+    assert [str(v) for v in added_violations(before, after)] == []
 
 
 def warmup_globs(after: dict[str, Any], status: dict[str, Any]) -> list[str]:
-    """The file globs the warm-up is limited to (its ``--include`` arguments)."""
-    globs: list[str] = []
-    for c in _containers(after):
-        if c["name"] != "modelcache-warmup":
-            continue
-        argv = argv_tokens(c)
-        for i, token in enumerate(argv[:-1]):
-            if token == "--include":
-                globs += [g for g in argv[i + 1].split(",") if g]
-    if not any(c["name"] == "modelcache-warmup" for c in _containers(after)):
-        globs = [str(g) for g in status.get("include") or []]
-    return globs
+    """The file globs the node side fetches (the csi volumes' ``include`` attribute)."""
+    for v in (after.get("spec") or {}).get("volumes") or []:
+        if v.get("name") == "modelcache-models":
+            return [g for g in v["csi"]["volumeAttributes"].get("include", "").split(",") if g]
+    return []
+
+
+#: the credential variables each scheme's source reads (what the node side must receive)
+SCHEME_CREDENTIALS = {
+    "hf": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
+}
 
 
 def check_credentials(
     before: dict[str, Any], after: dict[str, Any], status: dict[str, Any]
 ) -> None:
-    """The warm-up and sidecar carry each app container's own credential entries."""
+    """Our containers carry no credentials; the node side receives the app's own Secret
+    through the csi volumes' ``nodePublishSecretRef`` (``credentialKeys`` naming the keys
+    that differ from the variables)."""
     ours = [
         c for c in _containers(after) if c["name"] in ("modelcache-warmup", "modelcache-sidecar")
     ]
     assert ours, "no modelcache-warmup or modelcache-sidecar container"
+    for c in ours:
+        assert "envFrom" not in c, f"{c['name']}: envFrom in our container"
+        names = [e["name"] for e in c.get("env") or []]
+        assert not [n for n in names if CREDENTIAL_ENV.match(n)], (
+            f"{c['name']}: credentials {names}"
+        )
+    volumes = {v["name"]: v for v in (after.get("spec") or {}).get("volumes") or []}
+    csi = [volumes[n]["csi"] for n in ("modelcache-models", "modelcache-fuse")]
+    secrets = {(v.get("nodePublishSecretRef") or {}).get("name") for v in csi}
+    keys = {v["volumeAttributes"].get("credentialKeys", "") for v in csi}
+    assert len(secrets) == 1 and len(keys) == 1, "the two csi volumes differ in credentials"
+    (secret,), (credential_keys,) = secrets, keys
+    wanted = {
+        var
+        for m in status["models"]
+        for var in SCHEME_CREDENTIALS.get(m["uri"].split("://", 1)[0], ())
+    }
     delivered = {d["container"] for d in status["delivery"]}
     for name in delivered:
         app = _container(before, name)
-        creds = {k: v for k, v in _env(app).items() if CREDENTIAL_ENV.match(k)}
-        refs = [e["secretRef"] for e in app.get("envFrom") or [] if "secretRef" in e]
-        for c in ours:
-            env = _env(c)
-            for key, entry in creds.items():
-                assert env.get(key) == entry, f"{c['name']}: {key} is not the app's ({entry})"
-            assert "envFrom" not in c, f"{c['name']}: envFrom copied whole"
-            from_secrets = {
-                (e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
-                for e in c.get("env") or []
-            }
-            for ref in refs:
-                assert ref["name"] in from_secrets, (
-                    f"{c['name']}: no credential from the app's envFrom Secret {ref['name']}"
-                )
+        for var, entry in _env(app).items():
+            ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+            if var not in wanted or not ref:
+                continue
+            assert secret == ref["name"], f"{var} comes from {ref['name']}, node gets {secret}"
+            if ref["key"] != var:
+                assert f"{var}={ref['key']}" in credential_keys.split(","), credential_keys
+        for src in app.get("envFrom") or []:
+            if "secretRef" in src and not (set(_env(app)) & wanted):
+                assert secret == src["secretRef"]["name"], f"envFrom Secret, node gets {secret}"
 
 
 def check_init_order(after: dict[str, Any]) -> None:
@@ -804,8 +822,19 @@ def _tamper_mount(pod: dict[str, Any]) -> None:
 
 
 def _tamper_credentials(pod: dict[str, Any]) -> None:
-    for c in pod["spec"]["initContainers"]:
-        c["env"] = [e for e in c.get("env") or [] if e["name"] != "HUGGING_FACE_HUB_TOKEN"]
+    for v in pod["spec"]["volumes"]:
+        if v["name"] == "modelcache-fuse":
+            v["csi"].pop("nodePublishSecretRef", None)
+
+
+def _tamper_credential_env(pod: dict[str, Any]) -> None:
+    pod["spec"]["initContainers"][0].setdefault("env", []).append(
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}
+    )
+
+
+def _tamper_privileged(pod: dict[str, Any]) -> None:
+    pod["spec"]["initContainers"][-1]["securityContext"] = {"privileged": True}
 
 
 def _tamper_status_models(pod: dict[str, Any]) -> None:
@@ -822,6 +851,8 @@ def _tamper_status_models(pod: dict[str, Any]) -> None:
         _tamper_flag,
         _tamper_mount,
         _tamper_credentials,
+        _tamper_credential_env,
+        _tamper_privileged,
         _tamper_status_models,
     ],
 )

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.fixtures.podcheck import assert_pod_ok
-from tests.fixtures.webhook_server import make_review
+from tests.fixtures.webhook_server import make_app, make_review, ready_client
 from tests.golden.cases import GoldenCase, load_cases
 from webhook.workloads import PodSlot, pod_slots
 
@@ -73,7 +73,8 @@ def test_there_are_golden_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_golden_case_through_the_server(webhook_client: Any, case: GoldenCase) -> None:
+async def test_golden_case_through_the_server(aiohttp_client: Any, case: GoldenCase) -> None:
+    webhook_client = await ready_client(aiohttp_client, make_app(case.config))
     inputs = _docs(case.input)
     expected = _docs(case.expected) if case.denied is None else None
     if expected is not None:

@@ -248,12 +248,12 @@ async def test_user_error_is_denied_with_a_message_naming_key_and_value(
 
 async def test_soft_problems_are_warnings(webhook_client: Any) -> None:
     pod = model_pod()
-    pod["spec"]["hostNetwork"] = True
+    pod["metadata"]["annotations"]["modelcache.io/affinity"] = "require"
     status, body = await _post(webhook_client, make_review(pod))
     assert status == 200
     response = body["response"]
     assert response["allowed"] is True
-    assert any("hostNetwork" in w for w in response["warnings"])
+    assert any("agentEnabled" in w for w in response["warnings"])
 
 
 @pytest.mark.parametrize("workers", ["process", "thread"])

@@ -34,6 +34,7 @@ RENDERED = {
     "fail-closed": MANIFESTS / "overlays" / "fail-closed",
     "cert-manager": MANIFESTS / "overlays" / "cert-manager",
     "events": MANIFESTS / "overlays" / "events",
+    "node-cache-hostpath": MANIFESTS / "overlays" / "node-cache-hostpath",
 }
 
 
@@ -439,12 +440,19 @@ POD_LABELS: list[dict[str, str] | None] = [
 
 
 def _designed(
-    ns_name: str, ns_label: str | None, pod_labels: dict[str, str] | None, pss: str | None = None
+    ns_name: str,
+    ns_label: str | None,
+    pod_labels: dict[str, str] | None,
+    pss: str | None = None,
+    *,
+    hostpath: bool = False,
 ) -> bool:
-    """docs/install.md, 'Opt-in and opt-out', written as plainly as possible."""
+    """docs/install.md, 'Opt-in and opt-out', written as plainly as possible. With the
+    default nodeCache csi, PodSecurity levels do not matter (what is added meets
+    restricted); the legacy hostPath shape skips namespaces enforcing baseline/restricted."""
     if ns_name in ("modelcache-system", "kube-system", "kube-node-lease"):
         return False
-    if pss in ("baseline", "restricted"):
+    if hostpath and pss in ("baseline", "restricted"):
         return False
     inject = (pod_labels or {}).get("modelcache.io/inject")
     if inject == "false":
@@ -452,7 +460,7 @@ def _designed(
     return ns_label == "enabled" or inject == "true"
 
 
-@pytest.mark.parametrize("name", ["default", "fail-closed", "cert-manager"])
+@pytest.mark.parametrize("name", ["default", "fail-closed", "cert-manager", "node-cache-hostpath"])
 @pytest.mark.parametrize(("ns", "pod_labels"), list(itertools.product(NAMESPACES, POD_LABELS)))
 def test_selection_is_exactly_the_design(rendered, name, ns, pod_labels):
     mwc = _one(rendered[name], "MutatingWebhookConfiguration")
@@ -461,7 +469,37 @@ def test_selection_is_exactly_the_design(rendered, name, ns, pod_labels):
         pod["metadata"]["labels"] = pod_labels
     calls = _calls(mwc, _namespace(*ns), pod)
     assert len(calls) <= 1, f"pod reaches {calls}: it would be mutated twice"
-    assert bool(calls) is _designed(*ns[:2], pod_labels, *ns[2:])
+    hostpath = name == "node-cache-hostpath"
+    assert bool(calls) is _designed(*ns[:2], pod_labels, *ns[2:], hostpath=hostpath)
+
+
+def test_node_cache_hostpath_overlay_changes_only_the_mode_and_the_podsecurity_skip(
+    rendered, tmp_path
+):
+    default = {object_id(o): o for o in rendered["default"]}
+    legacy = {object_id(o): o for o in rendered["node-cache-hostpath"]}
+    assert default.keys() == legacy.keys()
+    configs = {}
+    for name, objs in (("default", default), ("legacy", legacy)):
+        cm = next(o for o in objs.values() if o["kind"] == "ConfigMap")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(cm["data"]["config.yaml"])
+        configs[name] = load_config(str(path))
+    assert configs["default"].node_cache == "csi"
+    assert configs["legacy"].node_cache == "hostPath"
+    assert configs["legacy"].model_copy(update={"node_cache": "csi"}) == configs["default"]
+    for oid, obj in legacy.items():
+        if obj["kind"] == "ConfigMap":
+            continue
+        if obj["kind"] == "MutatingWebhookConfiguration":
+            for hook in obj["webhooks"]:
+                last = hook["namespaceSelector"]["matchExpressions"].pop()
+                assert last == {
+                    "key": "pod-security.kubernetes.io/enforce",
+                    "operator": "NotIn",
+                    "values": ["baseline", "restricted"],
+                }
+        assert obj == default[oid]
 
 
 def test_selection_spot_checks(rendered):

@@ -242,7 +242,7 @@ def test_the_agent_daemonset_bounds_the_cache_and_keeps_a_disk_floor() -> None:
     from sidecar.disk import Size
 
     [ds] = load_yaml_docs(MANIFESTS / "agent" / "daemonset.yaml")
-    [container] = ds["spec"]["template"]["spec"]["containers"]
+    [container] = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
     argv = [a.replace("$(NODE_NAME)", "n1") for a in container["command"][3:] + container["args"]]
     settings = settings_from_args(build_parser().parse_args(argv))
     for size in (settings.max_bytes, settings.min_free):

@@ -89,11 +89,31 @@ def test_cli_denial_exits_1_and_prints_nothing(tmp_path: Path) -> None:
 
 def test_cli_with_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("sidecarImage: registry.local/sidecar:dev\ncacheHostPath: /data/cache\n")
+    cfg.write_text(
+        "sidecarImage: registry.local/sidecar:dev\nnodeCache: hostPath\n"
+        "cacheHostPath: /data/cache\n"
+    )
     result = inject_cli(ROOT / "examples" / "tgi.yaml", None, "--config", str(cfg))
     assert result.returncode == 0, result.stderr
     assert "registry.local/sidecar:dev" in result.stdout
     assert "path: /data/cache" in result.stdout
+
+
+def test_cli_reads_the_config_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("nodeCache: hostPath\ncacheHostPath: /data/cache\n")
+    monkeypatch.setenv("MODELCACHE_CONFIG", str(cfg))
+    assert "path: /data/cache" in inject_cli(ROOT / "examples" / "tgi.yaml").stdout
+    # --config wins over the environment
+    other = tmp_path / "other.yaml"
+    other.write_text("{}\n")
+    result = inject_cli(ROOT / "examples" / "tgi.yaml", None, "--config", str(other))
+    assert "csi.modelcache.io" in result.stdout and "/data/cache" not in result.stdout
+    monkeypatch.setenv("MODELCACHE_CONFIG", str(tmp_path / "missing.yaml"))
+    result = inject_cli(ROOT / "examples" / "tgi.yaml")
+    assert result.returncode != 0 and "missing.yaml" in result.stderr
 
 
 def _values(container: dict) -> list[str]:

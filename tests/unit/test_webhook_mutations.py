@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.layout import APP_CACHE_ROOT, CONTAINER_CACHE_DIR
 from tests.fixtures.podcheck import assert_pod_ok
+from tests.fixtures.podsecurity import added_violations
 from webhook.config import Config
 from webhook.mutations.affinity import add_affinity
 from webhook.mutations.containers import inject_containers
@@ -21,6 +22,8 @@ from webhook.mutations.volumes import add_volumes, mount_app_containers, pvc_vol
 from webhook.pipeline import MUTATIONS, mutate_pod, plan_pod
 
 CFG = Config()
+#: the legacy pod shape (privileged sidecar, hostPath cache)
+HOSTPATH = Config(node_cache="hostPath")
 VLLM = "vllm/vllm-openai:v0.8.5"
 S3_ENV = [
     "AWS_ACCESS_KEY_ID",
@@ -65,7 +68,10 @@ def apply(fn: Any, p: dict[str, Any], ctx: Context) -> dict[str, Any]:
 POD_SHAPES = {
     "vllm": pod(vllm()),
     "classic-async": pod(vllm(), warmup="async", sidecar="classic"),
-    "off-pvc": pod(vllm(), warmup="off", model="pvc://claim/sub/dir"),
+    "off-pvc": pod(vllm(), warmup="off", model="pvc://claim/sub/dir"),  # hostPath only
+    "secret-keys": pod(
+        vllm(env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "t"}}}])
+    ),
     "list-s3": pod(vllm(), model="a=hf://org/m,b=s3://bkt/lora", warmup_include="*.json"),
     "require": pod(vllm(), affinity="require"),
     "mesh": pod(
@@ -75,12 +81,17 @@ POD_SHAPES = {
 }
 
 
+def _config(shape: str) -> Config:
+    """pvc:// sources are served only by the legacy shape (the CSI driver does not yet)."""
+    return HOSTPATH if shape == "off-pvc" else CFG
+
+
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[n for n, _ in MUTATIONS])
 @pytest.mark.parametrize("shape", POD_SHAPES, ids=list(POD_SHAPES))
 def test_every_mutation_is_idempotent(mutation: Any, shape: str) -> None:
     _, fn = mutation
     p = POD_SHAPES[shape]
-    ctx = plan(p)
+    ctx = plan(p, _config(shape))
     once = apply(fn, p, ctx)
     twice = apply(fn, once, ctx)
     assert twice == once
@@ -90,12 +101,15 @@ def test_every_mutation_is_idempotent(mutation: Any, shape: str) -> None:
 def test_pipeline_output_valid_and_idempotent(shape: str) -> None:
     p = POD_SHAPES[shape]
     before = copy.deepcopy(p)
-    out, result = mutate_pod(p, namespace="ns", config=CFG)
+    cfg = _config(shape)
+    out, result = mutate_pod(p, namespace="ns", config=cfg)
     assert p == before, "the input was changed"
     assert result.decision == "injected"
     assert result.patch
     assert_pod_ok(out)
-    again, second = mutate_pod(out, namespace="ns", config=CFG)
+    if cfg.node_cache == "csi":
+        assert added_violations(p, out) == []
+    again, second = mutate_pod(out, namespace="ns", config=cfg)
     assert second.decision == "unchanged"
     assert second.patch == []
     assert again == out
@@ -104,9 +118,9 @@ def test_pipeline_output_valid_and_idempotent(shape: str) -> None:
 # --- volumes ---------------------------------------------------------------------------------
 
 
-def test_volumes_and_app_mounts() -> None:
+def test_volumes_and_app_mounts_hostpath() -> None:
     p = pod(vllm(), model="a=hf://org/m,c=pvc://claim/x", rewrite="path")
-    ctx = plan(p)
+    ctx = plan(p, HOSTPATH)
     out = mount_app_containers(add_volumes(copy.deepcopy(p), ctx), ctx)
     vols = {v["name"]: v for v in out["spec"]["volumes"]}
     assert vols["modelcache-cache"]["hostPath"] == {
@@ -176,12 +190,16 @@ def test_a_forged_container_beside_a_real_status_is_denied() -> None:
     _, result = mutate_pod(forged, namespace="ns", config=CFG)
     assert not result.allowed and "image" in (result.message or "")
     forged = copy.deepcopy(out)
-    forged["spec"]["initContainers"][1]["env"].append({"name": "HF_ENDPOINT", "value": "x"})
+    forged["spec"]["initContainers"][1].setdefault("env", []).append(
+        {"name": "HF_ENDPOINT", "value": "x"}
+    )
     _, result = mutate_pod(forged, namespace="ns", config=CFG)
     assert not result.allowed and "HF_ENDPOINT" in (result.message or "")
     # what other webhooks add to every container (resources, unrelated env) is kept
     other = copy.deepcopy(out)
-    other["spec"]["initContainers"][1]["env"].append({"name": "DD_ENV", "value": "prod"})
+    other["spec"]["initContainers"][1].setdefault("env", []).append(
+        {"name": "DD_ENV", "value": "prod"}
+    )
     other["spec"]["initContainers"][1]["resources"] = {"limits": {"cpu": "1"}}
     _, result = mutate_pod(other, namespace="ns", config=CFG)
     assert result.allowed and result.patch == []
@@ -207,14 +225,15 @@ def _inject(p: dict[str, Any], config: Config = CFG) -> tuple[dict[str, Any], Co
     return inject_containers(copy.deepcopy(p), ctx), ctx
 
 
-def test_warmup_and_native_sidecar_commands() -> None:
+def test_warmup_and_native_sidecar_commands_hostpath() -> None:
     out, ctx = _inject(
         pod(
             vllm(),
             model="m=pvc://claim/x",
             warmup_include="*.json,*.safetensors",
             warmup_timeout="90",
-        )
+        ),
+        HOSTPATH,
     )
     warm, side = out["spec"]["initContainers"]
     assert warm["command"] == [
@@ -278,8 +297,8 @@ def test_warmup_and_native_sidecar_commands() -> None:
     assert any("privileged" in w for w in ctx.notes.warnings)
 
 
-def test_async_mode_has_no_warmup_and_a_long_startup_window() -> None:
-    out, _ = _inject(pod(vllm(), warmup="async", warmup_timeout="600"))
+def test_async_mode_has_no_warmup_and_a_long_startup_window_hostpath() -> None:
+    out, _ = _inject(pod(vllm(), warmup="async", warmup_timeout="600"), HOSTPATH)
     (side,) = out["spec"]["initContainers"]
     assert side["name"] == "modelcache-sidecar"
     assert side["command"][-3:] == ["--warmup", "--timeout", "600"]
@@ -330,8 +349,8 @@ def test_init_container_order(init: list[dict[str, Any]], expected: list[str]) -
     assert [c["name"] for c in out["spec"]["initContainers"]] == expected
 
 
-def test_file_sources_under_allowed_roots_reach_the_warmup_read_only() -> None:
-    cfg = Config(file_roots=("/srv/models",))
+def test_file_sources_under_allowed_roots_reach_the_warmup_read_only_hostpath() -> None:
+    cfg = Config(file_roots=("/srv/models",), node_cache="hostPath")
     p = pod(vllm("/srv/models/m"), model="m=file:///srv/models/m")
     out, result = mutate_pod(p, namespace="ns", config=cfg)
     assert result.decision == "injected", result.reason
@@ -365,11 +384,12 @@ def test_injected_containers_explain_failures() -> None:
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
-def test_app_credentials_reach_our_containers() -> None:
+def test_app_credentials_reach_our_containers_hostpath() -> None:
     token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}
     endpoint = {"name": "HF_ENDPOINT", "value": "http://attacker.example"}
     out, _ = _inject(
-        pod(vllm(env=[token, endpoint], envFrom=[{"secretRef": {"name": "s3"}, "prefix": "X_"}]))
+        pod(vllm(env=[token, endpoint], envFrom=[{"secretRef": {"name": "s3"}, "prefix": "X_"}])),
+        HOSTPATH,
     )
     for c in out["spec"]["initContainers"]:
         env = {e["name"]: e for e in c["env"]}
@@ -379,7 +399,7 @@ def test_app_credentials_reach_our_containers() -> None:
             "modelcache-hf-credentials"
         )
         assert "envFrom" not in c, "only credential keys of the app's Secrets, never all"
-    out, _ = _inject(pod(vllm(envFrom=[{"secretRef": {"name": "hf"}}])))
+    out, _ = _inject(pod(vllm(envFrom=[{"secretRef": {"name": "hf"}}])), HOSTPATH)
     for c in out["spec"]["initContainers"]:
         env = {e["name"]: e for e in c["env"]}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
@@ -407,10 +427,10 @@ def test_app_credentials_reach_our_containers() -> None:
         ),
     ],
 )
-def test_credentials_only_for_used_schemes_and_only_in_our_containers(
+def test_credentials_only_for_used_schemes_and_only_in_our_containers_hostpath(
     model: str, env: list[str]
 ) -> None:
-    out, _ = _inject(pod(vllm(), model=model))
+    out, _ = _inject(pod(vllm(), model=model), HOSTPATH)
     for c in out["spec"]["initContainers"]:
         creds = [e for e in c.get("env", []) if e["name"] != "MODELCACHE_POD"]
         assert [e["name"] for e in creds] == env
@@ -423,7 +443,10 @@ def test_credentials_only_for_used_schemes_and_only_in_our_containers(
 
 def test_credentials_secret_name_from_config() -> None:
     cfg = Config.model_validate(
-        {"credentials": {"hf": {"secretName": "team-hf", "keys": {"tok": "HF_TOKEN"}}}}
+        {
+            "nodeCache": "hostPath",
+            "credentials": {"hf": {"secretName": "team-hf", "keys": {"tok": "HF_TOKEN"}}},
+        }
     )
     out, _ = _inject(pod(vllm()), cfg)
     env = out["spec"]["initContainers"][0]["env"][1:]
@@ -435,11 +458,13 @@ def test_credentials_secret_name_from_config() -> None:
     ]
 
 
-def test_host_network_warns() -> None:
+def test_host_network_warns_only_where_our_containers_fetch() -> None:
     p = pod(vllm())
     p["spec"]["hostNetwork"] = True
-    _, ctx = _inject(p)
+    _, ctx = _inject(p, HOSTPATH)
     assert any("hostNetwork" in w for w in ctx.notes.warnings)
+    _, ctx = _inject(p)  # csi: the node side fetches, through the node's own network
+    assert not any("hostNetwork" in w for w in ctx.notes.warnings)
 
 
 # --- rewrites --------------------------------------------------------------------------------
@@ -818,8 +843,11 @@ def test_require_without_terms_creates_one_and_agent_silences_warning() -> None:
     ],
 )
 def test_mesh_without_native_proxy_warns(init: list[dict[str, Any]], warned: bool) -> None:
-    _, ctx = _inject(pod(vllm(), init=[{"image": "x", **c} for c in init]))
+    p = pod(vllm(), init=[{"image": "x", **c} for c in init])
+    _, ctx = _inject(p, HOSTPATH)
     assert any("cannot reach the model source" in w for w in ctx.notes.warnings) == warned
+    _, ctx = _inject(p)  # csi: our containers talk only to the node side's socket
+    assert not any("cannot reach the model source" in w for w in ctx.notes.warnings)
 
 
 def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
@@ -844,9 +872,9 @@ def test_flag_after_a_script_is_rewritten_in_the_first_pass() -> None:
 
 
 def test_serving_cached_models_during_an_outage_is_a_cluster_setting_off_by_default() -> None:
-    out, _ = _inject(pod(vllm()))
+    out, _ = _inject(pod(vllm()), HOSTPATH)
     for c in out["spec"]["initContainers"]:
         assert "--serve-cached-when-unreachable" not in c["command"]
-    out, _ = _inject(pod(vllm()), Config(serve_cached_when_unreachable=True))
+    out, _ = _inject(pod(vllm()), Config(serve_cached_when_unreachable=True, node_cache="hostPath"))
     for c in out["spec"]["initContainers"]:
         assert "--serve-cached-when-unreachable" in c["command"]

@@ -11,6 +11,14 @@ Re-admitting an injected pod rebuilds the same containers, which is what makes i
 
 Injected containers never change the pod's QoS class (``shape_resources``) and report
 failures through ``FallbackToLogsOnError``, so ``kubectl describe`` shows why they failed.
+
+``nodeCache: csi``: both containers meet PodSecurity ``restricted`` (non-root uid 65532, no
+privilege escalation, every capability dropped, seccomp ``RuntimeDefault``, read-only root
+file system) and carry no credentials: the node side fetches, with the pod's Secret handed
+to it by the kubelet. The warm-up only reports the node side's progress through the socket
+in ``modelcache-fuse-socket``; the sidecar serves the FUSE mount the node side set up.
+``nodeCache: hostPath`` (legacy): a root warm-up fills the hostPath cache with the app's
+credentials and a privileged sidecar mounts FUSE with Bidirectional propagation.
 """
 
 from __future__ import annotations
@@ -24,10 +32,15 @@ from webhook.annotations import ANN_STATUS
 from webhook.config import Resources
 from webhook.mutations.context import (
     CACHE_VOLUME,
+    FUSE_SOCKET_VOLUME,
+    FUSE_VOLUME,
     HUB_VIEW_PATH,
     HUB_VOLUME,
     MESH_INIT_CONTAINERS,
     MNT_VOLUME,
+    MODELS_VOLUME,
+    NODE_SOCKET,
+    NODE_SOCKET_DIR,
     PVC_ROOT,
     RESERVED_PREFIX,
     SIDECAR_HUB_DIR,
@@ -57,6 +70,19 @@ PROBE_WINDOW: Final = 300
 PRIVILEGED_WARNING: Final = (
     f"{SIDECAR_NAME} runs privileged (Bidirectional mount propagation of its FUSE mount needs it)"
 )
+
+
+#: uid and gid of our containers in csi mode (the distroless ``nonroot`` user)
+NONROOT_UID: Final = 65532
+RESTRICTED_SECURITY_CONTEXT: Final = {
+    "runAsNonRoot": True,
+    "runAsUser": NONROOT_UID,
+    "runAsGroup": NONROOT_UID,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+    "readOnlyRootFilesystem": True,
+}
 
 
 def _model_flags(ctx: Context) -> list[str]:
@@ -142,19 +168,43 @@ def _our_container(ctx: Context, name: str, command: list[str], resources: Resou
         "command": command,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    # pins in the node cache name this pod (its uid), so they survive sidecar restarts
-    env = [
-        {"name": "MODELCACHE_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        *credential_env(ctx),
-    ]
-    container["env"] = env
+    if ctx.csi:
+        # the node side holds the cache and the credentials: nothing to pass
+        container["securityContext"] = copy.deepcopy(RESTRICTED_SECURITY_CONTEXT)
+    else:
+        # pins in the node cache name this pod (its uid), so they survive sidecar restarts
+        container["env"] = [
+            {"name": "MODELCACHE_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+            *credential_env(ctx),
+        ]
     shaped = shape_resources(resources, ctx.qos)
     if shaped:
         container["resources"] = shaped
     return container
 
 
+def _socket_mount() -> dict[str, Any]:
+    return {"name": FUSE_SOCKET_VOLUME, "mountPath": NODE_SOCKET_DIR}
+
+
 def build_warmup_container(ctx: Context) -> Container:
+    if ctx.csi:
+        command = [
+            "python",
+            "-m",
+            "sidecar",
+            "warmup",
+            "--node-socket",
+            NODE_SOCKET,
+            *_model_flags(ctx),
+            "--timeout",
+            str(ctx.options.warmup_timeout),
+            "--on-failure",
+            ctx.on_failure,
+        ]
+        container = _our_container(ctx, WARMUP_NAME, command, ctx.config.warmup_resources)
+        container["volumeMounts"] = [_socket_mount()]
+        return container
     command = [
         "python",
         "-m",
@@ -200,7 +250,47 @@ def startup_window(ctx: Context) -> int:
     return PROBE_WINDOW
 
 
+def _csi_sidecar_command(ctx: Context) -> list[str]:
+    command = [
+        "python",
+        "-m",
+        "sidecar",
+        "mount",
+        "--node-socket",
+        NODE_SOCKET,
+        "--mountpoint",
+        SIDECAR_MOUNTPOINT,
+        "--link-root",
+        APP_CACHE_ROOT,
+        *_model_flags(ctx),
+    ]
+    if ctx.hub_models:
+        command += ["--hub-cache", SIDECAR_HUB_DIR, "--hub-link-root", HUB_VIEW_PATH]
+    for name, quant in ctx.gguf_aliases:
+        command += ["--gguf-alias", f"{name}:{quant}"]
+    if ctx.options.include:
+        command += ["--include", ",".join(ctx.options.include)]
+    return [*command, "--on-failure", ctx.on_failure]
+
+
+def _csi_sidecar_mounts(ctx: Context) -> list[dict[str, Any]]:
+    mounts = [
+        {"name": FUSE_VOLUME, "mountPath": SIDECAR_MOUNTPOINT, "readOnly": True},
+        _socket_mount(),
+        {"name": MODELS_VOLUME, "mountPath": APP_CACHE_ROOT, "readOnly": True},
+    ]
+    if ctx.hub_models:
+        mounts.append({"name": HUB_VOLUME, "mountPath": SIDECAR_HUB_DIR})
+    return mounts
+
+
 def build_sidecar_container(ctx: Context) -> Container:
+    if ctx.csi:
+        container = _our_container(
+            ctx, SIDECAR_NAME, _csi_sidecar_command(ctx), ctx.config.sidecar_resources
+        )
+        container["volumeMounts"] = _csi_sidecar_mounts(ctx)
+        return _with_startup(container, ctx)
     command = [
         "python",
         "-m",
@@ -232,6 +322,11 @@ def build_sidecar_container(ctx: Context) -> Container:
     ]
     if ctx.hub_models:
         container["volumeMounts"].append({"name": HUB_VOLUME, "mountPath": SIDECAR_HUB_DIR})
+    return _with_startup(container, ctx)
+
+
+def _with_startup(container: Container, ctx: Context) -> Container:
+    """The native sidecar's startupProbe, or the classic one's blocking postStart."""
     window = startup_window(ctx)
     if ctx.options.sidecar == "native":
         container["restartPolicy"] = "Always"
@@ -435,14 +530,16 @@ def inject_containers(pod: Pod, ctx: Context) -> Pod:
         inits = containers_of(spec, "initContainers")
         at = _init_insert_index(inits)
         inits[at:at] = ours
-    ctx.notes.warn(PRIVILEGED_WARNING)
-    mesh = _mesh_without_native_proxy(spec)
+    if not ctx.csi:
+        ctx.notes.warn(PRIVILEGED_WARNING)
+    # csi: our containers talk only to the node side's socket, never to the network
+    mesh = None if ctx.csi else _mesh_without_native_proxy(spec)
     if mesh:
         ctx.notes.warn(
             f"{mesh} redirects traffic to a proxy that starts after {WARMUP_NAME} and "
             f"{SIDECAR_NAME}: they cannot reach the model source; use native mesh sidecars"
         )
-    if spec.get("hostNetwork") is True:
+    if spec.get("hostNetwork") is True and not ctx.csi:
         ctx.notes.warn(
             f"hostNetwork pod: {WARMUP_NAME} and {SIDECAR_NAME} fetch from the node's network "
             "namespace"

@@ -24,6 +24,16 @@ SIDECAR_NAME: Final = "modelcache-sidecar"
 CACHE_VOLUME: Final = "modelcache-cache"
 MNT_VOLUME: Final = "modelcache-mnt"
 HUB_VOLUME: Final = "modelcache-hub"
+#: ``nodeCache: csi``: the read-only view of the pod's models (one directory per cache key)
+MODELS_VOLUME: Final = "modelcache-models"
+#: ``nodeCache: csi``: the FUSE mount the node side sets up and the sidecar serves
+FUSE_VOLUME: Final = "modelcache-fuse"
+#: ``nodeCache: csi``: where the node side listens for the pod's warm-up and sidecar
+FUSE_SOCKET_VOLUME: Final = "modelcache-fuse-socket"
+CSI_DRIVER: Final = "csi.modelcache.io"
+#: the mount of ``modelcache-fuse-socket`` in our containers, and the socket in it
+NODE_SOCKET_DIR: Final = "/var/run/modelcache/node"
+NODE_SOCKET: Final = f"{NODE_SOCKET_DIR}/socket"
 SIDECAR_MOUNTPOINT: Final = "/var/run/modelcache/mnt"
 #: where the sidecar writes the Hugging Face cache layout of the pod's Hub models
 SIDECAR_HUB_DIR: Final = "/var/run/modelcache/hub"
@@ -105,6 +115,14 @@ class Context:
     previous_warnings: tuple[str, ...] | None = None
     #: per app container: what detection read (``webhook.mutations.detect.ContainerFacts``)
     facts: dict[str, Any] = field(default_factory=dict)
+    #: ``nodeCache: csi``: the Secret the node side checks access with, and its key names
+    node_secret: str | None = None
+    credential_keys: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def csi(self) -> bool:
+        """Pods reach the node cache through the CSI driver (else the legacy hostPath)."""
+        return self.config.node_cache == "csi"
 
     @property
     def hub_models(self) -> tuple[NamedModel, ...]:

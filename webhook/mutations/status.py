@@ -29,6 +29,8 @@ class Status:
     warnings: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     aliases: tuple[tuple[str, str], ...] = ()
+    #: the shape the pod was injected in (a status without it predates csi: hostPath)
+    node_cache: str = "hostPath"
 
 
 def _str_dicts(value: Any) -> tuple[dict[str, str], ...]:
@@ -73,6 +75,7 @@ def read_status(annotations: Any) -> Status | None:
             for a in data.get("ggufAliases") or []
             if isinstance(a, list) and len(a) == 2
         ),
+        node_cache=str(data.get("nodeCache") or "hostPath"),
     )
 
 
@@ -96,6 +99,7 @@ def status_json(ctx: Context) -> str:
             {"name": m.name, "uri": m.source.uri, "cacheKey": m.source.cache_key}
             for m in ctx.named_models
         ],
+        "nodeCache": ctx.config.node_cache,
         "warmup": opts.warmup,
         "sidecar": opts.sidecar,
         "mountPath": opts.mount_path,

@@ -1,6 +1,24 @@
 """Pod volumes (node cache, FUSE carrier, PVC sources) and the app containers' mounts.
 
-App containers get these mounts:
+``nodeCache: csi`` (the default): the node cache reaches the pod only through two inline
+volumes of the CSI driver ``csi.modelcache.io`` (a volume type PodSecurity ``restricted``
+allows), published by the node agent after it checked the pod's access with the pod's own
+credentials (``nodePublishSecretRef``):
+
+* ``modelcache-models`` (``kind: view``): a read-only tmpfs with one directory per model
+  named by cache key, each a read-only bind of the model's complete files;
+* ``modelcache-fuse`` (``kind: fuse``): a FUSE mount set up by the node side, whose
+  descriptor the unprivileged sidecar receives through a socket in the
+  ``modelcache-fuse-socket`` emptyDir and serves (the ``<name>/<file>`` namespace, complete
+  files as symlinks into the view).
+
+App containers mount ``modelcache-fuse`` where the legacy shape mounted ``modelcache-mnt``
+(the mount path for path delivery, ``HUB_VIEW_PATH`` for hub-cache delivery) and
+``modelcache-models`` at ``APP_CACHE_ROOT`` (the symlink targets), all read-only, plus the
+``modelcache-hub`` subPath mounts below.
+
+``nodeCache: hostPath`` (legacy: it trusts every pod of enabled namespaces with every model
+on the node). App containers get these mounts:
 
 * ``modelcache-mnt`` at the mount path (read-only, ``HostToContainer``) for path delivery:
   the FUSE namespace, where ``<mount-path>/<name>/<file>`` is a symlink to
@@ -21,19 +39,27 @@ App containers get these mounts:
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Final
 
 from sidecar.layout import APP_CACHE_ROOT, DATA_DIR, MODELS_DIR
 from webhook.mutations.context import (
     CACHE_VOLUME,
+    CSI_DRIVER,
+    FUSE_SOCKET_VOLUME,
+    FUSE_VOLUME,
     HUB_VIEW_PATH,
     HUB_VOLUME,
     MNT_VOLUME,
+    MODELS_VOLUME,
     PVC_ROOT,
     Container,
     Context,
     Pod,
 )
+
+#: the volumeAttributes keys the node plugin reads
+KIND_VIEW: Final = "view"
+KIND_FUSE: Final = "fuse"
 
 _NAME_MAX = 63
 
@@ -90,7 +116,34 @@ def file_root_mounts(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
+def csi_volume(ctx: Context, name: str, kind: str) -> dict[str, Any]:
+    """An inline volume of the node plugin: the pod's models, its include globs, and the
+    Secret (with its key names) the node side checks the pod's access with."""
+    attributes = {"kind": kind, "models": ",".join(m.to_arg() for m in ctx.named_models)}
+    if ctx.options.include:
+        attributes["include"] = ",".join(ctx.options.include)
+    if ctx.credential_keys:
+        attributes["credentialKeys"] = ",".join(f"{v}={k}" for v, k in ctx.credential_keys)
+    csi: dict[str, Any] = {"driver": CSI_DRIVER, "readOnly": True, "volumeAttributes": attributes}
+    if ctx.node_secret:
+        csi["nodePublishSecretRef"] = {"name": ctx.node_secret}
+    return {"name": name, "csi": csi}
+
+
+def _csi_pod_volumes(ctx: Context) -> list[dict[str, Any]]:
+    vols = [
+        csi_volume(ctx, MODELS_VOLUME, KIND_VIEW),
+        csi_volume(ctx, FUSE_VOLUME, KIND_FUSE),
+        {"name": FUSE_SOCKET_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
+    if ctx.hub_models:
+        vols.append({"name": HUB_VOLUME, "emptyDir": {}})
+    return vols
+
+
 def pod_volumes(ctx: Context) -> list[dict[str, Any]]:
+    if ctx.csi:
+        return _csi_pod_volumes(ctx)
     vols: list[dict[str, Any]] = [
         {
             "name": CACHE_VOLUME,
@@ -137,26 +190,20 @@ def app_mounts(ctx: Context, container: str) -> list[dict[str, Any]]:
     """The mounts of one app container, by how it reaches its models (see ``Delivery``)."""
     deliveries = ctx.deliveries_of(container)
     mounts: list[dict[str, Any]] = []
+    # csi: the node side mounted the FUSE connection, nothing propagates from the sidecar
+    view: dict[str, Any] = (
+        {"name": FUSE_VOLUME, "readOnly": True}
+        if ctx.csi
+        else {"name": MNT_VOLUME, "readOnly": True, "mountPropagation": "HostToContainer"}
+    )
     if any(d.mode == "path" for d in deliveries):
-        mounts.append(
-            {
-                "name": MNT_VOLUME,
-                "mountPath": ctx.options.mount_path,
-                "readOnly": True,
-                "mountPropagation": "HostToContainer",
-            }
-        )
+        mounts.append(_at(view, ctx.options.mount_path))
     hub = [d for d in deliveries if d.mode == "hub-cache"]
     if hub:
-        mounts.append(
-            {
-                "name": MNT_VOLUME,
-                "mountPath": HUB_VIEW_PATH,
-                "readOnly": True,
-                "mountPropagation": "HostToContainer",
-            }
-        )
-    for m in ctx.named_models:
+        mounts.append(_at(view, HUB_VIEW_PATH))
+    if ctx.csi:
+        mounts.append({"name": MODELS_VOLUME, "mountPath": APP_CACHE_ROOT, "readOnly": True})
+    for m in ctx.named_models if not ctx.csi else ():
         key = m.source.cache_key
         mounts.append(
             {
@@ -175,6 +222,15 @@ def app_mounts(ctx: Context, container: str) -> list[dict[str, Any]]:
                 {"name": HUB_VOLUME, "mountPath": f"{d.hub_dir}/{folder}", "subPath": folder}
             )
     return mounts
+
+
+def _at(mount: dict[str, Any], path: str) -> dict[str, Any]:
+    """``mount`` at ``path`` (name, mountPath, then the rest, as the API server prints it)."""
+    return {
+        "name": mount["name"],
+        "mountPath": path,
+        **{k: v for k, v in mount.items() if k != "name"},
+    }
 
 
 def merge_mounts(container: Container, mounts: list[dict[str, Any]]) -> None:
@@ -197,7 +253,7 @@ def mount_conflict(container: Container, ctx: Context) -> str | None:
         if not isinstance(m, dict):
             continue
         mp = str(m.get("mountPath") or "").rstrip("/") or "/"
-        if m.get("name") == MNT_VOLUME and mp == path:
+        if m.get("name") in (MNT_VOLUME, FUSE_VOLUME) and mp == path:
             continue
         if mp == path or mp.startswith(path + "/"):
             return f"volume {m.get('name')!r} is already mounted at {mp}"
