@@ -109,8 +109,12 @@ def issue_leaf(
     ips: Sequence[str] = (),
     days: int = 365,
     now: dt.datetime | None = None,
+    client: bool = False,
 ) -> tuple[bytes, bytes]:
     """A serving certificate for the Service, signed by the given CA: ``(cert_pem, key_pem)``.
+
+    ``client``: the certificate also authenticates its holder as a TLS client (mutual TLS
+    between node agents, each both server and client of the others).
 
     The leaf never outlives its CA: a chain with an expired CA fails anyway, and capping here
     makes :func:`needs_renewal` on the leaf notice a dying CA too.
@@ -164,7 +168,13 @@ def issue_leaf(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH]
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),

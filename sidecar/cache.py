@@ -44,7 +44,13 @@ from typing import Any
 
 from sidecar.layout import PIN_TTL, ModelDir, models_root
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_uri
-from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
+from sidecar.sources import (
+    RefetchableSource,
+    RemoteFile,
+    Source,
+    SourceError,
+    SourceUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,9 @@ PART_SIZE = 16 << 20
 WRITE_BUFFER = 4 << 20
 RETRIES = 5
 BACKOFF = 0.5
+#: Fetches of a file again after it failed its sha256 check with bytes from elsewhere than
+#: the origin (``RefetchableSource``): each one excludes the places that sent bad bytes.
+_REFETCHES = 3
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -61,6 +70,10 @@ class CacheError(Exception):
 
 class CacheFullError(CacheError):
     """No space left in the node cache (ENOSPC, EDQUOT)."""
+
+
+class ChecksumError(CacheError):
+    """A downloaded file's sha256 differs from the source's; the download was discarded."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -583,7 +596,7 @@ class NodeCache:
             if state == STALE and not await self._reuse(job, version):
                 # stale or missing: fetch it and rename over any old copy (readers that
                 # have the old one open keep reading it; new opens get the new one)
-                await self._download(job)
+                await self._download_verified(job)
             return job.dest
         finally:
             os.close(lock_fd)
@@ -682,6 +695,23 @@ class NodeCache:
             with contextlib.suppress(OSError):
                 part_path.unlink()
         return ok
+
+    async def _download_verified(self, job: _Job) -> None:
+        """``_download``, again (a few times at most) when the file failed its sha256 check
+        with bytes a source took from elsewhere than the origin (peers) and it can read
+        them from another place now."""
+        for attempt in range(_REFETCHES + 1):
+            try:
+                await self._download(job)
+                return
+            except ChecksumError as exc:
+                source = job.source
+                if attempt == _REFETCHES or not isinstance(source, RefetchableSource):
+                    raise
+                if not source.reject_file(job.f.path):
+                    raise
+                log.warning("%s; fetching it again from elsewhere", exc)
+                job.done = set()  # the discarded download's parts are gone with it
 
     @staticmethod
     def _load_state(path: Path) -> dict[str, Any] | None:
@@ -829,7 +859,7 @@ class NodeCache:
                     _hash_range, job.fd, h, i * part, min((i + 1) * part, f.size)
                 )
             if h.hexdigest() != f.sha256:
-                raise CacheError(
+                raise ChecksumError(
                     f"{f.path}: sha256 mismatch (source says {f.sha256}, downloaded "
                     f"{h.hexdigest()}); the download was discarded"
                 )

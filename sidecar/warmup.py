@@ -39,7 +39,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -415,6 +415,7 @@ async def warm_models(
     pin: str | None = None,
     env: Mapping[str, str] | None = None,
     serve_cached: bool = False,
+    wrap: Callable[[Source, str], Source] | None = None,
 ) -> WarmupReport:
     """Fetch every model into ``cache`` and return the report; raise :class:`WarmupError`
     (carrying the report) listing each failure.
@@ -423,6 +424,8 @@ async def warm_models(
     source may read the node cache itself. ``pin`` (the pod) pins each model before and
     after filling it, so the agent does not evict it before the pod's sidecar holds it.
     ``env``: where the sources read credentials and endpoints (default ``os.environ``).
+    ``wrap``: ``(origin, uri) -> source`` for the node side's fetch settings (peers, see
+    ``sidecar.sources.route.wrap_source``); the origin stays the authority for the listing.
     """
     progress = progress or Progress()
     report = WarmupReport(
@@ -439,6 +442,8 @@ async def warm_models(
         )
         for m in models
     ]
+    if wrap is not None:
+        sources = [wrap(s, m.source.uri) for m, s in zip(models, sources, strict=True)]
     limiter = asyncio.Semaphore(max(1, parallel))
     pending = {m.name for m in models}
 

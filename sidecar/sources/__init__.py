@@ -118,6 +118,15 @@ class Source(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class RefetchableSource(Protocol):
+    """A source whose bytes may come from elsewhere than the origin (peers): when a file
+    fails verification, ``reject_file`` forgets where its bytes came from and says whether
+    a new attempt would read them from somewhere else (then the cache fetches it again)."""
+
+    def reject_file(self, path: str) -> bool: ...
+
+
 def open_source(
     model: NamedModel,
     *,
@@ -182,6 +191,7 @@ def open_source(
 
 __all__ = [
     "DEFAULT_PVC_ROOT",
+    "RefetchableSource",
     "RemoteFile",
     "Source",
     "SourceAccessError",

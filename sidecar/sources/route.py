@@ -1,0 +1,46 @@
+"""Where the node side reads a model's bytes from: the origin, or the origin through peers.
+
+:func:`wrap_source` is the one place the node side (the CSI node plugin's fill, the agent's
+pre-warm) turns an origin :class:`~sidecar.sources.Source` into the source it fetches
+through, according to the node's :class:`FetchSettings`. A small typed dispatch: each
+backend is a branch that wraps the origin and keeps it as the authority for the listing.
+The pod side (warm-up, mount) never routes: it reads only the node cache or the origin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from sidecar.modelsource import ModelSourceError, parse_model_uri
+from sidecar.sources import Source
+from sidecar.sources.peer import PeerNetwork, PeerSource, PeerTuning
+
+#: Schemes worth reading from peers: remote origins. ``file://`` and ``pvc://`` are local
+#: disks (copied in the kernel), faster than any peer.
+PEER_SCHEMES: Final = frozenset({"http", "https", "s3", "gs", "hf"})
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """The node's fetch settings (agent and node plugin flags)."""
+
+    #: the other node agents (``sidecar.node.peers``); None: peers off
+    peers: PeerNetwork | None = None
+    peer_tuning: PeerTuning = field(default_factory=PeerTuning)
+
+
+def wrap_source(origin: Source, uri: str, settings: FetchSettings | None) -> Source:
+    """The source the node fetches ``uri`` through; ``origin`` itself when nothing applies."""
+    if settings is None:
+        return origin
+    try:
+        source = parse_model_uri(uri)
+    except ModelSourceError:
+        return origin  # not ours to judge here: the origin reports a bad URI itself
+    if settings.peers is not None and source.scheme in PEER_SCHEMES:
+        return PeerSource(origin, source.cache_key, settings.peers, settings.peer_tuning)
+    return origin
+
+
+__all__ = ["PEER_SCHEMES", "FetchSettings", "wrap_source"]
