@@ -319,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: none)"
     )
     a.add_argument("--once", action="store_true", help="one pass, then exit")
+    a.add_argument(
+        "--peer-listen",
+        default=None,
+        metavar="IP:PORT",
+        help="serve this node's cache to the other node agents (HTTPS, mutual TLS) on IP:PORT "
+        "and fetch from theirs (default: peers off; docs/scale-out.md)",
+    )
+    a.add_argument(
+        "--peer-advertise",
+        default=None,
+        metavar="IP",
+        help="the address other nodes reach this agent at (the pod's IP); needed when "
+        "--peer-listen names every address (0.0.0.0 or [::])",
+    )
+    a.add_argument(
+        "--peer-tls-dir",
+        default=None,
+        metavar="DIR",
+        help="ca.crt (the agents' CA) and this agent's tls.crt/tls.key, or ca.key to issue "
+        "them at start; with no --peer-listen the agent still fetches from peers",
+    )
 
     u = sub.add_parser(
         "uninstall",

@@ -46,7 +46,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -70,6 +70,7 @@ from sidecar.modelsource import NamedModel
 from sidecar.node import watcher
 from sidecar.prewarm import PrewarmConfig, PrewarmConfigError, PrewarmEntry, load_prewarm_config
 from sidecar.progress import Progress
+from sidecar.sources.route import FetchSettings, wrap_source
 
 log = logging.getLogger("sidecar.agent")
 
@@ -671,6 +672,12 @@ class AgentSettings:
     #: The node's Dragonfly daemon socket (``--dragonfly-socket``): model bytes go through
     #: it (``sidecar.sources.dragonfly``) where the fetch path wraps sources for the node.
     dragonfly_socket: str | None = None
+    #: Peer fetch (``sidecar.node.peers``): ``IP:PORT`` of the peer server (None: off), the
+    #: address other nodes dial (when listening on every address), and the directory with
+    #: the agents' CA and this agent's certificate (or the CA key to issue one).
+    peer_listen: str | None = None
+    peer_advertise: str | None = None
+    peer_tls_dir: Path | None = None
 
 
 @dataclass
@@ -710,12 +717,19 @@ class Agent:
         clock: Callable[[], datetime] | None = None,
         *,
         disk: Callable[[Path], DiskUsage] = disk_usage,
+        fetch: FetchSettings | None = None,
     ) -> None:
         self.settings = settings
         self._disk = disk
         self.limit = 0  # --max-bytes and --min-free in bytes, resolved every pass
         self.floor = 0
         self.metrics = metrics or AgentMetrics()
+        #: how the agent's own fetches read origins (Dragonfly, peers; sidecar.sources.route)
+        self.fetch = replace(
+            fetch or FetchSettings(),
+            dragonfly_socket=settings.dragonfly_socket,
+            meter=self.metrics.count_fetch,
+        )
         self.api = NodeAPI(
             api_client, settings.node, settings.retry, on_error=self.metrics.label_errors.inc
         )
@@ -1006,8 +1020,8 @@ class Agent:
         try:
             warm = self._warm or _default_warm
             extra: dict[str, Any] = {}
-            if self.settings.dragonfly_socket:
-                extra["wrap"] = self.wrap_source
+            if self.settings.dragonfly_socket or self.fetch.peers is not None:
+                extra["wrap"] = self.wrap_source  # sidecar.sources.route
             await warm(
                 self.cache,
                 entry.models,
@@ -1049,12 +1063,11 @@ class Agent:
         return self._prewarm_failures == before
 
     def wrap_source(self, origin: Any, uri: str) -> Any:
-        """The source the agent's own fetches read ``uri`` through: the node's Dragonfly
-        daemon when ``--dragonfly-socket`` names one (``sidecar.sources.dragonfly``), its
-        bytes counted as ``via="dragonfly"``."""
-        from sidecar.sources import dragonfly
-
-        return dragonfly.wrap(origin, uri, self.settings, meter=self.metrics.count_fetch)
+        """The source the agent's own fetches read ``uri`` through
+        (``sidecar.sources.route``): the node's Dragonfly daemon when ``--dragonfly-socket``
+        names one, else the other agents when peers are on; the bytes that did not come
+        from the origin counted by ``via``."""
+        return wrap_source(origin, uri, self.fetch)
 
     # -- event-driven pre-warm (sidecar.node.watcher) --------------------------------------
     async def watch_pass(self) -> list[str]:
@@ -1249,6 +1262,10 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     dragonfly_socket = getattr(args, "dragonfly_socket", None) or None
     if dragonfly_socket is not None and not os.path.isabs(dragonfly_socket):
         raise ValueError(f"--dragonfly-socket {dragonfly_socket}: must be an absolute path")
+    peer_listen = getattr(args, "peer_listen", None)
+    peer_tls_dir = getattr(args, "peer_tls_dir", None)
+    if peer_listen and not peer_tls_dir:
+        raise ValueError("--peer-listen needs --peer-tls-dir (the agents' CA and certificate)")
     return AgentSettings(
         cache_dir=Path(args.cache_dir),
         node=args.node,
@@ -1262,6 +1279,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         watch=bool(getattr(args, "prewarm_watch", False)),
         watch_interval=watch_interval,
         dragonfly_socket=dragonfly_socket,
+        peer_listen=peer_listen or None,
+        peer_advertise=getattr(args, "peer_advertise", None) or None,
+        peer_tls_dir=Path(peer_tls_dir) if peer_tls_dir else None,
     )
 
 
@@ -1271,7 +1291,31 @@ async def _main(settings: AgentSettings, once: bool) -> int:
     except NoClusterError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 1
-    agent = Agent(settings, api_client)
+    peers = None
+    if settings.peer_tls_dir is not None:
+        from sidecar.node.peers import PeerSetupError, PeerTLS, start_peers
+
+        listen = settings.peer_listen
+        address = settings.peer_advertise or (
+            listen.rpartition(":")[0].strip("[]") if listen else ""
+        )
+        try:
+            tls = PeerTLS.from_dir(
+                settings.peer_tls_dir, node=settings.node, ips=[address] if address else []
+            )
+            peers = await start_peers(
+                api_client,
+                node=settings.node,
+                cache_dir=settings.cache_dir,
+                tls=tls,
+                listen=listen,
+                advertise=settings.peer_advertise,
+            )
+        except PeerSetupError as exc:
+            print(f"agent: {exc}", file=sys.stderr)
+            return 2
+    fetch = FetchSettings(peers=peers.network) if peers is not None else None
+    agent = Agent(settings, api_client, fetch=fetch)
     main = asyncio.create_task(agent.run(once=once))
     loop = asyncio.get_running_loop()
     # SIGTERM (pod deletion) stops between steps; an eviction's rename is atomic and a
@@ -1285,6 +1329,8 @@ async def _main(settings: AgentSettings, once: bool) -> int:
         return 0
     finally:
         await agent.close()
+        if peers is not None:
+            await peers.aclose()
 
 
 def run(args: argparse.Namespace) -> int:

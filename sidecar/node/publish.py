@@ -75,6 +75,7 @@ from sidecar.sources import (
     SourceUnavailableError,
     open_source,
 )
+from sidecar.sources.route import FetchSettings, source_wrapper
 from sidecar.warmup import WarmupError, plan_files, warm_models
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ class PluginConfig:
     parallel: int = 8
     #: seconds after a fetch's first failure before a status poll restarts it
     fetch_retry: float = 10.0
+    #: how fills read the origin (peers; ``sidecar.sources.route``); None: the origin only
+    fetch: FetchSettings | None = None
 
 
 def parse_volume_context(ctx: Mapping[str, str]) -> VolumeSpec:
@@ -688,6 +691,7 @@ class Publisher:
                 progress=fetch.progress,
                 env=env,
                 file_roots=self.config.file_roots,
+                wrap=source_wrapper(self.config.fetch),
             )
             if anonymous:
                 marker.touch()

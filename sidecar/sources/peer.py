@@ -31,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
+
+#: ``via`` of the bytes a peer sent, for a meter (the agent's ``modelcache_fetch_bytes``).
+VIA_PEER = "peer"
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,11 @@ class PeerSource:
         key: str,
         network: PeerNetwork,
         tuning: PeerTuning | None = None,
+        *,
+        meter: Callable[[str, int], None] | None = None,
     ) -> None:
         self.origin = origin
+        self.meter = meter
         self.key = key
         self.network = network
         self.tuning = tuning or PeerTuning()
@@ -264,6 +270,8 @@ class PeerSource:
                 ):
                     pos += len(chunk)
                     self.counts.peers[peer.node] = self.counts.peers.get(peer.node, 0) + len(chunk)
+                    if self.meter is not None:
+                        self.meter(VIA_PEER, len(chunk))
                     self._contributors.setdefault(path, set()).add(peer.node)
                     yield chunk
             except PeerUnavailableError as exc:

@@ -9,8 +9,10 @@ The pod side (warm-up, mount) never routes: it reads only the node cache or the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from functools import partial
+from typing import Final, cast
 
 from sidecar.modelsource import ModelSourceError, parse_model_uri
 from sidecar.sources import Source
@@ -21,6 +23,11 @@ from sidecar.sources.peer import PeerNetwork, PeerSource, PeerTuning
 PEER_SCHEMES: Final = frozenset({"http", "https", "s3", "gs", "hf"})
 
 
+#: ``(via, bytes)``: bytes a source got from elsewhere than the origin (``peer``,
+#: ``dragonfly``), for the agent's ``modelcache_fetch_bytes`` counter.
+Meter = Callable[[str, int], None]
+
+
 @dataclass(frozen=True)
 class FetchSettings:
     """The node's fetch settings (agent and node plugin flags)."""
@@ -28,19 +35,42 @@ class FetchSettings:
     #: the other node agents (``sidecar.node.peers``); None: peers off
     peers: PeerNetwork | None = None
     peer_tuning: PeerTuning = field(default_factory=PeerTuning)
+    #: the node's Dragonfly daemon socket (``sidecar.sources.dragonfly``); None: off
+    dragonfly_socket: str | None = None
+    meter: Meter | None = None
 
 
 def wrap_source(origin: Source, uri: str, settings: FetchSettings | None) -> Source:
-    """The source the node fetches ``uri`` through; ``origin`` itself when nothing applies."""
+    """The source the node fetches ``uri`` through; ``origin`` itself when nothing applies.
+
+    The node's Dragonfly daemon when one is configured and the origin can name URLs (the
+    daemon then does the sharing between nodes), else the other agents for remote origins.
+    """
     if settings is None:
         return origin
     try:
         source = parse_model_uri(uri)
     except ModelSourceError:
         return origin  # not ours to judge here: the origin reports a bad URI itself
+    if settings.dragonfly_socket:
+        from sidecar.sources import dragonfly
+
+        # the daemon's settings protocol reads only dragonfly_socket (frozen here)
+        daemon = cast("dragonfly.DragonflySettings", settings)
+        wrapped = dragonfly.wrap(origin, uri, daemon, meter=settings.meter)
+        if wrapped is not origin:
+            return wrapped
     if settings.peers is not None and source.scheme in PEER_SCHEMES:
-        return PeerSource(origin, source.cache_key, settings.peers, settings.peer_tuning)
+        return PeerSource(
+            origin, source.cache_key, settings.peers, settings.peer_tuning, meter=settings.meter
+        )
     return origin
 
 
-__all__ = ["PEER_SCHEMES", "FetchSettings", "wrap_source"]
+def source_wrapper(settings: FetchSettings | None) -> Callable[[Source, str], Source] | None:
+    """``wrap_source`` bound to ``settings``, for ``warm_models(wrap=...)``; None when the
+    node has no fetch settings (every byte from the origin)."""
+    return None if settings is None else partial(wrap_source, settings=settings)
+
+
+__all__ = ["PEER_SCHEMES", "FetchSettings", "Meter", "source_wrapper", "wrap_source"]

@@ -209,7 +209,7 @@ def weights_bytes(info: ModelInfo) -> int:
     return sum(info.files[p].size for p in info.weight_files)
 
 
-# ---- a complete peer --------------------------------------------------------------------------
+# ---- a complete peer ----------------------------------------------------------------------------
 
 
 async def test_complete_peer_serves_the_bytes_and_the_origin_only_the_listing(
@@ -250,7 +250,7 @@ async def test_peer_without_the_model_sends_the_fetch_to_the_origin(
     assert hub.url.stats.bytes_sent - sent_before == hub.info.total_bytes
 
 
-# ---- a peer that dies mid-transfer ----------------------------------------------------------------
+# ---- a peer that dies mid-transfer --------------------------------------------------------------
 
 
 class DyingServer(PeerServer):
@@ -298,7 +298,7 @@ async def test_peer_that_dies_mid_transfer_leaves_the_rest_to_the_origin(
     assert hub.url.stats.bytes_sent - sent_before == hub.info.total_bytes - got_from_a
 
 
-# ---- a peer that serves corrupt bytes -------------------------------------------------------------
+# ---- a peer that serves corrupt bytes -----------------------------------------------------------
 
 
 def corrupt_in_place(node: Node, model: NamedModel, relpath: str) -> None:
@@ -368,7 +368,7 @@ async def test_corrupt_peer_is_left_for_an_honest_one(cluster: Cluster, hub: Hub
     assert hub.url.stats.bytes_sent - sent_before == b.source.counts.origin
 
 
-# ---- the origin unreachable, a complete peer ---------------------------------------------------------
+# ---- the origin unreachable, a complete peer ----------------------------------------------------
 
 
 async def test_origin_unreachable_fetch_completes_from_a_complete_peer(
@@ -394,10 +394,11 @@ async def test_origin_unreachable_fetch_completes_from_a_complete_peer(
     )
     spec = VolumeSpec("view", (hub.model,), PodInfo("p", "team-a"))
     with pytest.raises(PublishError) as refused:
-        await publisher._check_models(spec, {**down, "HF_TOKEN": "hf_other"}, wait=True)
+        await publisher._check_models(spec, {**down, "HF_TOKEN": "hf_other"})
     assert refused.value.kind is ErrorKind.UNAVAILABLE
     # a pod without credentials gets the copy that was fetched without any
-    assert await publisher._check_models(spec, down, wait=True) == {"llm": True}
+    listings = await publisher._check_models(spec, down)
+    assert listings["llm"].current
     await publisher.aclose()
 
 
@@ -417,17 +418,17 @@ async def test_origin_unreachable_with_credentials_is_not_listed_from_a_peer(
     assert a.server.bytes_served == 0
 
 
-# ---- in-flight sharing --------------------------------------------------------------------------------
+# ---- in-flight sharing --------------------------------------------------------------------------
 
 
 class Tap:
     """Wraps an origin: sets ``started`` once ``threshold`` bytes went through."""
 
-    def __init__(self, origin: Source, threshold: int) -> None:
+    def __init__(self, origin: Source, threshold: int, started: asyncio.Event) -> None:
         self.origin = origin
         self.threshold = threshold
         self.seen = 0
-        self.started = asyncio.Event()
+        self.started = started
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.origin, name)
@@ -455,19 +456,15 @@ async def test_second_node_takes_ranges_from_a_node_still_fetching(
         model = parse_model_arg(f"llm={origin}slow-llama/")
         a = await cluster.add("node-a")
         b = await cluster.add("node-b")
-        taps: list[Tap] = []
+        started = asyncio.Event()
         wrap_a = a.wrap()
 
         def tapped(src: Source, uri: str) -> Source:
-            tap = Tap(src, 2 * PART)
-            taps.append(tap)
-            return wrap_a(tap, uri)  # type: ignore[arg-type]
+            return wrap_a(Tap(src, 2 * PART, started), uri)  # type: ignore[arg-type]
 
         fetch_a = asyncio.create_task(warm_models(a.cache, [model], parallel=4, wrap=tapped))
         async with asyncio.timeout(30):
-            while not taps:
-                await asyncio.sleep(0)
-            await taps[0].started.wait()
+            await started.wait()
         assert not fetch_a.done()
         assert cluster.annotations("node-a")[FETCHING_PREFIX + model.source.cache_key].startswith(
             "fetching "
@@ -487,7 +484,7 @@ async def test_second_node_takes_ranges_from_a_node_still_fetching(
     assert b.source.counts.origin + from_a == total
 
 
-# ---- who may connect ------------------------------------------------------------------------------
+# ---- who may connect ----------------------------------------------------------------------------
 
 
 def _client_context(ca: bytes, pair: tuple[bytes, bytes] | None, tmp: Path) -> ssl.SSLContext:
@@ -500,10 +497,9 @@ def _client_context(ca: bytes, pair: tuple[bytes, bytes] | None, tmp: Path) -> s
 
 
 async def _get(url: str, ctx: ssl.SSLContext, **kw: Any) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, ssl=ctx, **kw) as resp:
-            await resp.read()
-            return resp.status
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=ctx, **kw) as resp:
+        await resp.read()
+        return resp.status
 
 
 async def test_only_agents_with_a_certificate_of_the_agents_ca_can_fetch(
