@@ -595,8 +595,8 @@ class KubePeerNetwork:
             )
         return self._session
 
-    async def _list(self) -> list[NodeInfo]:
-        if time.monotonic() - self._nodes_at < self.refresh:
+    async def _list(self, fresh: bool = False) -> list[NodeInfo]:
+        if not fresh and time.monotonic() - self._nodes_at < self.refresh:
             return self._nodes
         if self._listing is None or self._listing.done():
             self._listing = asyncio.create_task(self.directory.list_nodes())
@@ -609,8 +609,8 @@ class KubePeerNetwork:
         self._nodes, self._nodes_at = nodes, time.monotonic()
         return nodes
 
-    async def holders(self, key: str) -> list[Peer]:
-        nodes = await self._list()
+    async def holders(self, key: str, *, fresh: bool = False) -> list[Peer]:
+        nodes = await self._list(fresh)
         return [p for p in holders_of(nodes, key, time.time()) if p.node != self._node]
 
     async def _announce(self, key: str, state: str) -> None:

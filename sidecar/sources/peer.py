@@ -29,6 +29,7 @@ finds the holders and moves the bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -66,8 +67,9 @@ class PeerNetwork(Protocol):
         """This node's name: never a peer of itself."""
         ...
 
-    async def holders(self, key: str) -> list[Peer]:
-        """The other nodes that hold (or are fetching) the model ``key``."""
+    async def holders(self, key: str, *, fresh: bool = False) -> list[Peer]:
+        """The other nodes that hold (or are fetching) the model ``key``; ``fresh``: read
+        now, not from a recent answer."""
         ...
 
     async def announce(self, key: str) -> None:
@@ -231,6 +233,8 @@ class PeerSource:
             return
         if not any(p.complete for p in holders) and self.tuning.join_window > 0:
             await asyncio.sleep(self.tuning.join_window)
+            with contextlib.suppress(PeerUnavailableError):
+                await self.network.holders(self.key, fresh=True)  # who joined meanwhile
 
     async def _plan(self, path: str, start: int) -> list[tuple[Peer, float]]:
         """The peers to try for the range at ``start``, each with how long to wait for it."""
