@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import ssl
 import stat
 import tempfile
@@ -49,7 +50,7 @@ from aiohttp import web
 from yarl import URL
 
 from sidecar.cache import NodeCache, file_stamp, read_file_meta
-from sidecar.layout import ANONYMOUS_MARKER, ModelDir, UnsafePathError, safe_relpath
+from sidecar.layout import ANONYMOUS_MARKER, ModelDir, UnsafePathError, file_id, safe_relpath
 from sidecar.sources import RemoteFile
 from sidecar.sources.peer import Peer, PeerUnavailableError
 
@@ -70,6 +71,11 @@ COMPLETE_TTL: Final = 900.0
 MAX_WAIT: Final = 60.0
 #: Largest range of a file still being fetched served in one answer (read into memory).
 MAX_PARTIAL_RANGE: Final = 64 << 20
+#: Under the cache directory: ``peers/<key>/<file id>.<start>-<end>``, one empty file per
+#: range this node reads from the origin while it fetches (its mtime: when it was claimed).
+CLAIMS_DIR: Final = "peers"
+#: Seconds a claim counts: a fetch that died without a word stops holding the others back.
+CLAIM_TTL: Final = 120.0
 #: Names of the files in ``--peer-tls-dir``.
 CA_CERT_FILE: Final = "ca.crt"
 CA_KEY_FILE: Final = "ca.key"
@@ -253,6 +259,44 @@ class PeerTLS:
         return self._context(ssl.Purpose.SERVER_AUTH)
 
 
+# ---- claims: ranges a node reads from the origin now ---------------------------------------------
+
+
+def claims_dir(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / CLAIMS_DIR / key
+
+
+def write_claim(cache_dir: Path, key: str, relpath: str, start: int, end: int) -> Path:
+    """Record that this node reads ``[start, end)`` of ``relpath`` from the origin now."""
+    d = claims_dir(cache_dir, key)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{file_id(relpath)}.{start}-{end}"
+    path.touch()
+    return path
+
+
+def is_claimed(
+    cache_dir: Path, key: str, relpath: str, start: int, end: int, *, now: float
+) -> bool:
+    """Some fresh claim of this node overlaps ``[start, end)`` of ``relpath`` (blocking)."""
+    prefix = file_id(relpath) + "."
+    try:
+        with os.scandir(claims_dir(cache_dir, key)) as entries:
+            for entry in entries:
+                if not entry.name.startswith(prefix):
+                    continue
+                lo, _, hi = entry.name.removeprefix(prefix).partition("-")
+                if not (lo.isdigit() and hi.isdigit()):
+                    continue
+                if int(lo) < end and start < int(hi):
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - entry.stat().st_mtime <= CLAIM_TTL:
+                            return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return False
+
+
 # ---- the server ------------------------------------------------------------------------------
 
 
@@ -434,9 +478,10 @@ class PeerServer:
         start, end = int(m.group(1)), int(m.group(2)) + 1
         try:
             wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
+            grace = min(wait, max(0.0, float(request.query.get("grace", "0"))))
         except ValueError:
-            raise web.HTTPBadRequest(text="wait= must be a number of seconds") from None
-        deadline = time.monotonic() + wait
+            raise web.HTTPBadRequest(text="wait= and grace= are seconds") from None
+        started = time.monotonic()
         delay = 0.02
         while True:
             fd = await asyncio.to_thread(_open_complete, md, relpath, want)
@@ -446,10 +491,17 @@ class PeerServer:
                 data = await asyncio.to_thread(_read_partial, md, relpath, want, start, end)
                 if data is not None:
                     return await self._send(request, data, start, end, want.size)
-            if time.monotonic() >= deadline:
+            # wait only for what this node reads from the origin now (after a grace to claim
+            # it): anything else the client had better read itself
+            now = time.monotonic()
+            if now - started >= wait:
                 break
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.2)
+            if now - started >= grace and not is_claimed(
+                self.cache.cache_dir, md.key, relpath, start, end, now=time.time()
+            ):
+                break
+            await asyncio.sleep(min(delay, max(0.0, started + wait - now)))
+            delay = min(delay * 2, 0.1)
         if md.partial_state(relpath).exists():
             raise web.HTTPConflict(text=f"{relpath} [{start}, {end}) is not fetched here yet")
         raise web.HTTPNotFound(text=f"{relpath} of this version is not in this node's cache")
@@ -634,12 +686,21 @@ class KubePeerNetwork:
             except PeerUnavailableError as exc:
                 log.warning("%s: cannot renew the fetch announcement: %s", key, exc)
 
+    def claim(self, key: str, path: str, start: int, end: int) -> Callable[[], None]:
+        try:
+            claim = write_claim(self.cache.cache_dir, key, path, start, end)
+        except OSError as exc:
+            log.warning("%s: cannot record a claim: %s", key, exc)
+            return lambda: None
+        return lambda: claim.unlink(missing_ok=True)
+
     async def finish(self, key: str) -> None:
         count = self._active.get(key, 0) - 1
         if count > 0:
             self._active[key] = count
             return
         self._active.pop(key, None)
+        shutil.rmtree(claims_dir(self.cache.cache_dir, key), ignore_errors=True)
         task = self._renewers.pop(key, None)
         if task is not None:
             task.cancel()
@@ -674,9 +735,10 @@ class KubePeerNetwork:
         *,
         version: str | None,
         wait: float,
+        grace: float,
         stall: float,
     ) -> AsyncIterator[bytes]:
-        query = {"size": str(f.size), "wait": f"{wait:g}"}
+        query = {"size": str(f.size), "wait": f"{wait:g}", "grace": f"{grace:g}"}
         if f.sha256:
             query["sha256"] = f.sha256
         if version:

@@ -90,11 +90,19 @@ class PeerNetwork(Protocol):
         *,
         version: str | None,
         wait: float,
+        grace: float,
         stall: float,
     ) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)`` of ``f`` from ``peer``, waiting up to ``wait`` seconds for
-        a peer still fetching them; :class:`PeerUnavailableError` on any failure (after
-        yielding what arrived)."""
+        """Bytes ``[start, end)`` of ``f`` from ``peer``. A peer that is reading them from
+        the origin (it claimed them) is waited for, up to ``wait`` seconds; one that has not
+        claimed them answers at once, or after ``grace`` seconds if it claims them meanwhile.
+        :class:`PeerUnavailableError` on any failure (after yielding what arrived)."""
+        ...
+
+    def claim(self, key: str, path: str, start: int, end: int) -> Callable[[], None]:
+        """Tell the other nodes this one reads ``[start, end)`` of ``path`` from the origin
+        (they wait for it instead of reading it too); returns the release, for a read that
+        failed. Claims of a finished fetch go with ``finish``."""
         ...
 
     async def manifest(self, peer: Peer, key: str) -> dict[str, Any] | None:
@@ -108,8 +116,12 @@ class PeerTuning:
 
     #: seconds without a byte from a peer before its range goes elsewhere
     stall: float = 5.0
-    #: seconds to wait for the in-progress owner of a range to have it
+    #: seconds to wait for a node that reads a range from the origin to have it
     wait: float = 15.0
+    #: seconds the owner of a range has to claim it before another node reads it instead
+    grace: float = 1.0
+    #: at most this many nodes are asked for one range before the origin
+    max_asked: int = 8
     #: after announcing, seconds for the other nodes of a burst to announce too (only when
     #: no complete peer exists), so the first ranges are split among all of them
     join_window: float = 0.5
@@ -236,8 +248,14 @@ class PeerSource:
             with contextlib.suppress(PeerUnavailableError):
                 await self.network.holders(self.key, fresh=True)  # who joined meanwhile
 
-    async def _plan(self, path: str, start: int) -> list[tuple[Peer, float]]:
-        """The peers to try for the range at ``start``, each with how long to wait for it."""
+    async def _plan(self, path: str, start: int) -> list[tuple[Peer, float, float]]:
+        """The peers to ask for the range at ``start``, each with how long to wait for it
+        (when it reads it from the origin) and how long to give it to claim it.
+
+        Complete peers first (two at most, ranked for this piece so the load spreads),
+        then the nodes still fetching, the piece's owner first: the owner gets ``grace`` to
+        claim the piece (its engine may be about to), the others are waited for only if
+        they claimed it already. Nobody: this node claims it and reads the origin."""
         try:
             holders = await self.network.holders(self.key)
         except PeerUnavailableError:
@@ -247,16 +265,15 @@ class PeerSource:
         piece = start // self.tuning.piece
         by_node = {p.node: p for p in holders}
         complete = [p.node for p in holders if p.complete]
-        plan = [(by_node[n], 0.0) for n in rank_nodes(complete, self.key, path, piece)[:2]]
+        plan = [(by_node[n], 0.0, 0.0) for n in rank_nodes(complete, self.key, path, piece)[:2]]
         fetching = [p.node for p in holders if p.fetching and not p.complete]
         if fetching:
             order = rank_nodes([*fetching, me], self.key, path, piece)
-            if order[0] != me:
-                plan.append((by_node[order[0]], self.tuning.wait))
-            else:
-                # ours to read from the origin, unless another node has it already
-                plan.append((by_node[order[1]], 0.0))
-        return plan
+            for n in order:
+                if n != me:
+                    grace = self.tuning.grace if n == order[0] else 0.0
+                    plan.append((by_node[n], self.tuning.wait, grace))
+        return plan[: self.tuning.max_asked]
 
     async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
         f = self._listed.get(path)
@@ -265,12 +282,20 @@ class PeerSource:
         await self._join()
         pos = start
         version = self.version(path)
-        for peer, wait in await self._plan(path, start):
+        for peer, wait, grace in await self._plan(path, start):
             if pos >= end:
                 break
             try:
                 async for chunk in self.network.read(
-                    peer, self.key, f, pos, end, version=version, wait=wait, stall=self.tuning.stall
+                    peer,
+                    self.key,
+                    f,
+                    pos,
+                    end,
+                    version=version,
+                    wait=wait,
+                    grace=grace,
+                    stall=self.tuning.stall,
                 ):
                     pos += len(chunk)
                     self.counts.peers[peer.node] = self.counts.peers.get(peer.node, 0) + len(chunk)
@@ -281,10 +306,16 @@ class PeerSource:
             except PeerUnavailableError as exc:
                 log.debug("%s: %s [%d, %d) from %s: %s", self.key, path, pos, end, peer.node, exc)
         if pos < end:
-            async for chunk in self.origin.read_range(path, pos, end):
-                pos += len(chunk)
-                self.counts.origin += len(chunk)
-                yield chunk
+            release = self.network.claim(self.key, path, pos, end) if self._announced else None
+            try:
+                async for chunk in self.origin.read_range(path, pos, end):
+                    pos += len(chunk)
+                    self.counts.origin += len(chunk)
+                    yield chunk
+            except BaseException:
+                if release is not None:
+                    release()  # the others must not wait for what this node will not have
+                raise
 
     def reject_file(self, path: str) -> bool:
         """``path`` failed verification: never ask the peers that sent bytes of it again.
