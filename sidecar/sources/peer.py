@@ -253,9 +253,13 @@ class PeerSource:
         (when it reads it from the origin) and how long to give it to claim it.
 
         Complete peers first (two at most, ranked for this piece so the load spreads),
-        then the nodes still fetching, the piece's owner first: the owner gets ``grace`` to
-        claim the piece (its engine may be about to), the others are waited for only if
-        they claimed it already. Nobody: this node claims it and reads the origin."""
+        then the nodes still fetching in the piece's rendezvous order (the same on every
+        node), the owner first: a node ranked above this one gets a grace to claim the
+        piece (its engine may be about to: the owner ``grace``, the next ones a quarter of
+        it), the others are waited for only if they claimed it already. Nobody has it or
+        claims it: this node claims it and reads the origin. So for each piece one node
+        reads the origin and the others wait for it, whatever order their engines take
+        the pieces in."""
         try:
             holders = await self.network.holders(self.key)
         except PeerUnavailableError:
@@ -269,10 +273,21 @@ class PeerSource:
         fetching = [p.node for p in holders if p.fetching and not p.complete]
         if fetching:
             order = rank_nodes([*fetching, me], self.key, path, piece)
+            above = True
             for n in order:
-                if n != me:
-                    grace = self.tuning.grace if n == order[0] else 0.0
-                    plan.append((by_node[n], self.tuning.wait, grace))
+                if n == me:
+                    above = False
+                    continue
+                # the nodes ranked above this one read the piece before it would: the owner
+                # gets the full grace to claim it, the next ones a short one (they claim
+                # right after the owner's grace ran out); those below never hold it back
+                if not above:
+                    grace = 0.0
+                elif n == order[0]:
+                    grace = self.tuning.grace
+                else:
+                    grace = self.tuning.grace / 4
+                plan.append((by_node[n], self.tuning.wait, grace))
         return plan[: self.tuning.max_asked]
 
     async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:

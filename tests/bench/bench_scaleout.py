@@ -62,7 +62,7 @@ error_log {tmp}/error.log;
 {user}
 events {{ worker_connections 1024; }}
 http {{
-    log_format bench '$status $body_bytes_sent "$request"';
+    log_format bench '$status $body_bytes_sent $remote_addr "$request"';
     access_log {tmp}/access.log bench;
     client_body_temp_path {tmp}/client;
     proxy_temp_path {tmp}/proxy;
@@ -80,17 +80,21 @@ http {{
 """
 
 
-def file_bytes_sent(log: Path, offset: int) -> int:
-    """File body bytes nginx logged after ``offset`` (directory listings excluded)."""
-    total = 0
+def file_bytes_sent(log: Path, offset: int) -> dict[str, int]:
+    """File body bytes nginx logged after ``offset`` by client address (listings excluded)."""
+    by_client: dict[str, int] = {}
     with open(log, "rb") as f:
         f.seek(offset)
         for line in f.read().decode(errors="replace").splitlines():
-            status, sent, rest = line.split(" ", 2)
+            status, sent, client, rest = line.split(" ", 3)
             uri = rest.split('"')[1].split(" ")[1] if rest.count('"') >= 2 else ""
             if status in ("200", "206") and not uri.endswith("/"):
-                total += int(sent)
-    return total
+                by_client[client] = by_client.get(client, 0) + int(sent)
+    return by_client
+
+
+def _node_ip(i: int) -> str:
+    return f"{SWITCH_IP.rsplit('.', 1)[0]}.{NODE_HOST0 + i}"
 
 
 def _wait_port(ip: str, port: int, deadline: float) -> None:
@@ -132,8 +136,12 @@ class NodeProc:
 @dataclass
 class RunResult:
     elapsed: float
-    origin_bytes: int
+    per_client: dict[str, int]
     per_node: dict[str, float]
+
+    @property
+    def origin_bytes(self) -> int:
+        return sum(self.per_client.values())
 
 
 def run_once(nodes: list[NodeProc], mode: str, access_log: Path, timeout: float) -> RunResult:
@@ -210,7 +218,7 @@ def inner(args: argparse.Namespace) -> int:
             tls.mkdir(parents=True)
             (tls / "ca.crt").write_bytes(ca_cert)
             (tls / "ca.key").write_bytes(ca_key)
-            ip = f"{SWITCH_IP.rsplit('.', 1)[0]}.{NODE_HOST0 + i}"
+            ip = _node_ip(i)
             argv = [
                 sys.executable,
                 "-m",
@@ -275,7 +283,12 @@ def inner(args: argparse.Namespace) -> int:
         )
         for label, res in (("no peers", off), ("peers", on)):
             times = " ".join(f"{t:.1f}" for t in sorted(res.per_node.values()))
+            shares = " ".join(
+                f"{res.per_client.get(ip, 0) / total:.2f}"
+                for ip in (_node_ip(i) for i in range(args.nodes))
+            )
             print(f"{label}: ready times per node (s): {times}")
+            print(f"{label}: origin bytes per node (x model): {shares}")
         return 0
     finally:
         for n in nodes:
