@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST  ?= $(BIN)/pytest
 
 .PHONY: help run test test-fast lint fmt lock bench bench-warmup bench-fuse bench-coldstart \
-        bench-admission golden system-deps images push test-images lock-runtime clean proto
+        bench-admission bench-scaleout golden system-deps images push test-images lock-runtime clean proto
 
 help:
 	@echo "make run        inject the examples and run the local demo (no cluster needed)"
@@ -86,6 +86,10 @@ bench-fuse: $(STAMP) system-deps
 
 bench-coldstart: $(STAMP) system-deps
 	$(BIN)/python -m tests.bench.coldstart
+
+# root: network namespaces, veth pairs, a bridge and tc caps, all removed at the end
+bench-scaleout: $(STAMP) system-deps
+	$(BIN)/python -m tests.bench.bench_scaleout
 
 lock-runtime:
 	sh scripts/build-images.sh lock-runtime
