@@ -1266,6 +1266,10 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     peer_tls_dir = getattr(args, "peer_tls_dir", None)
     if peer_listen and not peer_tls_dir:
         raise ValueError("--peer-listen needs --peer-tls-dir (the agents' CA and certificate)")
+    if peer_listen:
+        from sidecar.node.peers import parse_listen
+
+        parse_listen(peer_listen)  # PeerSetupError (a ValueError) naming the flag
     return AgentSettings(
         cache_dir=Path(args.cache_dir),
         node=args.node,

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -571,3 +572,81 @@ async def test_server_serves_nothing_outside_the_cache_or_of_another_version(
     assert await _get(f"{base}/{shard}?size={size}", ctx) == 416  # no Range: not a peer client
     with contextlib.suppress(FileNotFoundError):
         (data / "leak.bin").unlink()
+
+
+# ---- the agent's command line --------------------------------------------------------------------
+
+
+async def test_agent_serves_its_cache_and_prewarms_through_peers(
+    cluster: Cluster, hub: Hub, agents_ca: CA, tmp_path: Path
+) -> None:
+    """``python -m sidecar agent --peer-listen ... --once``: the agent issues its own
+    certificate from the agents' CA, publishes its server's address on its node, and its
+    pre-warm takes the model from the complete peer, not from the hub."""
+    a = await cluster.add("node-a")
+    await fill(a, hub.model, hub.env, peers=False)
+    cluster.mark_ready("node-a", hub.key)
+    cluster.kube.add_node("node-c")
+    tls = tmp_path / "agent-tls"
+    tls.mkdir()
+    (tls / "ca.crt").write_bytes(agents_ca.cert)
+    (tls / "ca.key").write_bytes(agents_ca.key)
+    config = tmp_path / "prewarm.yaml"
+    config.write_text(f"models:\n  - model: {hub.model.source.uri}\n")
+    cache = tmp_path / "agent-cache"
+    env = {
+        **os.environ,
+        **hub.env,
+        "KUBECONFIG": str(cluster.kube.write_kubeconfig(tmp_path / "kubeconfig")),
+    }
+    sent_before = hub.url.stats.bytes_sent
+    argv = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(cache)]
+    argv += ["--node", "node-c", "--once", "--prewarm-config", str(config)]
+    argv += ["--peer-listen", "127.0.0.1:0", "--peer-tls-dir", str(tls)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(120):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+
+    peer_url = cluster.annotations("node-c")[PEER_ANNOTATION]
+    assert peer_url.startswith("https://127.0.0.1:")
+    done = NodeCache(cache).model_dir(hub.model).data
+    for rel, gen in hub.info.files.items():
+        assert sha256_file(done / rel) == gen.sha256
+    assert hub.url.stats.bytes_sent == sent_before  # every byte came from node-a
+    assert a.server.bytes_served == hub.info.total_bytes
+    assert cluster.kube.labels("node-c")[LABEL_PREFIX + hub.key] == LABEL_READY
+
+
+async def test_agent_refuses_peer_flags_it_cannot_use(
+    tmp_path: Path, kube_nodes: FakeNodeAPI
+) -> None:
+    kube_nodes.add_node("node-c")
+    env = {**os.environ, "KUBECONFIG": str(kube_nodes.write_kubeconfig(tmp_path / "kubeconfig"))}
+    base = [sys.executable, "-m", "sidecar", "agent", "--cache-dir", str(tmp_path / "c")]
+    base += ["--node", "node-c", "--once"]
+    cases = {
+        ("--peer-listen", "127.0.0.1:0"): "--peer-listen needs --peer-tls-dir",
+        ("--peer-listen", "node-c:9443", "--peer-tls-dir", str(tmp_path)): "expected IP:PORT",
+        ("--peer-tls-dir", str(tmp_path / "none")): "it must hold ca.crt",
+        (
+            "--peer-listen",
+            "0.0.0.0:0",
+            "--peer-tls-dir",
+            str(tmp_path / "tls"),
+        ): "--peer-advertise must name",
+    }
+    (tmp_path / "tls").mkdir()
+    ca_cert, ca_key = issue_ca("agents")
+    (tmp_path / "tls" / "ca.crt").write_bytes(ca_cert)
+    (tmp_path / "tls" / "ca.key").write_bytes(ca_key)
+    for flags, message in cases.items():
+        proc = await asyncio.create_subprocess_exec(
+            *base, *flags, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        assert proc.returncode == 2, (flags, err.decode())
+        assert message in err.decode(), (flags, err.decode())

@@ -197,7 +197,13 @@ async def test_announce_once_and_finish_on_close() -> None:
 def test_route_wraps_remote_origins_only_and_keys_by_the_uri() -> None:
     net = Network([])
     settings = FetchSettings(peers=net)
-    for uri in ["hf://acme/llama@main", "s3://models-bucket/p", "gs://models-bucket/p", "http://h/m/", "https://h/m/"]:
+    for uri in [
+        "hf://acme/llama@main",
+        "s3://models-bucket/p",
+        "gs://models-bucket/p",
+        "http://h/m/",
+        "https://h/m/",
+    ]:
         src = wrap_source(Origin(), uri, settings)  # type: ignore[arg-type]
         assert isinstance(src, PeerSource)
         assert src.key == parse_model_uri(uri).cache_key
