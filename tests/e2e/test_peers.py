@@ -302,6 +302,11 @@ async def test_peer_that_dies_mid_transfer_leaves_the_rest_to_the_origin(
 # ---- a peer that serves corrupt bytes -----------------------------------------------------------
 
 
+def resolves(hub: Hub, relpath: str) -> int:
+    """The hub's file requests for ``relpath`` so far (any revision)."""
+    return sum(n for p, n in hub.url.stats.per_path.items() if p.endswith(f"/{relpath}"))
+
+
 def corrupt_in_place(node: Node, model: NamedModel, relpath: str) -> None:
     """Flip bytes of a complete file and record the new stamp, as a broken or hostile peer
     would: its own checks pass, its bytes are wrong."""
@@ -333,12 +338,14 @@ async def test_corrupt_peer_bytes_fail_verification_and_are_fetched_elsewhere(
     corrupt_in_place(a, hub.model, shard)
     size = hub.info.files[shard].size
     sent_before = hub.url.stats.bytes_sent
+    resolves_before = resolves(hub, shard)
 
     await fill(b, hub.model, hub.env)
 
     assert_same_files(b, hub.model, hub.info)
     src = b.source
     assert "node-a" in src._rejected
+    assert resolves(hub, shard) > resolves_before  # fetched again, from the hub
     # a sent every file once (the corrupt shard included) and was never asked again: the
     # shard's second fetch and every file after the rejection came from the origin
     assert a.server.bytes_served == src.counts.peers["node-a"]
