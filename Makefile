@@ -13,6 +13,7 @@ help:
 	@echo "make run        inject the examples and run the local demo (no cluster needed)"
 	@echo "make test       the whole test suite (lint, types, unit, golden, http, e2e)"
 	@echo "make bench      benchmarks (tests/bench), results to compare with BENCHMARKS.md"
+	@echo "make bench-scaleout  eight nodes in network namespaces fetch one model, peers off and on (root)"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml (make lock-runtime: the images' lock)"
 	@echo "make proto      regenerate the CSI gRPC modules (sidecar/node/_csi_pb2*.py) from csi.proto"
 	@echo "make golden     regenerate golden files (MODELCACHE_UPDATE_GOLDEN=1)"

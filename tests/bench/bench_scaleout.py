@@ -349,7 +349,11 @@ def outer(args: argparse.Namespace) -> int:
         ]
         budget = 2 * args.run_timeout + 120
         try:
-            return subprocess.run(net.exec_argv("", argv), timeout=budget, check=False).returncode
+            code = subprocess.run(net.exec_argv("", argv), timeout=budget, check=False).returncode
+            if code < 0:
+                print(f"bench-scaleout: the run was killed by signal {-code}", file=sys.stderr)
+                return 1
+            return code
         except subprocess.TimeoutExpired:
             print(f"bench-scaleout: gave up after {budget:.0f} s", file=sys.stderr)
             return 1
