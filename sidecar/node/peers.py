@@ -49,6 +49,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from sidecar.agent import LABEL_PREFIX, LABEL_READY
 from sidecar.cache import NodeCache, file_stamp, read_file_meta
 from sidecar.layout import ANONYMOUS_MARKER, ModelDir, UnsafePathError, file_id, safe_relpath
 from sidecar.sources import RemoteFile
@@ -147,8 +148,6 @@ class NodeInfo:
 
 def holders_of(nodes: Iterable[NodeInfo], key: str, now: float) -> list[Peer]:
     """The nodes that hold ``key`` (complete or fetching) and say where their server is."""
-    from sidecar.agent import LABEL_PREFIX, LABEL_READY
-
     peers = []
     for n in nodes:
         url = valid_peer_url(n.annotations.get(PEER_ANNOTATION))
@@ -165,8 +164,6 @@ def holders_of(nodes: Iterable[NodeInfo], key: str, now: float) -> list[Peer]:
 def stale_announcements(info: NodeInfo, now: float) -> dict[str, None]:
     """The merge-patch that removes this node's announcements that no longer count (a fetch
     that stopped without a word, a completion the label now says)."""
-    from sidecar.agent import LABEL_PREFIX, LABEL_READY
-
     patch: dict[str, None] = {}
     for name, value in info.annotations.items():
         if not name.startswith(FETCHING_PREFIX):
@@ -428,7 +425,9 @@ class PeerServer:
     async def start(self, host: str, port: int, advertise: str | None = None) -> str:
         """Listen on ``host:port`` (0: any free port); returns ``https://ADDR:PORT`` with
         ``advertise`` (the node's address) or the host."""
-        self._runner = web.AppRunner(self.build_app(), access_log=None)
+        # a stopping agent cuts transfers after a few seconds: the peers read the rest
+        # elsewhere, from the byte where it stopped
+        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=3.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.tls.server_context())
         await site.start()

@@ -175,6 +175,12 @@ class PeerSource:
         self._joined: asyncio.Task[None] | None = None
         self._announced = False
 
+    @property
+    def rejected(self) -> frozenset[str]:
+        """The peers this source no longer asks: they sent bytes of a file that failed
+        verification."""
+        return frozenset(self._rejected)
+
     # ---- what the origin says -------------------------------------------------------------
 
     @property
