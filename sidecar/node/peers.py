@@ -88,6 +88,10 @@ _KEY_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _RANGE_RE: Final = re.compile(r"^bytes=(\d+)-(\d+)$")
 _CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _CHUNK: Final = 1 << 20
+#: Seconds a failed node list is not tried again (the fetch reads the origin meanwhile).
+_LIST_BACKOFF: Final = 5.0
+#: API answers worth another try
+_TRANSIENT: Final = frozenset({0, 408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
 
 
@@ -559,17 +563,12 @@ class NodeDirectory:
                 return await asyncio.to_thread(fn)
             except (ApiException, HTTPError, OSError, TimeoutError) as exc:
                 last = exc
-                if isinstance(exc, ApiException) and exc.status not in (
-                    0,
-                    408,
-                    429,
-                    500,
-                    502,
-                    503,
-                    504,
-                ):
+                if isinstance(exc, ApiException) and exc.status not in _TRANSIENT:
                     break
                 await asyncio.sleep(0.2 * 2**attempt)
+            except Exception as exc:  # noqa: BLE001 - peers are an optimisation: never fail a fetch
+                last = exc
+                break
         raise PeerUnavailableError(f"{what}: {type(last).__name__}: {last}")
 
     async def list_nodes(self) -> list[NodeInfo]:
@@ -624,6 +623,7 @@ class KubePeerNetwork:
         self.renew = renew
         self._nodes: list[NodeInfo] = []
         self._nodes_at = -1e9
+        self._failed_at = -1e9
         self._listing: asyncio.Task[list[NodeInfo]] | None = None
         self._active: dict[str, int] = {}
         self._renewers: dict[str, asyncio.Task[None]] = {}
@@ -649,12 +649,19 @@ class KubePeerNetwork:
     async def _list(self, fresh: bool = False) -> list[NodeInfo]:
         if not fresh and time.monotonic() - self._nodes_at < self.refresh:
             return self._nodes
+        recent = time.monotonic() - self._nodes_at < ANNOUNCE_TTL
+        if time.monotonic() - self._failed_at < _LIST_BACKOFF:
+            if recent:
+                return self._nodes
+            # the API failed a moment ago: the ranges go to the origin without waiting
+            raise PeerUnavailableError("the node list failed less than 5 s ago")
         if self._listing is None or self._listing.done():
             self._listing = asyncio.create_task(self.directory.list_nodes())
         try:
             nodes = await asyncio.shield(self._listing)
         except PeerUnavailableError:
-            if time.monotonic() - self._nodes_at < ANNOUNCE_TTL:
+            self._failed_at = time.monotonic()
+            if recent:
                 return self._nodes  # a recent list beats none while the API is busy
             raise
         self._nodes, self._nodes_at = nodes, time.monotonic()

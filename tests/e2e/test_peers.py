@@ -251,6 +251,27 @@ async def test_peer_without_the_model_sends_the_fetch_to_the_origin(
     assert hub.url.stats.bytes_sent - sent_before == hub.info.total_bytes
 
 
+async def test_an_api_that_fails_costs_the_fetch_nothing_but_its_peers(
+    cluster: Cluster, hub: Hub
+) -> None:
+    """The API stand-in answers the node's announcement and node lists with errors and
+    dropped connections: the fetch reads the origin and completes."""
+    a = await cluster.add("node-a")
+    b = await cluster.add("node-b")
+    await fill(a, hub.model, hub.env, peers=False)
+    cluster.mark_ready("node-a", hub.key)
+    cluster.kube.fail_next(100, "500", method="PATCH")
+    cluster.kube.fail_next(100, "drop", method="GET", path=NODES)
+    sent_before = hub.url.stats.bytes_sent
+
+    await fill(b, hub.model, hub.env)
+
+    assert_same_files(b, hub.model, hub.info)
+    assert b.source.counts.peers == {}
+    assert hub.url.stats.bytes_sent - sent_before == hub.info.total_bytes
+    assert a.server.bytes_served == 0
+
+
 # ---- a peer that dies mid-transfer --------------------------------------------------------------
 
 
