@@ -379,14 +379,16 @@ def _parts_done(state: Mapping[str, Any], start: int, end: int) -> bool:
 def _read_partial(md: ModelDir, relpath: str, want: _Wanted, start: int, end: int) -> bytes | None:
     """Bytes ``[start, end)`` of a file being fetched, if its state records them as written
     and synced, both before and after they were read from the same file (blocking)."""
-    before = _partial_state(md, relpath, want)
-    if before is None or not _parts_done(before, start, end):
-        return None
+    # the file first, then its state: the engine removes a partial's state before it makes
+    # a new partial file, so a state read now is this file's or a later one's
     try:
         fd = os.open(md.partial_file(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        before = _partial_state(md, relpath, want)
+        if before is None or not _parts_done(before, start, end):
+            return None
         ino = os.fstat(fd).st_ino
         chunks, pos = [], start
         while pos < end:
