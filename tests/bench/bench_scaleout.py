@@ -36,6 +36,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -327,6 +328,8 @@ def outer(args: argparse.Namespace) -> int:
     if reason:
         print(f"bench-scaleout skipped: {reason}")
         return 0
+    # SIGTERM ends the run through the same teardown as a failure
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     net = Network(f"mcso{os.getpid() % 100000}-")
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     work = Path(tempfile.mkdtemp(prefix="modelcache-scaleout-", dir=base))
