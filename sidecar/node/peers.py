@@ -574,8 +574,10 @@ class NodeDirectory:
         raise PeerUnavailableError(f"{what}: {type(last).__name__}: {last}")
 
     async def list_nodes(self) -> list[NodeInfo]:
+        # resourceVersion=0: served from the API server's cache, not read through to etcd
         result = await self._call(
-            "list nodes", lambda: self.api.list_node(_request_timeout=self.timeout)
+            "list nodes",
+            lambda: self.api.list_node(resource_version="0", _request_timeout=self.timeout),
         )
         nodes = []
         for item in result.items or []:
