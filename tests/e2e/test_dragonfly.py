@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cache import CacheError, NodeCache
+from sidecar.cache import NodeCache
 from sidecar.modelsource import parse_model_arg
 from sidecar.sources import Source, open_source
 from sidecar.sources.dragonfly import DaemonClient, DragonflySource, wrap
 from sidecar.sources.local import LocalSource
 from tests.fixtures.dragonfly import dragonfly_daemon
+from tests.fixtures.modelgen import sha256_file
 from tests.fixtures.servers import ServedModel, nginx_bytes_sent
 
 PART = 1 << 20  # small parts: several ranged reads per file, each its own daemon task
@@ -159,7 +160,7 @@ async def test_missing_socket_falls_back_to_origin(tmp_path: Path, nginx_model: 
 
 async def test_corrupt_pieces_are_caught_by_the_sha256_check(tmp_path: Path, hf_model: ServedModel):
     """The daemon is not trusted: a file whose listing has a sha256 is verified, so corrupt
-    pieces never reach ``data/``."""
+    pieces never reach ``data/``; the engine fetches the file again, from the origin."""
     cache = NodeCache(tmp_path / "cache", part_size=PART, retries=0)
     model = parse_model_arg(f"m={hf_model.url}")
     with dragonfly_daemon() as daemon:
@@ -170,12 +171,12 @@ async def test_corrupt_pieces_are_caught_by_the_sha256_check(tmp_path: Path, hf_
         try:
             files = await src.list_files()
             weights = next(f for f in files if f.sha256)
-            with pytest.raises(CacheError, match="sha256 mismatch"):
-                await cache.ensure_file(model, src, weights)
+            path = await cache.ensure_file(model, src, weights)
         finally:
             await src.aclose()
             await src.daemon.aclose()
-    assert not cache.model_dir(model).data_file(weights.path).exists()
+    assert sha256_file(path) == weights.sha256
+    assert src.reject_file(weights.path) is False  # already read from the origin
 
 
 class _Settings:

@@ -216,3 +216,32 @@ def test_route_wraps_remote_origins_only_and_keys_by_the_uri() -> None:
     assert source_wrapper(None) is None
     wrap = source_wrapper(settings)
     assert wrap is not None and isinstance(wrap(Origin(), "hf://acme/llama"), PeerSource)  # type: ignore[arg-type]
+
+
+def test_route_prefers_the_dragonfly_daemon_where_it_can_fetch_and_meters_peer_bytes(
+    tmp_path: Any,
+) -> None:
+    from sidecar.modelsource import parse_model_arg
+    from sidecar.sources import open_source
+    from sidecar.sources.dragonfly import DragonflySource
+
+    seen: list[tuple[str, int]] = []
+    settings = FetchSettings(
+        peers=Network([]),
+        dragonfly_socket=str(tmp_path / "dfdaemon.sock"),
+        meter=lambda via, n: seen.append((via, n)),
+    )
+    http = open_source(parse_model_arg("m=http://127.0.0.1:9/model/"))
+    assert isinstance(wrap_source(http, "http://127.0.0.1:9/model/", settings), DragonflySource)
+    # an origin the daemon cannot fetch (no URL to name) goes to the peers
+    s3 = Origin()
+    src = wrap_source(s3, "s3://models-bucket/llama", settings)  # type: ignore[arg-type]
+    assert isinstance(src, PeerSource) and src.meter is settings.meter
+
+
+async def test_peer_bytes_are_metered_as_peer() -> None:
+    seen: list[tuple[str, int]] = []
+    net = Network([Peer("a", "https://a:1", complete=True)], has={"a": (0, 1000)})
+    src = PeerSource(Origin(), KEY, net, TUNING, meter=lambda via, n: seen.append((via, n)))
+    await read_all(src, 0, 100)
+    assert seen == [("peer", 100)]
