@@ -29,9 +29,9 @@ finds the holders and moves the bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -123,8 +123,9 @@ class PeerTuning:
     #: at most this many nodes are asked for one range before the origin
     max_asked: int = 8
     #: after announcing, seconds for the other nodes of a burst to announce too (only when
-    #: no complete peer exists), so the first ranges are split among all of them
-    join_window: float = 0.5
+    #: no complete peer exists; longer while new ones keep coming), so the first ranges
+    #: are split among all of them
+    join_window: float = 1.0
     #: ranges are assigned to owners in pieces of this size
     piece: int = 1 << 20
 
@@ -249,23 +250,37 @@ class PeerSource:
         except PeerUnavailableError as exc:
             log.info("%s: peers unavailable (%s); reading from the origin", self.key, exc)
             return
-        if not any(p.complete for p in holders) and self.tuning.join_window > 0:
-            await asyncio.sleep(self.tuning.join_window)
-            with contextlib.suppress(PeerUnavailableError):
-                await self.network.holders(self.key, fresh=True)  # who joined meanwhile
+        if any(p.complete for p in holders) or self.tuning.join_window <= 0:
+            return
+        # a burst: wait until the set of fetching nodes stops growing (every node must rank
+        # the pieces over the same set, or two of them read the same piece), at least
+        # join_window seconds, at most three times that
+        started = time.monotonic()
+        seen = {p.node for p in holders}
+        step = self.tuning.join_window / 2
+        while time.monotonic() - started < 3 * self.tuning.join_window:
+            await asyncio.sleep(step)
+            try:
+                now = {p.node for p in await self.network.holders(self.key, fresh=True)}
+            except PeerUnavailableError:
+                return
+            if now == seen and time.monotonic() - started >= self.tuning.join_window:
+                return
+            seen = now
 
-    async def _plan(self, path: str, start: int) -> list[tuple[Peer, float, float]]:
+    async def _plan(self, path: str, start: int) -> list[tuple[Peer, float, float, bool]]:
         """The peers to ask for the range at ``start``, each with how long to wait for it
-        (when it reads it from the origin) and how long to give it to claim it.
+        (when it reads it from the origin), how long to give it to claim it, and whether it
+        ranks below this node (then this node claims the piece before asking it).
 
         Complete peers first (two at most, ranked for this piece so the load spreads),
         then the nodes still fetching in the piece's rendezvous order (the same on every
         node), the owner first: a node ranked above this one gets a grace to claim the
         piece (its engine may be about to: the owner ``grace``, the next ones a quarter of
-        it), the others are waited for only if they claimed it already. Nobody has it or
-        claims it: this node claims it and reads the origin. So for each piece one node
-        reads the origin and the others wait for it, whatever order their engines take
-        the pieces in."""
+        it), the others are waited for only if they claimed it already, and this node claims
+        the piece before it asks them, so none of them starts reading it meanwhile. Nobody
+        has it: this node reads the origin. So for each piece one node reads the origin and
+        the others wait for it, whatever order their engines take the pieces in."""
         try:
             holders = await self.network.holders(self.key)
         except PeerUnavailableError:
@@ -275,7 +290,9 @@ class PeerSource:
         piece = start // self.tuning.piece
         by_node = {p.node: p for p in holders}
         complete = [p.node for p in holders if p.complete]
-        plan = [(by_node[n], 0.0, 0.0) for n in rank_nodes(complete, self.key, path, piece)[:2]]
+        plan = [
+            (by_node[n], 0.0, 0.0, False) for n in rank_nodes(complete, self.key, path, piece)[:2]
+        ]
         fetching = [p.node for p in holders if p.fetching and not p.complete]
         if fetching:
             order = rank_nodes([*fetching, me], self.key, path, piece)
@@ -293,7 +310,7 @@ class PeerSource:
                     grace = self.tuning.grace
                 else:
                     grace = self.tuning.grace / 4
-                plan.append((by_node[n], self.tuning.wait, grace))
+                plan.append((by_node[n], self.tuning.wait, grace, not above))
         return plan[: self.tuning.max_asked]
 
     async def read_range(self, path: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -303,9 +320,13 @@ class PeerSource:
         await self._join()
         pos = start
         version = self.version(path)
-        for peer, wait, grace in await self._plan(path, start):
+        release: Callable[[], None] | None = None
+        for peer, wait, grace, below in await self._plan(path, start):
             if pos >= end:
                 break
+            if below and release is None and self._announced:
+                # the nodes ranked above had their chance: the piece is this node's now
+                release = self.network.claim(self.key, path, pos, end)
             try:
                 async for chunk in self.network.read(
                     peer,
@@ -327,7 +348,8 @@ class PeerSource:
             except PeerUnavailableError as exc:
                 log.debug("%s: %s [%d, %d) from %s: %s", self.key, path, pos, end, peer.node, exc)
         if pos < end:
-            release = self.network.claim(self.key, path, pos, end) if self._announced else None
+            if release is None and self._announced:
+                release = self.network.claim(self.key, path, pos, end)
             try:
                 async for chunk in self.origin.read_range(path, pos, end):
                     pos += len(chunk)

@@ -63,7 +63,7 @@ error_log {tmp}/error.log;
 {user}
 events {{ worker_connections 1024; }}
 http {{
-    log_format bench '$status $body_bytes_sent $remote_addr "$request"';
+    log_format bench '$status $body_bytes_sent $remote_addr $msec "$request" "$http_range"';
     access_log {tmp}/access.log bench;
     client_body_temp_path {tmp}/client;
     proxy_temp_path {tmp}/proxy;
@@ -81,17 +81,38 @@ http {{
 """
 
 
-def file_bytes_sent(log: Path, offset: int) -> dict[str, int]:
-    """File body bytes nginx logged after ``offset`` by client address (listings excluded)."""
+@dataclass
+class OriginLog:
+    """What nginx sent in one run: file bytes by client, and the pieces sent more than once
+    (their seconds since the run started, and bytes)."""
+
+    by_client: dict[str, int]
+    repeats: list[tuple[float, int]]
+
+
+def read_origin_log(log: Path, offset: int, started: float) -> OriginLog:
+    """The file requests nginx logged after ``offset`` (directory listings excluded)."""
     by_client: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    repeats = []
     with open(log, "rb") as f:
         f.seek(offset)
         for line in f.read().decode(errors="replace").splitlines():
-            status, sent, client, rest = line.split(" ", 3)
-            uri = rest.split('"')[1].split(" ")[1] if rest.count('"') >= 2 else ""
-            if status in ("200", "206") and not uri.endswith("/"):
-                by_client[client] = by_client.get(client, 0) + int(sent)
-    return by_client
+            status, sent, client, msec, rest = line.split(" ", 4)
+            quoted = rest.split('"')
+            uri = quoted[1].split(" ")[1] if len(quoted) > 1 and " " in quoted[1] else ""
+            if status not in ("200", "206") or uri.endswith("/"):
+                continue
+            by_client[client] = by_client.get(client, 0) + int(sent)
+            piece = (uri, quoted[3] if len(quoted) > 3 else "")
+            if piece in seen:
+                repeats.append((float(msec) - started, int(sent)))
+                if os.environ.get("MODELCACHE_BENCH_DEBUG"):
+                    print("repeat", piece, client, float(msec) - started, file=sys.stderr)
+            elif os.environ.get("MODELCACHE_BENCH_DEBUG"):
+                print("first", piece, client, float(msec) - started, file=sys.stderr)
+            seen.add(piece)
+    return OriginLog(by_client, sorted(repeats))
 
 
 def _node_ip(i: int) -> str:
@@ -137,8 +158,12 @@ class NodeProc:
 @dataclass
 class RunResult:
     elapsed: float
-    per_client: dict[str, int]
+    origin: OriginLog
     per_node: dict[str, float]
+
+    @property
+    def per_client(self) -> dict[str, int]:
+        return self.origin.by_client
 
     @property
     def origin_bytes(self) -> int:
@@ -154,6 +179,7 @@ def run_once(nodes: list[NodeProc], mode: str, access_log: Path, timeout: float)
             raise RuntimeError(f"{n.name}: reset failed: {ans}")
     offset = access_log.stat().st_size
     started = time.monotonic()
+    started_epoch = time.time()
     for n in nodes:
         n.send(f"go {mode}")
     deadline = started + timeout
@@ -165,7 +191,7 @@ def run_once(nodes: list[NodeProc], mode: str, access_log: Path, timeout: float)
         per_node[n.name] = at - started
     elapsed = max(per_node.values())
     time.sleep(0.2)  # nginx writes the log line of a request after its last byte is sent
-    return RunResult(elapsed, file_bytes_sent(access_log, offset), per_node)
+    return RunResult(elapsed, read_origin_log(access_log, offset, started_epoch), per_node)
 
 
 def inner(args: argparse.Namespace) -> int:
@@ -290,6 +316,12 @@ def inner(args: argparse.Namespace) -> int:
             )
             print(f"{label}: ready times per node (s): {times}")
             print(f"{label}: origin bytes per node (x model): {shares}")
+        repeats = on.origin.repeats
+        when = " ".join(f"{t:.1f}" for t, _ in repeats[:40]) + (" ..." if len(repeats) > 40 else "")
+        print(
+            f"peers: pieces the origin sent more than once: {len(repeats)}, "
+            f"{sum(n for _, n in repeats) / MiB:.1f} MiB; sent at (s): {when or '-'}"
+        )
         return 0
     finally:
         for n in nodes:
