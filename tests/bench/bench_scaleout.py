@@ -26,6 +26,9 @@ The node caches use a smaller part size than the default 16 MiB (``--part-size``
 parts are the unit of sharing between nodes still fetching, and a 0.12 GiB model in 16 MiB
 parts would have 8 of them; 2 MiB parts give the model about as many parts as a 1 GiB model
 has at the default.
+
+``MODELCACHE_BENCH_DEBUG=1`` lists every piece the origin sent (path, range, node, seconds
+into the run) on stderr, marking the ones it sent more than once.
 """
 
 from __future__ import annotations
