@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,17 @@ from typing import Any
 import pytest
 
 from tests.fixtures.modelgen import ModelInfo, generate_model
+from tests.fixtures.nobody import open_to_others
 from tests.localpod.example import VLLM_EXAMPLE, inject_example, mirror_secrets
 from tests.localpod.mirror import Mirror, publish_hub_repo
-from tests.localpod.runner import HOST_MOUNTPOINTS, REPO_ROOT, LocalPod, Node, mountpoints_under
+from tests.localpod.runner import (
+    HOST_MOUNTPOINTS,
+    REPO_ROOT,
+    LocalPod,
+    Node,
+    mountpoints_under,
+    scratch_node,
+)
 
 EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", VLLM_EXAMPLE))
 
@@ -70,6 +79,20 @@ def _status(injected: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(ann["modelcache.io/status"]))
 
 
+@pytest.fixture(autouse=True)
+def _reachable_by_pod_users() -> Iterator[None]:
+    """The pod's containers run as non-root users: they must reach the checkout and the
+    virtual environment (the node is a ``scratch_node``, reachable already)."""
+    with open_to_others(REPO_ROOT, Path(sys.prefix)):
+        yield
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with scratch_node() as n:
+        yield n
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
     path = tmp_path_factory.mktemp("localpod-model") / "model"
@@ -86,7 +109,7 @@ def hub(tmp_path: Path, model: ModelInfo) -> Iterator[tuple[Path, Mirror]]:
 
 @pytest.mark.parametrize("mode", ["block", "async"])
 def test_injected_example_cold_then_warm_node(
-    mode: str, tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
+    mode: str, node: Node, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     store, mirror = hub
     injected = _inject(mode)
@@ -100,7 +123,6 @@ def test_injected_example_cold_then_warm_node(
     init_names = [c["name"] for c in injected["spec"]["template"]["spec"]["initContainers"]]
     assert ("modelcache-warmup" in init_names) == (mode == "block")
 
-    node = Node(tmp_path / "node")
     secrets = mirror_secrets(mirror.url)
     created_before = {p for p in ("/models", "/var/run/modelcache") if Path(p).exists()}
     pids: list[int] = []
@@ -113,12 +135,13 @@ def test_injected_example_cold_then_warm_node(
             secrets=secrets,
             ready_timeout=90,
             hub_endpoint=mirror.url,
+            allow_root=True,
             source_bytes=lambda: mirror.bytes_sent("/resolve/"),
         ) as lp:
             run = lp.run()
             # the app container reads through the FUSE mount the sidecar made in its own
             # namespace: it reached the pod's emptyDir on the host by propagation
-            mnt = lp.dir / "emptydir" / "modelcache-mnt"
+            mnt = lp.volume_path("modelcache-mnt")
             fstypes = [
                 line.split(" - ")[1].split()[0]
                 for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -142,7 +165,7 @@ def test_injected_example_cold_then_warm_node(
 
 
 def test_tgi_example_loads_through_the_mount(
-    tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
+    node: Node, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """The TGI example sets no command: the image's entrypoint (text-generation-launcher)
     runs with its own ``--model-id`` and finds the model in its hub cache."""
@@ -151,9 +174,14 @@ def test_tgi_example_loads_through_the_mount(
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
     secrets = mirror_secrets(mirror.url)
-    node = Node(tmp_path / "node")
     with LocalPod(
-        injected, node, name="tgi", secrets=secrets, ready_timeout=90, hub_endpoint=mirror.url
+        injected,
+        node,
+        name="tgi",
+        secrets=secrets,
+        ready_timeout=90,
+        hub_endpoint=mirror.url,
+        allow_root=True,
     ) as lp:
         run = lp.run()
         app = next(c for c in run.containers if c.kind == "app")
@@ -175,7 +203,7 @@ def _fuse_mounted(path: Path) -> bool:
 
 @pytest.mark.parametrize("mode", ["block", "async"])
 def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
-    mode: str, tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
+    mode: str, node: Node, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """``modelcache.io/sidecar: classic``: the sidecar is the first regular container and
     its postStart hook (``sidecar probe --wait``) holds the app back, as the kubelet does,
@@ -191,7 +219,6 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
     publish_hub_repo(store, repo, model)
     model_size = model.total_bytes
     secrets = mirror_secrets(mirror.url)
-    node = Node(tmp_path / "node")
     with LocalPod(
         injected,
         node,
@@ -199,10 +226,11 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
         secrets=secrets,
         ready_timeout=90,
         hub_endpoint=mirror.url,
+        allow_root=True,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
     ) as lp:
         run = lp.run()
-        assert _fuse_mounted(lp.dir / "emptydir" / "modelcache-mnt")
+        assert _fuse_mounted(lp.volume_path("modelcache-mnt"))
         sidecar, app = run.container("modelcache-sidecar"), run.container("vllm")
         assert sidecar.hook_ok is not None and app.started is not None
         assert sidecar.hook_ok <= app.started, "the app started before postStart returned"
@@ -217,7 +245,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
 
 
 def test_warmup_off_fetches_on_demand_through_the_mount(
-    tmp_path: Path, model: ModelInfo, hub: tuple[Path, Mirror]
+    node: Node, model: ModelInfo, hub: tuple[Path, Mirror]
 ) -> None:
     """``modelcache.io/warmup: off``: no warm-up container; the app's reads through the
     mount fetch what they need, and it still serves the original name."""
@@ -231,7 +259,6 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
     secrets = mirror_secrets(mirror.url)
-    node = Node(tmp_path / "node")
     with LocalPod(
         injected,
         node,
@@ -239,6 +266,7 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
         secrets=secrets,
         ready_timeout=90,
         hub_endpoint=mirror.url,
+        allow_root=True,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
     ) as lp:
         run = lp.run()

@@ -13,16 +13,20 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures.modelgen import generate_model
+from tests.fixtures.nobody import open_to_others
 from tests.localpod.mirror import Mirror, NicLimit, publish_hub_repo
 from tests.localpod.runner import (
     HOST_MOUNTPOINTS,
+    REPO_ROOT,
     LocalPod,
     Node,
     PodFailed,
@@ -31,6 +35,7 @@ from tests.localpod.runner import (
     expand_vars,
     mountpoints_under,
     pod_from_manifest,
+    scratch_node,
 )
 from tests.localpod.standin import UsageError, parse_server_args
 
@@ -39,6 +44,20 @@ ROOT_ONLY = pytest.mark.skipif(
     reason="the local pod runner needs root and unshare(1) for mount namespaces",
 )
 BASE = "/localpod-runner-test"  # mountpoints created on the host, removed by the runner
+
+
+@pytest.fixture(autouse=True)
+def _reachable_by_pod_users() -> Iterator[None]:
+    """The containers run as non-root users: they must reach the checkout and the virtual
+    environment (the node is a ``scratch_node``, reachable already)."""
+    with open_to_others(REPO_ROOT, Path(sys.prefix)):
+        yield
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with scratch_node() as n:
+        yield n
 
 
 @pytest.mark.parametrize(
@@ -141,7 +160,7 @@ def _pod(secret_env: bool = True, fail_init: bool = False) -> dict[str, Any]:
                     "name": "fake-sidecar",
                     "image": "busybox",
                     "restartPolicy": "Always",
-                    "securityContext": {"privileged": True},
+                    "securityContext": {"privileged": True, "runAsUser": 0},
                     "command": ["sh", "-c", sidecar_script],
                     "startupProbe": {
                         "exec": {"command": ["test", "-f", f"{BASE}/shared/.ready"]},
@@ -188,11 +207,12 @@ def _pod(secret_env: bool = True, fail_init: bool = False) -> dict[str, Any]:
 
 
 @ROOT_ONLY
-def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node")
+def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(node: Node) -> None:
     generate_model(node.host_path("/srv/model"), total_bytes=6 << 20, shards=2)
+    for p in node.host_path("/srv/model").iterdir():
+        p.chmod(0o644)  # the app runs as uid 1000: the image's model files are world-readable
     model_bytes = payload_bytes(node.host_path("/srv/model"))
-    lp = LocalPod(_pod(), node, secrets={"creds": {"token": "s3cret"}})
+    lp = LocalPod(_pod(), node, secrets={"creds": {"token": "s3cret"}}, allow_root=True)
     try:
         run = lp.run()
         assert run.served_models == ["org/model"]
@@ -202,7 +222,7 @@ def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) ->
         app_log = run.container("app").log.read_text()
         # every byte of the model was read through the tmpfs the sidecar mounted
         assert f"{model_bytes} bytes" in app_log, app_log
-        assert (lp.dir / "emptydir" / "scratch" / "hello").read_text() == "s3cret\n"
+        assert (lp.volume_path("scratch") / "hello").read_text() == "s3cret\n"
         pids = [c.pid for c in run.containers if c.kind != "init"]
         assert mountpoints_under(node.root), "the sidecar's tmpfs should be visible on the host"
     finally:
@@ -216,10 +236,10 @@ def test_runner_propagates_sidecar_mount_to_app_and_cleans_up(tmp_path: Path) ->
 
 
 @ROOT_ONLY
-def test_failed_init_container_fails_the_pod_and_leaves_nothing(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node")
+def test_failed_init_container_fails_the_pod_and_leaves_nothing(node: Node) -> None:
     generate_model(node.host_path("/srv/model"), total_bytes=2 << 20, shards=1)
-    with LocalPod(_pod(fail_init=True), node, secrets={"creds": {"token": "x"}}) as lp:
+    pod = _pod(fail_init=True)
+    with LocalPod(pod, node, secrets={"creds": {"token": "x"}}, allow_root=True) as lp:
         with pytest.raises(PodFailed, match="init container prep exited 3"):
             lp.run()
         assert lp.run_info.failed is not None
@@ -230,10 +250,12 @@ def test_failed_init_container_fails_the_pod_and_leaves_nothing(tmp_path: Path) 
 
 
 @ROOT_ONLY
-def test_missing_secret_is_a_clear_error(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node")
+def test_missing_secret_is_a_clear_error(node: Node) -> None:
     generate_model(node.host_path("/srv/model"), total_bytes=2 << 20, shards=1)
-    with LocalPod(_pod(), node) as lp, pytest.raises(RunnerError, match="creds/token"):
+    with (
+        LocalPod(_pod(), node, allow_root=True) as lp,
+        pytest.raises(RunnerError, match="creds/token"),
+    ):
         lp.run()
     assert mountpoints_under(node.root) == []
 
@@ -347,15 +369,14 @@ def _classic_pod(hook: str) -> dict[str, Any]:
 
 
 @ROOT_ONLY
-def test_post_start_hook_holds_back_the_next_container(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node")
+def test_post_start_hook_holds_back_the_next_container(node: Node) -> None:
     wait_up = f"while [ ! -f {BASE}/scratch/up ]; do sleep 0.05; done"
     with LocalPod(_classic_pod(wait_up), node, ready_timeout=60) as lp:
         run = lp.run()
         first, second = run.container("first"), run.container("second")
         assert first.hook_ok is not None and second.started is not None
         assert first.hook_ok <= second.started
-        seen = lp.dir / "emptydir" / "scratch" / "seen"
+        seen = lp.volume_path("scratch") / "seen"
         deadline = time.monotonic() + 30
         while not (seen.exists() and seen.read_text().strip()):
             assert time.monotonic() < deadline, "the second container never ran"
@@ -365,8 +386,7 @@ def test_post_start_hook_holds_back_the_next_container(tmp_path: Path) -> None:
 
 
 @ROOT_ONLY
-def test_failed_post_start_kills_the_container_and_fails_the_pod(tmp_path: Path) -> None:
-    node = Node(tmp_path / "node")
+def test_failed_post_start_kills_the_container_and_fails_the_pod(node: Node) -> None:
     with LocalPod(_classic_pod("echo not ready; exit 4"), node, ready_timeout=60) as lp:
         with pytest.raises(PodFailed, match="postStart hook of first exited 4: container killed"):
             lp.run()

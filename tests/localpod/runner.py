@@ -3,38 +3,70 @@
 There is no cluster and no container engine on the machines this runs on, so this is the
 next best thing for seeing what modelcache does to a pod's start: the containers' commands,
 args and env come from the pod spec itself; each container gets its own mount namespace
-with every volumeMount bind-mounted at its mountPath (hostPath -> ``<node>/host/<path>``,
-emptyDir -> ``<pod-dir>/emptydir/<name>``, ``subPath``, ``readOnly`` and
-``mountPropagation`` honoured), so the FUSE mount that ``modelcache-sidecar`` makes inside its
-namespace reaches the app container exactly as it would through the kubelet.
+with every volumeMount bind-mounted at its mountPath (``subPath``, ``readOnly`` and
+``mountPropagation`` honoured), so what the node plugin or a sidecar mounts reaches the app
+container exactly as it would through the kubelet.
+
+Node and volumes, in the kubelet's layout: a ``Node`` is a directory; ``host/`` is its root
+filesystem for hostPath volumes, ``kubelet/`` the kubelet's root. A pod gets a uid
+(``metadata.uid``, else a new uuid4; the downward API's ``metadata.uid`` serves it) and
+``kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`` (mode 0777; ``medium: Memory``
+is a tmpfs of ``sizeLimit``), ``.../kubernetes.io~csi/<name>/mount``, ``kubernetes.io~secret``
+and ``kubernetes.io~configmap``. ``csi`` volumes go to the node's CSI plugin
+(``Node.start_csi_plugin``: the real ``python -m sidecar csi``), called as the kubelet calls
+it for an inline volume, NodePublishVolume with the volume context and the Secret's data,
+retried with the kubelet's backoff on retryable codes (``tests.localpod.csiplugin``), after
+the pod's emptyDirs exist (``empty_dirs_first=False``: in spec order, as the kubelet's
+reconciler may do it). Every volume is set up before the first container starts. When the
+pod stops, NodeUnpublishVolume for every csi volume, then the pod directory goes. Container
+logs are kept under ``logs/<namespace>_<name>_<uid>/`` (like ``/var/log/pods``).
+
+Users: every container runs as the ``runAsUser``/``runAsGroup`` of its securityContext, else
+the pod's, else uid 1000 (the group defaults to the uid), with the pod's
+``supplementalGroups`` and ``fsGroup``, through ``setpriv``: no capabilities at all (empty
+bounding set) and no_new_privs, unless ``privileged: true`` (then root's full set). uid 0 is
+never chosen by the runner; a container that asks for it fails the pod unless the runner
+was given ``allow_root=True`` (the legacy ``nodeCache: hostPath`` output needs it).
+``runAsNonRoot: true`` with uid 0 is refused as by the kubelet. Each container gets a private
+tmpfs owned by its user at ``/root`` and at its ``HOME`` (the image's home, as if the image
+were built for that user), so caches under ``~`` work; mountpoints its volumes need there
+are made owned by that user. ``readOnlyRootFilesystem``: everything the namespace copied
+from the host except ``/proc``, ``/sys`` and ``/dev`` is remounted read-only in it, while its
+volumes and homes stay as mounted; the host's ``/tmp`` is part of ``/`` here, so it is
+read-only too. Not emulated: ``capabilities.add`` (nothing is granted), seccomp and
+AppArmor profiles, user namespaces, ``fsGroup`` ownership changes of volumes (emptyDirs are
+0777 instead).
 
 What is *not* emulated, on purpose: images (the host's root filesystem is every container's
 root; ``python`` is the project's virtualenv and the app's executable, e.g. ``vllm``, is the
-stand-in model server through a shim directory put first on ``PATH``), network namespaces
-(all containers share the host loopback; the stand-in binds a free port instead of the one
-in its args and tells the runner which, like a pod IP), resource limits, restarts of failed
-containers, and probes other than the sidecar's startupProbe and the app's readiness.
-The network is loopback only: with ``hub_endpoint`` given, the Hugging Face Hub a container
-reaches by default (no ``HF_ENDPOINT`` of its own) is that loopback stand-in, as a node's
-DNS and proxy would route ``huggingface.co``; the pod spec itself is never changed for it.
+stand-in model server through a shim directory put first on ``PATH``; the checkout, the
+virtualenv and the node directory must be reachable by the containers' users:
+``tests.fixtures.nobody.open_to_others``), network namespaces (all containers share the host
+loopback; the stand-in binds a free port instead of the one in its args and tells the runner
+which, like a pod IP), resource limits, restarts of failed containers, and probes other than
+the sidecar's startupProbe and the app's readiness. The network is loopback only: with
+``hub_endpoint`` given, the Hugging Face Hub a container reaches by default (no
+``HF_ENDPOINT`` of its own) is that loopback stand-in, as a node's DNS and proxy would route
+``huggingface.co``; the pod spec itself is never changed for it.
 
 Sequence (KEP-753 native sidecars): init containers in order, each to completion (non-zero
 exit = pod failed); an init container with ``restartPolicy: Always`` is started and its
-startupProbe exec'd (in its mount namespace, with its env) every ``periodSeconds`` until it
-passes or ``failureThreshold`` is reached; then the regular containers in order, where a
-``postStart`` exec hook (run in the container's mount namespace with its env) blocks the
-next container until it returns, and a failed one kills its container and fails the pod, as
-in the kubelet (``modelcache.io/sidecar: classic`` depends on both). The pod is *ready*
-when every app container answers its readiness check: the ``httpGet`` of its readinessProbe,
-else ``GET /v1/models``, polled every 50 ms (finer than a kubelet would, since this measures
-time to ready rather than reacting to it).
+startupProbe exec'd (in its mount namespace, as its user, with its env) every
+``periodSeconds`` until it passes or ``failureThreshold`` is reached; then the regular
+containers in order, where a ``postStart`` exec hook (run the same way) blocks the next
+container until it returns, and a failed one kills its container and fails the pod, as in
+the kubelet (``modelcache.io/sidecar: classic`` depends on both). The pod is *ready* when
+every app container answers its readiness check: the ``httpGet`` of its readinessProbe, else
+``GET /v1/models``, polled every 50 ms (finer than a kubelet would, since this measures time
+to ready rather than reacting to it).
 
-Needs root (``unshare``, ``mount``); there is no path-rewriting fallback: without root,
-``LocalPod`` raises ``RunnerError`` saying so, the tests skip with that reason and the demo
-exits 2 with an explanation. Cleanup (also on failure and Ctrl-C): SIGTERM to the app
-containers, then the sidecars in reverse order (the sidecar unmounts its FUSE filesystem),
-SIGKILL to whatever is left after the grace period, then every mount under the pod directory
-is unmounted and the mountpoint directories the runner had to create on the host are removed.
+Needs root (``unshare``, ``mount``, ``setpriv``); there is no path-rewriting fallback:
+without root, ``LocalPod`` raises ``RunnerError`` saying so, the tests skip with that reason
+and the demo exits 2 with an explanation. Cleanup (also on failure and Ctrl-C): SIGTERM to
+the app containers, then the sidecars in reverse order, SIGKILL to whatever is left after
+the grace period, NodeUnpublishVolume for every csi volume, then every mount under the pod
+directory is unmounted, the pod directory removed, and the mountpoint directories the runner
+had to create on the host are removed.
 """
 
 from __future__ import annotations
@@ -48,13 +80,31 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import grpc
+
+from tests.localpod.csiplugin import (
+    BACKOFF_CAP,
+    RETRYABLE,
+    Attempt,
+    Backoff,
+    MountFailed,
+    NodePlugin,
+    PodInfo,
+    code_name,
+    kill_leftover_plugin,
+    publish_request,
+    write_vol_data,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NSEXEC = Path(__file__).with_name("nsexec.py")
@@ -79,6 +129,13 @@ STANDIN_MODULES = {
     "sglang.launch_server": "sglang",
     "vllm.entrypoints.openai.api_server": "vllm-api",
 }
+#: The node cache directory on a node (the legacy ``nodeCache: hostPath`` volume's path).
+NODE_CACHE = "/var/lib/modelcache"
+#: The uid (and gid) a container without runAsUser runs as: never root.
+DEFAULT_UID = 1000
+#: Directories every container gets as a private tmpfs owned by its user.
+HOME_DIRS = ("/root",)
+SETPRIV = "/usr/bin/setpriv"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY_POLL = 0.05
 
@@ -118,6 +175,10 @@ class PodRun:
     served_models: list[str] = field(default_factory=list)
     bytes_fetched: int | None = None  # from the source, pod start to ready (source_bytes)
     app_ports: dict[str, int] = field(default_factory=dict)
+    uid: str = ""
+    # every NodePublishVolume / NodeUnpublishVolume call, in order
+    csi_calls: list[Attempt] = field(default_factory=list)
+    volumes_ready: float | None = None  # every volume set up (time.monotonic())
 
     @property
     def time_to_ready(self) -> float | None:
@@ -144,18 +205,125 @@ class PodRun:
         return lines
 
 
-@dataclass(frozen=True)
 class Node:
     """A local directory standing for a node: ``host/`` is its root filesystem for hostPath
-    volumes, ``pods/<name>/`` holds each pod's emptyDirs, logs and runner state."""
+    volumes, ``kubelet/`` the kubelet's root (``pods/<uid>/volumes/...``), ``localpod/<uid>/``
+    what the runner keeps per pod (shims, container specs, state), ``logs/`` the container
+    logs and the CSI plugin's. Leaving ``with Node(...)`` stops its CSI plugin."""
 
-    root: Path
+    def __init__(self, root: Path, name: str = "localnode") -> None:
+        self.root = root
+        self.name = name
+        self.plugin: NodePlugin | None = None
 
     def host_path(self, path: str) -> Path:
         return self.root / "host" / path.lstrip("/")
 
-    def pod_dir(self, pod_name: str) -> Path:
-        return self.root / "pods" / pod_name
+    @property
+    def kubelet_root(self) -> Path:
+        return self.root / "kubelet"
+
+    @property
+    def cache_dir(self) -> Path:
+        """The node cache the CSI plugin owns (the legacy hostPath mode's directory)."""
+        return self.host_path(NODE_CACHE)
+
+    def pod_dir(self, uid: str) -> Path:
+        return self.kubelet_root / "pods" / uid
+
+    def run_dir(self, uid: str) -> Path:
+        return self.root / "localpod" / uid
+
+    def log_dir(self, namespace: str, name: str, uid: str) -> Path:
+        return self.root / "logs" / f"{namespace}_{name}_{uid}"
+
+    def start_csi_plugin(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        file_roots: tuple[Path, ...] = (),
+        check_timeout: float | None = None,
+    ) -> NodePlugin:
+        """Start ``python -m sidecar csi`` for this node (in this process's mount namespace)
+        and register it: pods' ``csi.modelcache.io`` volumes are published through it.
+        ``env`` is the plugin's own configuration (``HF_ENDPOINT``, ...)."""
+        if self.plugin is not None:
+            raise RunnerError(f"node {self.root}: the CSI plugin is already running")
+        kill_leftover_plugin(self._plugin_pid_file, self.kubelet_root)  # an interrupted run's
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.plugin = NodePlugin(
+            endpoint=self.root / "plugins" / "csi.modelcache.io" / "csi.sock",
+            node_id=self.name,
+            cache_dir=self.cache_dir,
+            kubelet_root=self.kubelet_root,
+            log_path=self.root / "logs" / "csi-plugin.log",
+            pid_file=self._plugin_pid_file,
+            env=env,
+            file_roots=file_roots,
+            check_timeout=check_timeout,
+        )
+        return self.plugin
+
+    def stop_csi_plugin(self) -> int | None:
+        """Stop the plugin (SIGTERM); its exit code, None when none was running."""
+        plugin, self.plugin = self.plugin, None
+        return None if plugin is None else plugin.stop()
+
+    @property
+    def _plugin_pid_file(self) -> Path:
+        return self.root / "plugins" / "csi.modelcache.io" / "plugin.pid"
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_csi_plugin()
+
+
+@contextlib.contextmanager
+def scratch_node(prefix: str = "modelcache-node-") -> Iterator[Node]:
+    """A node in a fresh directory under the system's temporary directory, mode 0755 so the
+    pod's non-root users reach it (pytest's ``tmp_path`` lies under a 0700 directory), with
+    its CSI plugin stopped, leftovers cleaned and the directory removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    node = Node(root / "node")
+    try:
+        yield node
+    finally:
+        node.stop_csi_plugin()
+        clean_leftovers(root)
+        if not mountpoints_under(root):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def parse_quantity(value: str | int | float) -> int:
+    """A Kubernetes quantity (``1Mi``, ``4Gi``, ``500M``, ``1e3``, ``128974848``) in bytes."""
+    text = str(value).strip()
+    number, factor = text, 1
+    for suffix, scale in _QUANTITY_SUFFIXES:
+        if text.endswith(suffix):
+            number, factor = text[: -len(suffix)], scale
+            break
+    try:
+        n = float(number)
+    except ValueError:
+        raise RunnerError(f"{value!r} is not a Kubernetes quantity (e.g. 1Mi, 4Gi)") from None
+    if n < 0:
+        raise RunnerError(f"{value!r}: a size cannot be negative")
+    return int(n * factor)
+
+
+_QUANTITY_SUFFIXES = (
+    ("Ki", 1 << 10),
+    ("Mi", 1 << 20),
+    ("Gi", 1 << 30),
+    ("Ti", 1 << 40),
+    ("k", 10**3),
+    ("M", 10**6),
+    ("G", 10**9),
+    ("T", 10**12),
+)
 
 
 def pod_from_manifest(obj: Mapping[str, Any] | list[Any]) -> dict[str, Any]:
@@ -265,11 +433,14 @@ def mountpoints_under(prefix: Path) -> list[str]:
 
 def clean_leftovers(prefix: Path) -> list[str]:
     """Undo what a runner killed before its cleanup left under ``prefix`` (a node
-    directory): SIGKILL every process whose mount namespace bind-mounts something from
-    there (its containers), then lazily unmount what is mounted there. Returns what was
-    killed and unmounted, for the caller to report."""
+    directory): SIGKILL the node's CSI plugin and every process whose mount namespace
+    bind-mounts something from there (its containers), then lazily unmount what is mounted
+    there. Returns what was killed and unmounted, for the caller to report."""
     base = os.path.realpath(prefix).rstrip("/") + "/"
     done = []
+    pid_file = prefix / "plugins" / "csi.modelcache.io" / "plugin.pid"
+    if (plugin := kill_leftover_plugin(pid_file, prefix / "kubelet")) is not None:
+        done.append(plugin)  # first: it would answer a leftover unpublish by remounting
     for point in dict.fromkeys(mountpoints_under(prefix)):  # stacked mounts: once each
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         done.append(f"mount {point}")
@@ -291,6 +462,27 @@ def clean_leftovers(prefix: Path) -> list[str]:
                 os.kill(int(proc.name), signal.SIGKILL)
                 done.append(f"process {proc.name}")
     return done
+
+
+def _kept_under(home: str) -> list[str]:
+    """What of the host stays visible under a container's home tmpfs, read-only: the
+    Python installation and virtualenv every container runs and the checkout (parts of
+    the "image" here), when they live there (e.g. pyenv under /root)."""
+    keep = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, REPO_ROOT)}
+    inside = sorted(p for p in keep if Path(p).is_relative_to(home) and p != home)
+    # an ancestor already brings its descendants
+    return [p for p in inside if not any(p != q and Path(p).is_relative_to(q) for q in inside)]
+
+
+def _check_reachable(path: Path, who: str) -> None:
+    """Raise RunnerError unless every directory above ``path`` lets others through (the
+    containers' users are not root): a checkout or node under a 0700 directory is not."""
+    for d in [path, *path.parents]:
+        if not os.stat(d).st_mode & 0o001:
+            raise RunnerError(
+                f"{d} is not searchable by others, so {who} cannot reach {path}: give others "
+                f"search permission on it (tests.fixtures.nobody.open_to_others does, for tests)"
+            )
 
 
 class HostMountpoints:
@@ -371,8 +563,84 @@ class HostMountpoints:
 HOST_MOUNTPOINTS = HostMountpoints()
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a container's processes are: uid, gid, supplementary groups, privileges."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    privileged: bool = False
+    read_only_root: bool = False
+
+    def wrapper(self) -> list[str]:
+        """The ``setpriv`` prefix that starts a command as this identity."""
+        if self.privileged:
+            return []  # root with every capability, as a privileged container is
+        groups = (
+            [f"--groups={','.join(str(g) for g in self.groups)}"]
+            if self.groups
+            else ["--clear-groups"]
+        )
+        return [
+            SETPRIV,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            *groups,
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
+
+
+def container_identity(
+    pod_spec: Mapping[str, Any], c: Mapping[str, Any], *, allow_root: bool = False
+) -> Identity:
+    """The user a container runs as: its securityContext, else the pod's, else DEFAULT_UID.
+    Raises RunnerError for uid 0 (unless ``allow_root``) and for runAsNonRoot with uid 0."""
+    pod_sc = pod_spec.get("securityContext") or {}
+    sc = c.get("securityContext") or {}
+
+    def pick(key: str) -> Any:
+        return sc[key] if sc.get(key) is not None else pod_sc.get(key)
+
+    uid = pick("runAsUser")
+    uid = DEFAULT_UID if uid is None else int(uid)
+    gid = pick("runAsGroup")
+    gid = uid if gid is None else int(gid)
+    name = c.get("name", "?")
+    if uid == 0 and pick("runAsNonRoot"):
+        raise RunnerError(
+            f"container {name}: runAsNonRoot is true and runAsUser is 0 (the kubelet refuses "
+            f"it: container has runAsNonRoot and image will run as root)"
+        )
+    if uid == 0 and not allow_root:
+        raise RunnerError(
+            f"container {name}: runAsUser 0: this runner runs every container as a non-root "
+            f"user; pass allow_root=True for pods that need root (the legacy "
+            f"nodeCache: hostPath output)"
+        )
+    groups = [int(g) for g in pod_sc.get("supplementalGroups") or []]
+    if pod_sc.get("fsGroup") is not None:
+        groups.append(int(pod_sc["fsGroup"]))
+    return Identity(
+        uid=uid,
+        gid=gid,
+        groups=tuple(dict.fromkeys(groups)),
+        privileged=bool(sc.get("privileged")),
+        read_only_root=bool(sc.get("readOnlyRootFilesystem")),
+    )
+
+
 class LocalPod:
-    """One pod on one local node. Use as a context manager: leaving it stops everything."""
+    """One pod on one local node. Use as a context manager: leaving it stops everything.
+
+    ``secrets`` and ``configmaps`` are the Secrets and ConfigMaps of the pod's namespace
+    (name -> data). ``publish_backoff_cap`` caps the delay between NodePublishVolume retries
+    (the kubelet's 2 min 2 s by default); ``publish_timeout`` bounds them overall (default:
+    ``ready_timeout``)."""
 
     def __init__(
         self,
@@ -387,16 +655,25 @@ class LocalPod:
         source_bytes: Callable[[], int] | None = None,
         grace: float = 15.0,
         hub_endpoint: str | None = None,
+        allow_root: bool = False,
+        empty_dirs_first: bool = True,
+        publish_backoff_cap: float = BACKOFF_CAP,
+        publish_timeout: float | None = None,
     ) -> None:
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             raise RunnerError("the local pod runner needs root and unshare(1) for mounts")
+        if not Path(SETPRIV).exists():
+            raise RunnerError(f"the local pod runner needs {SETPRIV} (util-linux) for users")
         self.pod = pod_from_manifest(dict(pod)) if "spec" not in pod or "kind" in pod else pod
         self.spec: Mapping[str, Any] = self.pod["spec"]
         meta = self.pod.get("metadata") or {}
         self.name = name or meta.get("name") or meta.get("generateName", "pod-").rstrip("-")
         self.namespace = meta.get("namespace") or "default"
+        self.uid = str(meta.get("uid") or uuid.uuid4())
         self.node = node
-        self.dir = node.pod_dir(self.name)
+        self.dir = node.pod_dir(self.uid)
+        self.run_dir = node.run_dir(self.uid)
+        self.log_dir = node.log_dir(self.namespace, self.name, self.uid)
         self.secrets = secrets or {}
         self.configmaps = configmaps or {}
         self.progress = progress or (lambda _msg: None)
@@ -411,15 +688,53 @@ class LocalPod:
         ):
             raise RunnerError(f"hub_endpoint {hub_endpoint!r}: expected an http(s) URL")
         self.hub_endpoint = hub_endpoint
+        self.allow_root = allow_root
+        self.empty_dirs_first = empty_dirs_first
+        self.publish_backoff_cap = publish_backoff_cap
+        self.publish_timeout = ready_timeout if publish_timeout is None else publish_timeout
         # the pod's own grace period, capped so a test never waits minutes on a stuck process
         self.grace = min(float(self.spec.get("terminationGracePeriodSeconds", 30)), grace)
         self.volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
-        self.run_info = PodRun(self.name, time.monotonic())
+        self.run_info = PodRun(self.name, time.monotonic(), uid=self.uid)
         self._procs: list[tuple[ContainerRun, subprocess.Popen[bytes]]] = []
         self._token = f"{os.getpid()}-{id(self)}"
         self._registered = False
         self._shared: list[Path] = []
         self._logs: list[Any] = []
+        # csi volumes NodePublishVolume was sent for: name -> (volume_id, target_path)
+        self._csi: dict[str, tuple[str, str]] = {}
+        self._plugin: NodePlugin | None = None
+
+    @property
+    def pod_info(self) -> PodInfo:
+        return PodInfo(
+            name=self.name,
+            namespace=self.namespace,
+            uid=self.uid,
+            service_account=str(
+                self.spec.get("serviceAccountName") or self.spec.get("serviceAccount") or "default"
+            ),
+        )
+
+    def volume_path(self, name: str) -> Path:
+        """Where volume ``name`` lives on the node (what containers bind at their mountPath)."""
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise RunnerError(f"the pod has no volume {name!r}")
+        volumes = self.dir / "volumes"
+        if "emptyDir" in vol:
+            return volumes / "kubernetes.io~empty-dir" / name
+        if "csi" in vol:
+            return volumes / "kubernetes.io~csi" / name / "mount"
+        if "secret" in vol:
+            return volumes / "kubernetes.io~secret" / name
+        if "configMap" in vol:
+            return volumes / "kubernetes.io~configmap" / name
+        if "hostPath" in vol:
+            return self.node.host_path(vol["hostPath"]["path"])
+        if "persistentVolumeClaim" in vol:
+            return self.node.root / "pvc" / str(vol["persistentVolumeClaim"]["claimName"])
+        raise RunnerError(f"volume {name}: this kind of volume is not supported locally")
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> LocalPod:
@@ -430,18 +745,31 @@ class LocalPod:
 
     def run(self) -> PodRun:
         """Start the pod and wait until it is ready; raise PodFailed otherwise."""
-        if self.dir.exists():
-            if mountpoints_under(self.dir):
-                raise RunnerError(f"{self.dir} still has mounts from an earlier run")
-            shutil.rmtree(self.dir)
-        for sub in ("emptydir", "logs", "state", "bin", "spec"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.run_info = PodRun(self.name, time.monotonic())
+        containers = [
+            *(self.spec.get("initContainers") or []),
+            *(self.spec.get("containers") or []),
+        ]
+        self._identities = {
+            c["name"]: container_identity(self.spec, c, allow_root=self.allow_root)
+            for c in containers
+        }
+        for d in (self.dir, self.run_dir):
+            if d.exists():
+                if mountpoints_under(d):
+                    raise RunnerError(f"{d} still has mounts from an earlier run")
+                shutil.rmtree(d)
+        (self.dir / "volumes").mkdir(parents=True)
+        for sub in ("state", "bin", "spec"):
+            (self.run_dir / sub).mkdir(parents=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.run_info = PodRun(self.name, time.monotonic(), uid=self.uid)
         if self.source_bytes is not None:
             self._bytes_at_start = self.source_bytes()
         HOST_MOUNTPOINTS.register(self._token)
         self._registered = True
         try:
+            self._setup_volumes()
+            self.run_info.volumes_ready = time.monotonic()
             self._prepare_bidirectional()
             for c in self.spec.get("initContainers") or []:
                 if c.get("restartPolicy") == "Always":
@@ -457,11 +785,13 @@ class LocalPod:
         return self.run_info
 
     def stop(self) -> None:
-        """Stop every container, unmount everything, remove what the runner created."""
+        """Stop every container, unpublish the csi volumes, unmount everything, remove the
+        pod's directories and what the runner created on the host (logs are kept)."""
         apps = [(c, p) for c, p in self._procs if c.kind == "app"]
         sidecars = [(c, p) for c, p in self._procs if c.kind != "app"]
         self._terminate(apps)
         self._terminate(list(reversed(sidecars)))
+        self._unpublish_all()
         for point in mountpoints_under(self.dir) if self.dir.exists() else []:
             if subprocess.run(["umount", point], capture_output=True, check=False).returncode:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
@@ -472,9 +802,12 @@ class LocalPod:
         if self._registered:
             HOST_MOUNTPOINTS.release(self._token)
             self._registered = False
-        empty = self.dir / "emptydir"
-        if empty.exists() and not mountpoints_under(self.dir):
-            shutil.rmtree(empty, ignore_errors=True)
+        for d in (self.dir, self.run_dir):
+            # never rmtree across a mount: a leftover bind could lead into the node cache
+            if d.exists() and not mountpoints_under(d):
+                shutil.rmtree(d, ignore_errors=True)
+            elif d.exists():
+                self.progress(f"{self.name}: {d} still has mounts; left in place")
 
     def _terminate(self, procs: list[tuple[ContainerRun, subprocess.Popen[bytes]]]) -> None:
         for _, p in procs:
@@ -491,6 +824,165 @@ class LocalPod:
             if c.ended is None:
                 c.ended = time.monotonic()
                 c.exit_code = p.returncode
+
+    # -- volumes --------------------------------------------------------------------------
+    def _setup_volumes(self) -> None:
+        """Every volume of the pod, before any container: emptyDirs (tmpfs for
+        ``medium: Memory``), Secrets and ConfigMaps, hostPaths, then the csi volumes through
+        the node's plugin, retried with the kubelet's backoff while it says so."""
+        vols = list(self.volumes.values())
+        if self.empty_dirs_first:
+            vols.sort(key=lambda v: "csi" in v)  # stable: spec order within each group
+        pending: list[tuple[Mapping[str, Any], Any, Backoff, float]] = []
+        deadline = time.monotonic() + self.publish_timeout
+        for vol in vols:
+            if "csi" not in vol:
+                self._setup_local_volume(vol)
+                continue
+            req = self._publish_request(vol)
+            backoff = Backoff(cap=self.publish_backoff_cap)
+            if (delay := self._publish(vol, req, backoff)) is not None:
+                pending.append((vol, req, backoff, time.monotonic() + delay))
+        while pending:
+            pending.sort(key=lambda p: p[3])
+            vol, req, backoff, at = pending.pop(0)
+            if at > deadline:
+                last = next(a for a in reversed(self.run_info.csi_calls) if a.volume == vol["name"])
+                raise PodFailed(
+                    f'MountVolume.SetUp failed for volume "{vol["name"]}": not published within '
+                    f"{self.publish_timeout:g}s; last answer: {last.code}: {last.message}"
+                )
+            time.sleep(max(0.0, at - time.monotonic()))
+            if (delay := self._publish(vol, req, backoff)) is not None:
+                pending.append((vol, req, backoff, time.monotonic() + delay))
+
+    def _setup_local_volume(self, vol: Mapping[str, Any]) -> None:
+        name = str(vol["name"])
+        path = self.volume_path(name)
+        if "emptyDir" in vol:
+            path.mkdir(parents=True)
+            path.chmod(0o777)  # the kubelet's emptyDir mode: any user of the pod may write
+            spec = vol["emptyDir"] or {}
+            if spec.get("medium") == "Memory":
+                opts = "mode=0777"
+                if spec.get("sizeLimit") is not None:
+                    opts += f",size={parse_quantity(spec['sizeLimit'])}"
+                self._host_mount("-t", "tmpfs", "-o", opts, f"emptydir-{name}", str(path))
+        elif "secret" in vol or "configMap" in vol:
+            kind, store = (
+                ("secret", self.secrets) if "secret" in vol else ("configMap", self.configmaps)
+            )
+            ref = str(vol[kind].get("secretName") or vol[kind].get("name", ""))
+            data = store.get(ref)
+            if data is None and not vol[kind].get("optional"):
+                raise PodFailed(
+                    f'MountVolume.SetUp failed for volume "{name}" : {kind.lower()} "{ref}" '
+                    "not found"
+                )
+            path.mkdir(parents=True)
+            for key, value in (data or {}).items():
+                (path / key).write_text(value)
+                (path / key).chmod(0o644)
+        elif "hostPath" in vol:
+            hp = vol["hostPath"]
+            kind = hp.get("type", "")
+            if kind in ("DirectoryOrCreate", ""):
+                path.mkdir(parents=True, exist_ok=True)
+            elif kind == "FileOrCreate":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            elif not path.exists():
+                raise PodFailed(f"hostPath {hp['path']} (type {kind}) does not exist on the node")
+        elif "persistentVolumeClaim" in vol:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            self.volume_path(name)  # raises for what is not supported
+
+    def _host_mount(self, *args: str) -> None:
+        proc = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RunnerError(f"mount {' '.join(args)}: {proc.stderr.strip()}")
+
+    def _publish_request(self, vol: Mapping[str, Any]) -> Any:
+        name = str(vol["name"])
+        driver = str(vol["csi"].get("driver", ""))
+        plugin = self.node.plugin
+        if plugin is None or plugin.driver != driver:
+            raise PodFailed(
+                f'MountVolume.SetUp failed for volume "{name}" : kubernetes.io/csi: '
+                f"mounter.SetUpAt failed to get CSI client: driver name {driver} not found in "
+                f"the list of registered CSI drivers"
+            )
+        self._plugin = plugin
+        target = self.volume_path(name)
+        try:
+            req = publish_request(self.pod_info, vol, target, self.secrets)
+        except MountFailed as exc:
+            raise PodFailed(str(exc)) from None
+        write_vol_data(target, self.pod_info, vol)
+        return req
+
+    def _publish(self, vol: Mapping[str, Any], req: Any, backoff: Backoff) -> float | None:
+        """One NodePublishVolume: None when published, the delay before the next try on a
+        retryable answer; raises PodFailed on any other answer."""
+        assert self._plugin is not None
+        name = str(vol["name"])
+        self._csi[name] = (req.volume_id, req.target_path)
+        t = time.monotonic()
+        try:
+            self._plugin.publish(req)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            now = time.monotonic()
+            self.run_info.csi_calls.append(
+                Attempt("publish", name, now, now - t, code.name, details)
+            )
+            if code not in RETRYABLE:
+                raise PodFailed(
+                    f'MountVolume.SetUp failed for volume "{name}" : rpc error: '
+                    f"code = {code_name(code)} desc = {details}"
+                ) from None
+            delay = backoff.next_delay()
+            self.progress(
+                f"{self.name}: volume {name}: NodePublishVolume {code.name}: {details} "
+                f"(retry in {delay:g}s)"
+            )
+            return delay
+        now = time.monotonic()
+        self.run_info.csi_calls.append(Attempt("publish", name, now, now - t, "OK"))
+        self.progress(f"{self.name}: volume {name} published by {self._plugin.driver}")
+        return None
+
+    def _unpublish_all(self, attempts: int = 5) -> None:
+        """NodeUnpublishVolume for every csi volume a publish was sent for (the plugin
+        answers success for what it never published), retried on retryable codes."""
+        plugin, self._plugin = self._plugin, None
+        csi, self._csi = self._csi, {}
+        if plugin is None:
+            return
+        for name, (volume_id, target) in reversed(csi.items()):
+            backoff = Backoff(cap=2.0)
+            for i in range(attempts):
+                t = time.monotonic()
+                try:
+                    plugin.unpublish(volume_id, target, timeout=60)
+                except grpc.RpcError as exc:
+                    code, details = exc.code(), exc.details() or ""
+                    now = time.monotonic()
+                    self.run_info.csi_calls.append(
+                        Attempt("unpublish", name, now, now - t, code.name, details)
+                    )
+                    if code in RETRYABLE and i + 1 < attempts:
+                        time.sleep(backoff.next_delay())
+                        continue
+                    self.progress(
+                        f"{self.name}: volume {name}: NodeUnpublishVolume failed: "
+                        f"{code.name}: {details}"
+                    )
+                    break
+                now = time.monotonic()
+                self.run_info.csi_calls.append(Attempt("unpublish", name, now, now - t, "OK"))
+                break
 
     # -- containers -----------------------------------------------------------------------
     def _run_init(self, c: Mapping[str, Any]) -> None:
@@ -556,21 +1048,33 @@ class LocalPod:
         self, c: Mapping[str, Any], kind: str
     ) -> tuple[ContainerRun, subprocess.Popen[bytes]]:
         name = c["name"]
+        ident = self._identities[name]
         env = self._container_env(c)
         command = [expand_vars(str(a), env) for a in c.get("command") or []]
         args = [expand_vars(str(a), env) for a in c.get("args") or []]
         argv = (command or _image_entrypoint(str(c.get("image", "")))) + args
         if not c.get("command") and not argv:
             raise RunnerError(f"container {name} has nothing to run")
-        bindir = self._shims(name)
+        bindir = self._shims(name, ident)
         env["PATH"] = f"{bindir}:{env.get('PATH', BASE_PATH)}"
         exe = Path(argv[0]).name
         if argv[0].startswith("/") and not Path(argv[0]).exists() and (bindir / exe).exists():
             argv[0] = str(bindir / exe)  # e.g. /app/llama-server in the image
-        spec = {"mounts": self._mounts(c), "argv": argv, "cwd": c.get("workingDir") or "/"}
-        spec_file = self.dir / "spec" / f"{name}.json"
+        homes = self._homes(env)
+        spec = {
+            "mounts": self._mounts(c, ident, homes),
+            "homes": [
+                {"path": h, "uid": ident.uid, "gid": ident.gid, "keep": _kept_under(h)}
+                for h in homes
+            ],
+            "readOnlyRoot": ident.read_only_root,
+            "wrapper": ident.wrapper(),
+            "argv": argv,
+            "cwd": c.get("workingDir") or "/",
+        }
+        spec_file = self.run_dir / "spec" / f"{name}.json"
         spec_file.write_text(json.dumps(spec, indent=1))
-        run = ContainerRun(name, kind, self.dir / "logs" / f"{name}.log", argv=argv)
+        run = ContainerRun(name, kind, self.log_dir / f"{name}.log", argv=argv)
         run.standin = _runs_standin(argv)
         log = open(run.log, "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
@@ -588,6 +1092,14 @@ class LocalPod:
         self.run_info.containers.append(run)
         self._procs.append((run, proc))
         return run, proc
+
+    def _homes(self, env: Mapping[str, str]) -> list[str]:
+        """The container's HOME-like directories (each becomes its private tmpfs)."""
+        homes = list(HOME_DIRS)
+        home = env.get("HOME", "")
+        if home.startswith("/") and home != "/" and Path(home).is_dir() and home not in homes:
+            homes.append(home)
+        return homes
 
     def _container_env(self, c: Mapping[str, Any]) -> dict[str, str]:
         env: dict[str, str] = {"PATH": BASE_PATH, "HOME": "/root", "HOSTNAME": self.name}
@@ -630,7 +1142,9 @@ class LocalPod:
             fields = {
                 "metadata.name": self.name,
                 "metadata.namespace": self.namespace,
-                "spec.nodeName": "localnode",
+                "metadata.uid": self.uid,
+                "spec.nodeName": self.node.name,
+                "spec.serviceAccountName": self.pod_info.service_account,
                 "status.podIP": "127.0.0.1",
                 "status.hostIP": "127.0.0.1",
             }
@@ -639,61 +1153,35 @@ class LocalPod:
             return "0"
         raise RunnerError(f"container {cname}: env {e['name']}: unsupported valueFrom {src}")
 
-    def _shims(self, cname: str) -> Path:
-        bindir = self.dir / "bin" / cname
+    def _shims(self, cname: str, ident: Identity) -> Path:
+        bindir = self.run_dir / "bin" / cname
         bindir.mkdir(parents=True, exist_ok=True)
-        port_file = self.dir / "state" / f"{cname}.port"
+        state = self.run_dir / "state" / cname  # the stand-in writes its port file here
+        state.mkdir(parents=True, exist_ok=True)
+        os.chown(state, ident.uid, ident.gid)
+        port_file = state / "port"
         shims: dict[str, str | None] = {"python": None, "python3": None}
         shims.update(STANDIN_EXECUTABLES)
         for exe, framework in shims.items():
             path = bindir / exe
             path.write_text(_shim_text(framework, port_file, self.hub_endpoint))
             path.chmod(0o755)
+        if ident.uid != 0:
+            _check_reachable(bindir, f"container {cname} (uid {ident.uid})")
         return bindir
 
-    def _volume_source(self, vol: Mapping[str, Any]) -> Path:
-        name = str(vol["name"])
-        if "hostPath" in vol:
-            hp = vol["hostPath"]
-            src = self.node.host_path(hp["path"])
-            kind = hp.get("type", "")
-            if kind in ("DirectoryOrCreate", ""):
-                src.mkdir(parents=True, exist_ok=True)
-            elif kind == "FileOrCreate":
-                src.parent.mkdir(parents=True, exist_ok=True)
-                src.touch()
-            elif not src.exists():
-                raise PodFailed(f"hostPath {hp['path']} (type {kind}) does not exist on the node")
-            return src
-        if "emptyDir" in vol:
-            src = self.dir / "emptydir" / name
-            src.mkdir(parents=True, exist_ok=True)
-            return src
-        for kind, store in (("secret", self.secrets), ("configMap", self.configmaps)):
-            if kind in vol:
-                ref = str(vol[kind].get("secretName") or vol[kind].get("name", ""))
-                src = self.dir / kind / name
-                src.mkdir(parents=True, exist_ok=True)
-                for key, value in (store.get(ref) or {}).items():
-                    (src / key).write_text(value)
-                return src
-        if "persistentVolumeClaim" in vol:
-            src = self.node.root / "pvc" / str(vol["persistentVolumeClaim"]["claimName"])
-            src.mkdir(parents=True, exist_ok=True)
-            return src
-        raise RunnerError(f"volume {name}: this kind of volume is not supported locally")
-
-    def _mounts(self, c: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _mounts(
+        self, c: Mapping[str, Any], ident: Identity, homes: list[str]
+    ) -> list[dict[str, Any]]:
         mounts = []
         for vm in sorted(
             c.get("volumeMounts") or [], key=lambda m: len(Path(m["mountPath"]).parts)
         ):
-            vol = self.volumes.get(vm["name"])
-            if vol is None:
+            if vm["name"] not in self.volumes:
                 raise RunnerError(
                     f"container {c['name']}: volumeMount names no volume {vm['name']!r}"
                 )
-            src = self._volume_source(vol)
+            src = self.volume_path(vm["name"])
             if vm.get("subPath"):
                 sub = Path(vm["subPath"])
                 if sub.is_absolute() or ".." in sub.parts:
@@ -702,13 +1190,19 @@ class LocalPod:
                 if not src.exists():
                     src.mkdir(parents=True)  # the kubelet creates missing subPath dirs
             target = Path(vm["mountPath"])
-            self._ensure_target(target, is_file=src.is_file())
+            in_home = any(target.is_relative_to(h) for h in homes)
+            if not in_home:
+                self._ensure_target(target, is_file=src.is_file())
             mounts.append(
                 {
                     "source": str(src),
                     "target": str(target),
                     "readOnly": bool(vm.get("readOnly")),
                     "propagation": vm.get("mountPropagation") or "None",
+                    # made inside the container's home tmpfs, owned by its user
+                    "create": {"uid": ident.uid, "gid": ident.gid, "isFile": src.is_file()}
+                    if in_home
+                    else None,
                 }
             )
         return mounts
@@ -738,11 +1232,9 @@ class LocalPod:
                 raise RunnerError(
                     f"Bidirectional mount of {name!r}: only emptyDir volumes supported"
                 )
-            src = self._volume_source(vol)
+            src = self.volume_path(name)
             for args in (["--bind", str(src), str(src)], ["--make-shared", str(src)]):
-                proc = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-                if proc.returncode:
-                    raise RunnerError(f"mount {' '.join(args)}: {proc.stderr.strip()}")
+                self._host_mount(*args)
             self._shared.append(src)
 
     # -- probes and readiness -------------------------------------------------------------
@@ -751,8 +1243,9 @@ class LocalPod:
     ) -> int:
         """Run ``argv`` in the container's mount namespace with its env (an exec probe)."""
         env = self._container_env(c)
-        env["PATH"] = f"{self.dir / 'bin' / run.name}:{env['PATH']}"
-        cmd = ["nsenter", f"--target={run.pid}", "--mount", "--", *argv]
+        env["PATH"] = f"{self.run_dir / 'bin' / run.name}:{env['PATH']}"
+        wrapper = self._identities[run.name].wrapper()
+        cmd = ["nsenter", f"--target={run.pid}", "--mount", "--", *wrapper, *argv]
         with open(run.log, "ab") as log:
             try:
                 return subprocess.run(
@@ -828,7 +1321,7 @@ class LocalPod:
         self.progress(f"{self.name}: ready after {self.run_info.time_to_ready:.2f}s")
 
     def _ready(self, run: ContainerRun, c: Mapping[str, Any]) -> bool:
-        port_file = self.dir / "state" / f"{run.name}.port"
+        port_file = self.run_dir / "state" / run.name / "port"
         http_get = (c.get("readinessProbe") or {}).get("httpGet")
         if not run.standin:
             return True  # no inference server here: started = ready (nothing to measure)
