@@ -4,16 +4,22 @@ No cluster and no network: a small but real model is generated under ``.demo/`` 
 nginx on loopback as an enterprise Hugging Face mirror (the documented hub endpoints as
 static files). ``examples/vllm.yaml`` is injected by the real ``python -m webhook inject``,
 untouched: the webhook detects the hub model in ``vllm serve ORG/NAME`` and chooses hub-cache
-delivery, so the app's command line stays as written. modelcache's containers reach the
-mirror through ``HF_ENDPOINT`` in the Secret ``modelcache-hf-credentials``, the per-scheme
-credentials Secret the webhook wires into its containers (how a platform team points
-modelcache at its internal mirror); on this loopback-only node the mirror also stands for the
-Hub the app reaches by default (the runner's ``hub_endpoint``). The pod then runs with the
-local pod runner (``tests/localpod/runner.py``): warm-up init container, FUSE sidecar, which
-lays the model out in the Hugging Face cache layout of the pod's ``modelcache-hub`` volume,
-and a stand-in for the vLLM process that loads the model the way vLLM does, with
-``huggingface_hub.snapshot_download(ORG/NAME)`` and the pod's env, reads every tensor and
-answers ``/v1/models``. The mirror's byte counters show the app fetched no model byte.
+delivery, so the app's command line stays as written. The node runs the real CSI node plugin
+(``python -m sidecar csi``), configured with the mirror as its hub (``HF_ENDPOINT``), the
+only process that fetches and the only writer of the node cache; on this loopback-only node
+the mirror also stands for the Hub the app reaches by default (the runner's
+``hub_endpoint``). The pod then runs with the local pod runner (``tests/localpod/runner.py``)
+as the kubelet runs it: NodePublishVolume for its ``csi.modelcache.io`` volumes (the
+read-only view and the FUSE mount, with the data of the app's token Secret ``hf-token``,
+which the mirror accepts whatever it holds), then the unprivileged warm-up init container,
+which prints the node's fetch progress, the unprivileged FUSE sidecar, which serves the
+descriptor the plugin handed over and lays the model out in the Hugging Face cache layout of
+the pod's ``modelcache-hub`` volume, and a stand-in for the vLLM process that loads the
+model the way vLLM does, with ``huggingface_hub.snapshot_download(ORG/NAME)`` and the pod's
+env, reads every tensor and answers ``/v1/models``. Every container runs as a non-root user
+without capabilities. The mirror's byte counters show the app fetched no model byte. (With
+the webhook's legacy ``nodeCache: hostPath`` output, the demo runs that shape instead: a
+privileged sidecar and a root warm-up that fetches, the only containers allowed root.)
 
 Needs root (mount namespaces, FUSE). Prints progress lines, the pod diff, and the summary
 lines ``cold node: time to ready <seconds>`` and ``warm node: time to ready <seconds>``.
@@ -37,7 +43,8 @@ from typing import Any
 import yaml
 
 from tests.fixtures.modelgen import generate_model
-from tests.localpod.example import HF_SECRET, VLLM_EXAMPLE, mirror_secrets
+from tests.fixtures.nobody import open_to_others
+from tests.localpod.example import VLLM_EXAMPLE, mirror_secrets, plugin_env
 from tests.localpod.mirror import Mirror, MirrorError, publish_hub_repo
 from tests.localpod.runner import (
     REPO_ROOT,
@@ -49,6 +56,7 @@ from tests.localpod.runner import (
     clean_leftovers,
     mountpoints_under,
     pod_from_manifest,
+    uses_csi_driver,
 )
 
 EXAMPLE = VLLM_EXAMPLE
@@ -118,8 +126,8 @@ def pod_diff(before: dict[str, Any], after: dict[str, Any], limit: int = 90) -> 
 class LogFollower:
     """Prints the warm-up's progress lines (its stderr, as ``kubectl logs`` would show)."""
 
-    def __init__(self, pod_dir: Path, names: tuple[str, ...]) -> None:
-        self.files = [pod_dir / "logs" / f"{n}.log" for n in names]
+    def __init__(self, log_dir: Path, names: tuple[str, ...]) -> None:
+        self.files = [log_dir / f"{n}.log" for n in names]
         self.offsets = dict.fromkeys(self.files, 0)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -163,8 +171,9 @@ def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple
         progress=say,
         ready_timeout=300,
         hub_endpoint=mirror.url,
+        allow_root=not uses_csi_driver(pod),  # the legacy hostPath shape needs root
     )
-    with lp, LogFollower(lp.dir, ("modelcache-warmup", "modelcache-sidecar")):
+    with lp, LogFollower(lp.log_dir, ("modelcache-warmup", "modelcache-sidecar")):
         try:
             run = lp.run()
         except PodFailed as exc:
@@ -173,6 +182,8 @@ def run_pod(pod: dict[str, Any], node: Node, name: str, mirror: Mirror) -> tuple
             raise DemoError(f"pod {name} failed: {exc}") from exc
         for line in run.report_lines():
             print(line)
+        users = ", ".join(f"{n} {i.uid}" for n, i in lp.identities.items())
+        say(f"{name}: containers ran as uids: {users}")
         for c in run.containers:
             if c.kind == "app":
                 for line in c.log.read_text(errors="replace").splitlines():
@@ -238,11 +249,21 @@ def _demo(args: argparse.Namespace) -> int:
         if mountpoints_under(node.root):
             raise DemoError(f"{node.root} still has mounts from an interrupted run")
         shutil.rmtree(node.root)
-    with Mirror(store, limit_rate=args.rate or None) as mirror:
-        say(
-            f"hub mirror (nginx, limit_rate {args.rate or 'none'} per connection) at "
-            f"{mirror.url}; HF_ENDPOINT comes from Secret {HF_SECRET}"
-        )
+    csi = uses_csi_driver(after)
+    node.root.mkdir(parents=True)
+    node.root.chmod(0o755)  # the pod's non-root users reach the runner's files under it
+    with (
+        Mirror(store, limit_rate=args.rate or None) as mirror,
+        node,
+        open_to_others(REPO_ROOT, Path(sys.prefix), node.root),
+    ):
+        say(f"hub mirror (nginx, limit_rate {args.rate or 'none'} per connection) at {mirror.url}")
+        if csi:
+            node.start_csi_plugin(env=plugin_env(mirror.url))
+            say(
+                f"node plugin csi.modelcache.io started (HF_ENDPOINT={mirror.url.rstrip('/')}; "
+                f"log: {node.root / 'logs' / 'csi-plugin.log'})"
+            )
         say("cold node: starting the injected pod")
         cold, cold_model, cold_all = run_pod(after, node, "vllm-cold", mirror)
         say("warm node: starting a second pod on the same node")
@@ -256,7 +277,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"cold node: bytes fetched {cold_model} model bytes ({cold_all} with listings)")
     print(f"warm node: time to ready {warm.time_to_ready:.2f}")
     print(f"warm node: bytes fetched {warm_model} model bytes ({warm_all} with listings)")
-    print(f"both pods answered /v1/models with {warm.served_models}; logs under {node.root}/pods")
+    print(f"both pods answered /v1/models with {warm.served_models}; logs under {node.root}/logs")
     return 0
 
 

@@ -24,18 +24,36 @@ VLLM_EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
 HF_SECRET: str = Config().credentials.hf.secret_name or "modelcache-hf-credentials"
 
 
+#: The Secret the example's app takes its hub token from (``secretKeyRef``, optional).
+APP_TOKEN_SECRET = "hf-token"
+
+
 def mirror_secrets(endpoint: str) -> dict[str, dict[str, str]]:
-    """The Secrets a local pod needs to reach the loopback hub mirror at ``endpoint``."""
-    return {HF_SECRET: {"HF_ENDPOINT": endpoint.rstrip("/")}}
+    """The Secrets of the pod's namespace for the loopback hub mirror at ``endpoint``: the
+    cluster's ``HF_ENDPOINT`` for modelcache's containers (legacy ``nodeCache: hostPath``
+    output) and the app's own token Secret, which a ``csi`` volume's
+    ``nodePublishSecretRef`` names (the kubelet fails the mount when it is missing; the
+    mirror takes any token)."""
+    return {
+        HF_SECRET: {"HF_ENDPOINT": endpoint.rstrip("/")},
+        APP_TOKEN_SECRET: {"token": "hf_localpod_user_token"},
+    }
+
+
+def plugin_env(endpoint: str) -> dict[str, str]:
+    """The node plugin's own configuration for the mirror: where the hub is."""
+    return {"HF_ENDPOINT": endpoint.rstrip("/")}
 
 
 class InjectError(RuntimeError):
     """The example has no pod template, or the webhook refused it."""
 
 
-def inject_example(example: Path, annotations: Mapping[str, str]) -> dict[str, Any]:
+def inject_example(
+    example: Path, annotations: Mapping[str, str], *, config: Path | None = None
+) -> dict[str, Any]:
     """The first workload of ``example``, its pod template annotated with ``annotations``,
-    as ``python -m webhook inject`` returns it."""
+    as ``python -m webhook inject`` (with the webhook ``config`` file, if given) returns it."""
     docs = [d for d in yaml.safe_load_all(example.read_text()) if d]
     templates = [
         d["spec"]["template"]
@@ -47,7 +65,15 @@ def inject_example(example: Path, annotations: Mapping[str, str]) -> dict[str, A
     for template in templates:
         template.setdefault("metadata", {}).setdefault("annotations", {}).update(annotations)
     proc = subprocess.run(
-        [sys.executable, "-m", "webhook", "inject", "-f", "-"],
+        [
+            sys.executable,
+            "-m",
+            "webhook",
+            "inject",
+            "-f",
+            "-",
+            *(["--config", str(config)] if config else []),
+        ],
         input=yaml.safe_dump_all(docs),
         capture_output=True,
         text=True,

@@ -297,6 +297,14 @@ def scratch_node(prefix: str = "modelcache-node-") -> Iterator[Node]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def uses_csi_driver(pod: Mapping[str, Any], driver: str = "csi.modelcache.io") -> bool:
+    """Does the pod (or pod template's pod) have an inline ``csi`` volume of ``driver``?"""
+    spec = (
+        pod_from_manifest(dict(pod))["spec"] if "spec" not in pod or "kind" in pod else pod["spec"]
+    )
+    return any((v.get("csi") or {}).get("driver") == driver for v in spec.get("volumes") or [])
+
+
 def parse_quantity(value: str | int | float) -> int:
     """A Kubernetes quantity (``1Mi``, ``4Gi``, ``500M``, ``1e3``, ``128974848``) in bytes."""
     text = str(value).strip()
@@ -704,6 +712,8 @@ class LocalPod:
         # csi volumes NodePublishVolume was sent for: name -> (volume_id, target_path)
         self._csi: dict[str, tuple[str, str]] = {}
         self._plugin: NodePlugin | None = None
+        # who each container runs as (set when the pod starts)
+        self.identities: dict[str, Identity] = {}
 
     @property
     def pod_info(self) -> PodInfo:
@@ -749,7 +759,7 @@ class LocalPod:
             *(self.spec.get("initContainers") or []),
             *(self.spec.get("containers") or []),
         ]
-        self._identities = {
+        self.identities = {
             c["name"]: container_identity(self.spec, c, allow_root=self.allow_root)
             for c in containers
         }
@@ -1048,7 +1058,7 @@ class LocalPod:
         self, c: Mapping[str, Any], kind: str
     ) -> tuple[ContainerRun, subprocess.Popen[bytes]]:
         name = c["name"]
-        ident = self._identities[name]
+        ident = self.identities[name]
         env = self._container_env(c)
         command = [expand_vars(str(a), env) for a in c.get("command") or []]
         args = [expand_vars(str(a), env) for a in c.get("args") or []]
@@ -1244,7 +1254,7 @@ class LocalPod:
         """Run ``argv`` in the container's mount namespace with its env (an exec probe)."""
         env = self._container_env(c)
         env["PATH"] = f"{self.run_dir / 'bin' / run.name}:{env['PATH']}"
-        wrapper = self._identities[run.name].wrapper()
+        wrapper = self.identities[run.name].wrapper()
         cmd = ["nsenter", f"--target={run.pid}", "--mount", "--", *wrapper, *argv]
         with open(run.log, "ab") as log:
             try:
