@@ -26,6 +26,7 @@ from tests.fixtures.nobody import open_to_others
 from tests.localpod.mirror import Mirror, NicLimit, publish_hub_repo
 from tests.localpod.runner import (
     HOST_MOUNTPOINTS,
+    NODE_MARKER_ENV,
     REPO_ROOT,
     LocalPod,
     Node,
@@ -262,39 +263,52 @@ def test_missing_secret_is_a_clear_error(node: Node) -> None:
 
 @ROOT_ONLY
 def test_clean_leftovers_kills_only_container_processes(tmp_path: Path) -> None:
-    """After a runner was killed: its host binds and its containers' processes go; processes
-    of this mount namespace (which see the same host binds) are never touched."""
-    empty = tmp_path / "node" / "pods" / "p" / "emptydir" / "v"
+    """After a runner was killed: its host binds and its containers' processes go; every
+    other process stays: one of this mount namespace, and one in a namespace of its own
+    that merely copied the node's mounts (created by someone else while a pod ran)."""
+    node_root = tmp_path / "node"
+    empty = node_root / "kubelet" / "pods" / "p" / "volumes" / "v"
     empty.mkdir(parents=True)
     subprocess.run(["mount", "--bind", str(empty), str(empty)], check=True)
     target = tmp_path / "target"
     target.mkdir()
-    container = subprocess.Popen(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            f"mount --bind {empty} {target} && exec sleep 120",
-        ]
-    )
+
+    def in_own_namespace(marker: bool) -> subprocess.Popen[bytes]:
+        env = {"PATH": os.environ["PATH"]}
+        if marker:
+            env[NODE_MARKER_ENV] = os.path.realpath(node_root)
+        return subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                f"mount --bind {empty} {target} && exec sleep 120",
+            ],
+            env=env,
+        )
+
+    container = in_own_namespace(marker=True)
+    foreign = in_own_namespace(marker=False)  # same mounts, someone else's process
     bystander = subprocess.Popen(["sleep", "120"])
     try:
         deadline = time.monotonic() + 10
-        while str(empty) not in Path(f"/proc/{container.pid}/mountinfo").read_text():
-            assert time.monotonic() < deadline, "the container never mounted"
-            assert container.poll() is None
-            time.sleep(0.02)
-        done = clean_leftovers(tmp_path / "node")
+        for p in (container, foreign):
+            while str(target) not in Path(f"/proc/{p.pid}/mountinfo").read_text():
+                assert time.monotonic() < deadline, "the namespace never mounted"
+                assert p.poll() is None
+                time.sleep(0.02)
+        done = clean_leftovers(node_root)
         assert f"process {container.pid}" in done
         assert container.wait(timeout=10) == -9
-        assert bystander.poll() is None
-        assert mountpoints_under(tmp_path / "node") == []
+        assert foreign.poll() is None and bystander.poll() is None
+        assert not any(f"process {p.pid}" in done for p in (foreign, bystander))
+        assert mountpoints_under(node_root) == []
     finally:
-        for p in (container, bystander):
+        for p in (container, foreign, bystander):
             p.kill()
             p.wait()
         subprocess.run(["umount", "-l", str(empty)], capture_output=True, check=False)

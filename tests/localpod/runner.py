@@ -136,6 +136,9 @@ DEFAULT_UID = 1000
 #: Directories every container gets as a private tmpfs owned by its user.
 HOME_DIRS = ("/root",)
 SETPRIV = "/usr/bin/setpriv"
+#: Set on every container process (the node's directory): how ``clean_leftovers`` tells the
+#: containers of an interrupted run from every other process on the machine.
+NODE_MARKER_ENV = "MODELCACHE_LOCALPOD_NODE"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY_POLL = 0.05
 
@@ -441,34 +444,35 @@ def mountpoints_under(prefix: Path) -> list[str]:
 
 def clean_leftovers(prefix: Path) -> list[str]:
     """Undo what a runner killed before its cleanup left under ``prefix`` (a node
-    directory): SIGKILL the node's CSI plugin and every process whose mount namespace
-    bind-mounts something from there (its containers), then lazily unmount what is mounted
-    there. Returns what was killed and unmounted, for the caller to report."""
-    base = os.path.realpath(prefix).rstrip("/") + "/"
+    directory): SIGKILL the node's CSI plugin and the container processes of its pods, then
+    lazily unmount what is mounted there. Returns what was killed and unmounted, for the
+    caller to report.
+
+    A container process is one whose environment carries this node's ``NODE_MARKER_ENV``
+    (the runner sets it on every container): any other process is left alone, even one in
+    a mount namespace that copied this node's mounts (a namespace someone else created
+    while a pod ran holds copies of its mounts, and is none of the runner's business)."""
+    root = os.path.realpath(prefix).rstrip("/")
+    marker = f"{NODE_MARKER_ENV}={root}".encode()
     done = []
     pid_file = prefix / "plugins" / "csi.modelcache.io" / "plugin.pid"
     if (plugin := kill_leftover_plugin(pid_file, prefix / "kubelet")) is not None:
         done.append(plugin)  # first: it would answer a leftover unpublish by remounting
-    for point in dict.fromkeys(mountpoints_under(prefix)):  # stacked mounts: once each
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-        done.append(f"mount {point}")
-    # Only processes in *other* mount namespaces are container processes: a leftover bind in
-    # this namespace would show in every host process's mountinfo (never kill those).
-    own_ns = os.readlink("/proc/self/ns/mnt")
+    own = os.getpid()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == own:
             continue
         try:
-            if os.readlink(proc / "ns" / "mnt") == own_ns:
-                continue
-            lines = (proc / "mountinfo").read_text().splitlines()
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        # field 4 is the mount's root inside its filesystem: for our binds, a node path
-        if any(len(f := line.split()) > 4 and f[3].startswith(base) for line in lines):
+        if marker in environ:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(proc.name), signal.SIGKILL)
                 done.append(f"process {proc.name}")
+    for point in dict.fromkeys(mountpoints_under(prefix)):  # stacked mounts: once each
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        done.append(f"mount {point}")
     return done
 
 
@@ -1113,6 +1117,7 @@ class LocalPod:
 
     def _container_env(self, c: Mapping[str, Any]) -> dict[str, str]:
         env: dict[str, str] = {"PATH": BASE_PATH, "HOME": "/root", "HOSTNAME": self.name}
+        env[NODE_MARKER_ENV] = os.path.realpath(self.node.root)
         for src in c.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "secretRef" in src:
@@ -1192,17 +1197,21 @@ class LocalPod:
                     f"container {c['name']}: volumeMount names no volume {vm['name']!r}"
                 )
             src = self.volume_path(vm["name"])
+            # never look into what the CSI plugin mounted: a FUSE mount whose server (the
+            # pod's sidecar) has not started yet would block every stat until it does
+            plugin_made = "csi" in self.volumes[vm["name"]]
             if vm.get("subPath"):
                 sub = Path(vm["subPath"])
                 if sub.is_absolute() or ".." in sub.parts:
                     raise RunnerError(f"container {c['name']}: bad subPath {vm['subPath']!r}")
                 src = src / sub
-                if not src.exists():
+                if not plugin_made and not src.exists():
                     src.mkdir(parents=True)  # the kubelet creates missing subPath dirs
+            is_file = not plugin_made and src.is_file()
             target = Path(vm["mountPath"])
             in_home = any(target.is_relative_to(h) for h in homes)
             if not in_home:
-                self._ensure_target(target, is_file=src.is_file())
+                self._ensure_target(target, is_file=is_file)
             mounts.append(
                 {
                     "source": str(src),
@@ -1210,7 +1219,7 @@ class LocalPod:
                     "readOnly": bool(vm.get("readOnly")),
                     "propagation": vm.get("mountPropagation") or "None",
                     # made inside the container's home tmpfs, owned by its user
-                    "create": {"uid": ident.uid, "gid": ident.gid, "isFile": src.is_file()}
+                    "create": {"uid": ident.uid, "gid": ident.gid, "isFile": is_file}
                     if in_home
                     else None,
                 }
