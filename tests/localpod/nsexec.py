@@ -40,7 +40,9 @@ command runs unprivileged with the pid the runner watches.
 
 SPEC.json: ``{"mounts": [{"source", "target", "readOnly", "propagation", "create"}],
 "homes": [{"path", "uid", "gid", "keep": [...]}], "readOnlyRoot": bool, "wrapper": [...],
-"argv": [...], "cwd": "..."}``. ``create`` (``{"uid", "gid", "isFile"}`` or null) asks for a missing
+"argv": [...], "cwd": "...", "startedFd": N}``; ``startedFd`` is a pipe the runner reads:
+it closes when the command is exec'd (close-on-exec), which tells the runner the container
+has started. ``create`` (``{"uid", "gid", "isFile"}`` or null) asks for a missing
 target to be made; the runner has already created every other source and target.
 """
 
@@ -197,6 +199,8 @@ def main() -> None:
             _remount_ro(point, keep, fatal=point == "/")
     cwd = spec.get("cwd") or "/"
     os.chdir(cwd)
+    if spec.get("startedFd") is not None:
+        os.set_inheritable(int(spec["startedFd"]), False)  # closes at exec: "started"
     argv = [*(spec.get("wrapper") or []), *spec["argv"]]
     try:
         os.execvp(argv[0], argv)

@@ -75,6 +75,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -141,6 +142,7 @@ SETPRIV = "/usr/bin/setpriv"
 NODE_MARKER_ENV = "MODELCACHE_LOCALPOD_NODE"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY_POLL = 0.05
+CONTAINER_START_TIMEOUT = 60.0
 
 Progress = Callable[[str], None]
 
@@ -474,6 +476,16 @@ def clean_leftovers(prefix: Path) -> list[str]:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         done.append(f"mount {point}")
     return done
+
+
+def _wait_eof(fd: int, timeout: float) -> None:
+    """Read ``fd`` until its writers are gone (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready and not os.read(fd, 4096):
+            return
+    raise RunnerError(f"a container did not start within {timeout:g}s (mount setup hung?)")
 
 
 def _kept_under(home: str) -> list[str]:
@@ -1087,21 +1099,34 @@ class LocalPod:
             "cwd": c.get("workingDir") or "/",
         }
         spec_file = self.run_dir / "spec" / f"{name}.json"
-        spec_file.write_text(json.dumps(spec, indent=1))
         run = ContainerRun(name, kind, self.log_dir / f"{name}.log", argv=argv)
         run.standin = _runs_standin(argv)
         log = open(run.log, "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         cmd = ["unshare", "--mount", "--propagation", "unchanged", "--"]
         cmd += [str(VENV_PYTHON), "-I", str(NSEXEC), str(spec_file)]
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # nsexec holds the pipe's write end until it execs the command (close-on-exec):
+        # the container counts as started, and may be probed, only once its mounts are
+        # in place, as the kubelet probes only after the runtime started the container
+        started_r, started_w = os.pipe()
+        spec["startedFd"] = started_w
+        spec_file.write_text(json.dumps(spec, indent=1))
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(started_w,),
+            )
+        finally:
+            os.close(started_w)
+        try:
+            _wait_eof(started_r, CONTAINER_START_TIMEOUT)
+        finally:
+            os.close(started_r)
         run.started, run.pid = time.monotonic(), proc.pid
         self.run_info.containers.append(run)
         self._procs.append((run, proc))
