@@ -1,14 +1,17 @@
 """End to end on one machine: the vLLM example, injected by the real CLI, run as a local pod.
 
-Real parts only: ``python -m webhook inject``, the warm-up and FUSE sidecar (``python -m
-sidecar ...``) in their own mount namespaces, nginx as a hub mirror on loopback (which also
-stands for the Hub the app reaches by default), and the stand-in server loading the model
-with the real ``huggingface_hub.snapshot_download`` from the unchanged command line and
-reading every tensor. Checked: hub-cache delivery: the app finds the model in its Hugging
-Face cache, laid out by the sidecar with links through the FUSE mount, downloads nothing
+Real parts only: ``python -m webhook inject``, the node's CSI plugin (``python -m sidecar
+csi``, called by the runner as the kubelet calls it), the warm-up and FUSE sidecar
+(``python -m sidecar ...``) in their own mount namespaces as non-root users without
+capabilities, nginx as a hub mirror on loopback (the plugin's hub, which also stands for the
+Hub the app reaches by default), and the stand-in server loading the model with the real
+``huggingface_hub.snapshot_download`` from the unchanged command line and reading every
+tensor. Checked: hub-cache delivery: the app finds the model in its Hugging Face cache, laid
+out by the sidecar with links through the FUSE view the plugin mounted, downloads nothing
 itself and answers ``/v1/models`` with the original model name; a second pod on the same node
-fetches no model bytes, the cold pod fetches each byte once (block and async), and nothing
-(mount, process, created mountpoint) is left behind.
+fetches no model bytes, the cold pod fetches each byte once (block and async), every volume
+is unpublished and nothing (mount, process, created mountpoint) is left behind. The legacy
+``nodeCache: hostPath`` output (privileged sidecar, root warm-up) still runs.
 """
 
 from __future__ import annotations
@@ -25,16 +28,20 @@ import pytest
 
 from tests.fixtures.modelgen import ModelInfo, generate_model
 from tests.fixtures.nobody import open_to_others
-from tests.localpod.example import VLLM_EXAMPLE, inject_example, mirror_secrets
+from tests.localpod.example import VLLM_EXAMPLE, inject_example, mirror_secrets, plugin_env
 from tests.localpod.mirror import Mirror, publish_hub_repo
 from tests.localpod.runner import (
     HOST_MOUNTPOINTS,
     REPO_ROOT,
     LocalPod,
     Node,
+    PodRun,
+    RunnerError,
     mountpoints_under,
     scratch_node,
+    uses_csi_driver,
 )
+from webhook.config import Config
 
 EXAMPLE = Path(os.environ.get("MODELCACHE_LOCALPOD_EXAMPLE", VLLM_EXAMPLE))
 
@@ -63,6 +70,38 @@ def _inject(
     mode: str, example: Path = EXAMPLE, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
     return inject_example(example, {"modelcache.io/warmup": mode, **(annotations or {})})
+
+
+def _kubelet(injected: dict[str, Any], node: Node, mirror: Mirror) -> dict[str, Any]:
+    """How the runner runs ``injected`` on ``node``: with the node's CSI plugin (started
+    here, the mirror as its hub) for the CSI output, with root allowed only for the legacy
+    hostPath output."""
+    csi = uses_csi_driver(injected)
+    if csi and node.plugin is None:
+        node.start_csi_plugin(env=plugin_env(mirror.url))
+    return {
+        "secrets": mirror_secrets(mirror.url),
+        "hub_endpoint": mirror.url,
+        "allow_root": not csi,
+        "ready_timeout": 90,
+    }
+
+
+def _fuse_mount(lp: LocalPod) -> Path:
+    """Where the FUSE view lives on the node: the CSI plugin's target (CSI output) or the
+    emptyDir the privileged sidecar mounts on (legacy output)."""
+    csi = "modelcache-fuse" in lp.volumes
+    return lp.volume_path("modelcache-fuse" if csi else "modelcache-mnt")
+
+
+def _assert_unprivileged_and_unpublished(lp: LocalPod, run: PodRun) -> None:
+    """CSI output: no container ran as root, both volumes were published, then unpublished."""
+    if "modelcache-fuse" not in lp.volumes:
+        return
+    assert all(i.uid != 0 and not i.privileged for i in lp.identities.values()), lp.identities
+    ok = {(a.call, a.volume) for a in run.csi_calls if a.code == "OK"}
+    for volume in ("modelcache-models", "modelcache-fuse"):
+        assert {("publish", volume), ("unpublish", volume)} <= ok, run.csi_calls
 
 
 def _assert_loaded_from_hub_cache(log: str, repo: str) -> None:
@@ -123,7 +162,6 @@ def test_injected_example_cold_then_warm_node(
     init_names = [c["name"] for c in injected["spec"]["template"]["spec"]["initContainers"]]
     assert ("modelcache-warmup" in init_names) == (mode == "block")
 
-    secrets = mirror_secrets(mirror.url)
     created_before = {p for p in ("/models", "/var/run/modelcache") if Path(p).exists()}
     pids: list[int] = []
     fetched = []
@@ -132,16 +170,13 @@ def test_injected_example_cold_then_warm_node(
             injected,
             node,
             name=name,
-            secrets=secrets,
-            ready_timeout=90,
-            hub_endpoint=mirror.url,
-            allow_root=True,
             source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+            **_kubelet(injected, node, mirror),
         ) as lp:
             run = lp.run()
-            # the app container reads through the FUSE mount the sidecar made in its own
-            # namespace: it reached the pod's emptyDir on the host by propagation
-            mnt = lp.volume_path("modelcache-mnt")
+            # the app container reads through the FUSE view, which the plugin mounted on the
+            # node (or, legacy, the privileged sidecar in its own namespace)
+            mnt = _fuse_mount(lp)
             fstypes = [
                 line.split(" - ")[1].split()[0]
                 for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -153,6 +188,7 @@ def test_injected_example_cold_then_warm_node(
             log = app.log.read_text()
             _assert_loaded_from_hub_cache(log, repo)
             pids += [c.pid for c in run.containers if c.pid is not None]
+        _assert_unprivileged_and_unpublished(lp, run)
         fetched.append(run.bytes_fetched)
     assert fetched[0] == model_size, "the cold node fetches every byte exactly once"
     assert fetched[1] == 0, "the warm node fetches no model bytes"
@@ -173,16 +209,7 @@ def test_tgi_example_loads_through_the_mount(
     injected = _inject("block", REPO_ROOT / "examples" / "tgi.yaml")
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
-    secrets = mirror_secrets(mirror.url)
-    with LocalPod(
-        injected,
-        node,
-        name="tgi",
-        secrets=secrets,
-        ready_timeout=90,
-        hub_endpoint=mirror.url,
-        allow_root=True,
-    ) as lp:
+    with LocalPod(injected, node, name="tgi", **_kubelet(injected, node, mirror)) as lp:
         run = lp.run()
         app = next(c for c in run.containers if c.kind == "app")
         assert app.argv[0] == "text-generation-launcher"
@@ -218,19 +245,15 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
     model_size = model.total_bytes
-    secrets = mirror_secrets(mirror.url)
     with LocalPod(
         injected,
         node,
         name=f"classic-{mode}",
-        secrets=secrets,
-        ready_timeout=90,
-        hub_endpoint=mirror.url,
-        allow_root=True,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+        **_kubelet(injected, node, mirror),
     ) as lp:
         run = lp.run()
-        assert _fuse_mounted(lp.volume_path("modelcache-mnt"))
+        assert _fuse_mounted(_fuse_mount(lp))
         sidecar, app = run.container("modelcache-sidecar"), run.container("vllm")
         assert sidecar.hook_ok is not None and app.started is not None
         assert sidecar.hook_ok <= app.started, "the app started before postStart returned"
@@ -238,6 +261,7 @@ def test_classic_sidecar_blocks_the_app_until_its_post_start_passes(
         log = app.log.read_text()
         _assert_loaded_from_hub_cache(log, repo)
         pids = [c.pid for c in run.containers if c.pid is not None]
+    _assert_unprivileged_and_unpublished(lp, run)
     assert run.bytes_fetched == model_size, "the cold node fetches every byte exactly once"
     assert mountpoints_under(node.root) == []
     for pid in pids:
@@ -258,21 +282,46 @@ def test_warmup_off_fetches_on_demand_through_the_mount(
     assert "--warmup" not in sidecar["command"]
     repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
     publish_hub_repo(store, repo, model)
-    secrets = mirror_secrets(mirror.url)
     with LocalPod(
         injected,
         node,
         name="warmup-off",
-        secrets=secrets,
-        ready_timeout=90,
-        hub_endpoint=mirror.url,
-        allow_root=True,
         source_bytes=lambda: mirror.bytes_sent("/resolve/"),
+        **_kubelet(injected, node, mirror),
     ) as lp:
         run = lp.run()
         assert run.served_models == [repo]
         log = run.container("vllm").log.read_text()
         _assert_loaded_from_hub_cache(log, repo)
-    # the app read every tensor, so every weight file was fetched (on demand, ranged)
+    # the app read every tensor, so every weight file was fetched
     assert run.bytes_fetched is not None and run.bytes_fetched > 0
+    _assert_unprivileged_and_unpublished(lp, run)
+    assert mountpoints_under(node.root) == []
+
+
+def test_legacy_hostpath_setting_still_runs_its_privileged_shape(
+    node: Node, model: ModelInfo, hub: tuple[Path, Mirror], tmp_path: Path
+) -> None:
+    """``nodeCache: hostPath``: the legacy output (a privileged sidecar that mounts FUSE
+    itself, a root warm-up, the cache as a hostPath) still starts; the runner lets exactly
+    those containers be root, and the app still runs as a non-root user."""
+    if "node_cache" not in Config.model_fields:
+        pytest.skip("this webhook has no nodeCache setting (only the legacy shape)")
+    store, mirror = hub
+    config = tmp_path / "config.yaml"
+    config.write_text("nodeCache: hostPath\n")
+    injected = inject_example(EXAMPLE, {"modelcache.io/warmup": "block"}, config=config)
+    assert not uses_csi_driver(injected)
+    repo = _status(injected)["models"][0]["uri"].removeprefix("hf://").split("@", 1)[0]
+    publish_hub_repo(store, repo, model)
+    strict = {**_kubelet(injected, node, mirror), "allow_root": False}
+    with LocalPod(injected, node, **strict) as lp, pytest.raises(RunnerError, match="runAsUser 0"):
+        lp.run()
+    with LocalPod(injected, node, name="legacy", **_kubelet(injected, node, mirror)) as lp:
+        run = lp.run()
+        assert _fuse_mounted(_fuse_mount(lp))
+        assert run.served_models == [repo]
+        assert lp.identities["modelcache-sidecar"].privileged
+        assert lp.identities["vllm"].uid != 0
+        _assert_loaded_from_hub_cache(run.container("vllm").log.read_text(), repo)
     assert mountpoints_under(node.root) == []
