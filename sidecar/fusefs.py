@@ -48,6 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+# mfusepy finds libfuse with ctypes.util.find_library, which falls back to running gcc on a
+# temporary file: a container with a read-only root filesystem (every injected one) has no
+# temporary directory, and the import failed. libfuse3's soname needs no search.
+os.environ.setdefault("FUSE_LIBRARY_PATH", "libfuse3.so.3")
+
 import mfusepy
 
 log = logging.getLogger(__name__)
