@@ -6,7 +6,9 @@ the FUSE volume and its socket emptyDir) run on a node whose plugin is the real
 its token in the Secret the volume's ``nodePublishSecretRef`` names), nginx and the
 fault-injecting server. Checked: what the containers see, as non-root users without
 capabilities (the view's files, EROFS on every write, a read-only root filesystem, a
-writable home); the kubelet's request (volume id, pod info, the Secret's data); retries with
+writable home); the kubelet's request (volume id, pod info, the Secret's data); a pod whose
+``hostAliases`` point the source's host name at its own server still gets the real bytes
+(only the node fetches, with the node's resolver); retries with
 the kubelet's backoff while the socket emptyDir is missing or the source answers 503; a
 failure with the plugin's own message for any other answer; a missing Secret named; and that
 unpublish on stop leaves no mount under the node.
@@ -20,8 +22,11 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -488,6 +493,70 @@ def test_a_source_that_answers_503_is_retried_with_backoff_until_it_recovers(
     gaps = [b.at - a.at for a, b in itertools.pairwise(published)]
     # 0.5 s, then 1 s (plus the call itself): the kubelet's doubling backoff
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
+    _no_mounts_left(node, lp)
+
+
+_RESOLVE = r"""
+import json, socket, sys
+with open('/out/resolved.json', 'w') as f:
+    json.dump({'host': sys.argv[1], 'ip': socket.gethostbyname(sys.argv[1])}, f)
+"""
+
+
+@ROOT_ONLY
+def test_host_aliases_of_a_pod_never_steer_the_fill_of_the_node_cache(
+    node: Node, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The attack of old: a pod's ``hostAliases`` point the mirror's host name at the
+    pod's own server. The pod itself resolves the name to that server; the model it is
+    published comes from the real mirror all the same (only the node plugin fetches, with
+    the node's resolver), and the impostor is never asked."""
+    host = socket.gethostname()  # the node resolves it to 127.0.0.1 (its /etc/hosts)
+    if socket.gethostbyname(host) != "127.0.0.1":
+        pytest.skip(f"this machine resolves its name {host!r} to {socket.gethostbyname(host)}")
+    root = tmp_path_factory.mktemp("mirror")
+    info = generate_model(root / "shared-llama", total_bytes=1 << 20, shards=1, seed=24)
+    with fault_server(root) as mirror:
+        port = int(mirror.rstrip("/").rsplit(":", 1)[1])
+        asked: list[str] = []
+
+        class Impostor(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                asked.append(self.path)
+                self.send_error(500, "the impostor's answer")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        impostor = ThreadingHTTPServer(("127.0.0.2", port), Impostor)
+        thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+        thread.start()
+        try:
+            pod = view_pod(
+                view_volume(f"shared=http://{host}:{port}/shared-llama/"),
+                len(model_files(info)),
+            )
+            pod["spec"]["hostAliases"] = [{"ip": "127.0.0.2", "hostnames": [host]}]
+            pod["spec"]["initContainers"].insert(
+                0,
+                {
+                    "name": "resolver",
+                    "image": "app",
+                    "command": ["python", "-c", _RESOLVE, host],
+                    "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+                },
+            )
+            with LocalPod(pod, node, ready_timeout=120) as lp:
+                lp.run()
+                resolved = json.loads((lp.volume_path("out") / "resolved.json").read_text())
+                seen = json.loads((lp.volume_path("out") / "result.json").read_text())
+        finally:
+            impostor.shutdown()
+            impostor.server_close()
+            thread.join(timeout=10)
+    assert resolved == {"host": host, "ip": "127.0.0.2"}, "the pod's own resolution"
+    assert under_top(seen["files"]) == model_files(info), "the real mirror's bytes"
+    assert asked == [], "the impostor was asked"
     _no_mounts_left(node, lp)
 
 

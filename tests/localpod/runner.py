@@ -60,6 +60,10 @@ every app container answers its readiness check: the ``httpGet`` of its readines
 ``GET /v1/models``, polled every 50 ms (finer than a kubelet would, since this measures time
 to ready rather than reacting to it).
 
+Name resolution: every container gets the kubelet-managed ``/etc/hosts`` of its pod
+(localhost, the pod's name, its ``hostAliases``), bound from ``<pod dir>/etc-hosts``; the
+network itself is the host's loopback.
+
 Needs root (``unshare``, ``mount``, ``setpriv``); there is no path-rewriting fallback:
 without root, ``LocalPod`` raises ``RunnerError`` saying so, the tests skip with that reason
 and the demo exits 2 with an explanation. Cleanup (also on failure and Ctrl-C): SIGTERM to
@@ -785,6 +789,7 @@ class LocalPod:
                     raise RunnerError(f"{d} still has mounts from an earlier run")
                 shutil.rmtree(d)
         (self.dir / "volumes").mkdir(parents=True)
+        self._write_hosts_file()
         for sub in ("state", "bin", "spec"):
             (self.run_dir / sub).mkdir(parents=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -881,6 +886,29 @@ class LocalPod:
             time.sleep(max(0.0, at - time.monotonic()))
             if (delay := self._publish(vol, req, backoff)) is not None:
                 pending.append((vol, req, backoff, time.monotonic() + delay))
+
+    def _write_hosts_file(self) -> None:
+        """The kubelet-managed ``/etc/hosts`` of the pod (``<pod dir>/etc-hosts``, bound into
+        every container): localhost, the pod's own name, then the pod's ``hostAliases``. The
+        node's own entries are not in it, as on a node."""
+        lines = [
+            "# Kubernetes-managed hosts file.",
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+            "fe00::0\tip6-localnet",
+            "fe00::0\tip6-mcastprefix",
+            "fe00::1\tip6-allnodes",
+            "fe00::2\tip6-allrouters",
+            f"127.0.0.1\t{self.name}",  # the pod IP: loopback here
+        ]
+        aliases = self.spec.get("hostAliases") or []
+        if aliases:
+            lines += ["", "# Entries added by HostAliases."]
+            for a in aliases:
+                lines.append(f"{a.get('ip', '')}\t{' '.join(a.get('hostnames') or [])}")
+        hosts = self.dir / "etc-hosts"
+        hosts.write_text("\n".join(lines) + "\n")
+        hosts.chmod(0o644)
 
     def _setup_local_volume(self, vol: Mapping[str, Any]) -> None:
         name = str(vol["name"])
@@ -1087,8 +1115,15 @@ class LocalPod:
         if argv[0].startswith("/") and not Path(argv[0]).exists() and (bindir / exe).exists():
             argv[0] = str(bindir / exe)  # e.g. /app/llama-server in the image
         homes = self._homes(env)
+        hosts = {
+            "source": str(self.dir / "etc-hosts"),
+            "target": "/etc/hosts",
+            "readOnly": False,
+            "propagation": "None",
+            "create": None,
+        }
         spec = {
-            "mounts": self._mounts(c, ident, homes),
+            "mounts": [*self._mounts(c, ident, homes), hosts],
             "homes": [
                 {"path": h, "uid": ident.uid, "gid": ident.gid, "keep": _kept_under(h)}
                 for h in homes
