@@ -263,8 +263,8 @@ def report(samples: list[Sample], args: argparse.Namespace, size: int) -> list[s
         "",
         "| scenario | runs | time to ready (median, s) | min-max (s) | ratio to baseline "
         "| model bytes fetched (GiB, median) | volumes set up (s) | warm-up (s) "
-        "| sidecar start (s) | app start to ready (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sidecar start (s) | pod start to app start (s) | app start to ready (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def med_of(vals: list[float | None]) -> str:
@@ -282,6 +282,7 @@ def report(samples: list[Sample], args: argparse.Namespace, size: int) -> list[s
             f"| {statistics.median(s.model_bytes for s in runs) / 2**30:.2f} "
             f"| {med_of([s.volumes_s for s in runs])} "
             f"| {med_of([s.warmup_s for s in runs])} | {med_of([s.sidecar_s for s in runs])} "
+            f"| {med_of([s.time_to_ready - s.app_s for s in runs])} "
             f"| {med_of([s.app_s for s in runs])} |"
         )
     lines += ["", *publish_path_cost(by)]
@@ -299,9 +300,18 @@ def publish_path_cost(by: dict[str, list[Sample]]) -> list[str]:
     )
     pairs = [a.time_to_ready - b.time_to_ready for a, b in zip(csi, legacy, strict=False)]
     verdict = "met" if added <= 0.5 else "NOT met"
+
+    def before_app(runs: list[Sample]) -> float:
+        return statistics.median(s.time_to_ready - s.app_s for s in runs)
+
+    # what the publish path can change ends when the app starts; the app's own load
+    # (seconds of reading 4 GiB) is the same work in both shapes and carries the noise
+    early = before_app(csi) - before_app(legacy)
     return [
         f"publish path on a warm start: {added:+.2f} s (median warm - median warm-hostpath; "
-        f"interleaved pairs: {', '.join(f'{d:+.2f}' for d in pairs)}); goal <= 0.5 s: {verdict}"
+        f"interleaved pairs: {', '.join(f'{d:+.2f}' for d in pairs)}); goal <= 0.5 s: {verdict}",
+        f"pod start to app start: {before_app(csi):.2f} s (csi) vs {before_app(legacy):.2f} s "
+        f"(hostPath): {early:+.2f} s",
     ]
 
 
