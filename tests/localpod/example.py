@@ -24,7 +24,7 @@ VLLM_EXAMPLE = REPO_ROOT / "examples" / "vllm.yaml"
 HF_SECRET: str = Config().credentials.hf.secret_name or "modelcache-hf-credentials"
 
 
-#: The Secret the example's app takes its hub token from (``secretKeyRef``, optional).
+#: The Secret the example's app takes its hub token from (``secretKeyRef``).
 APP_TOKEN_SECRET = "hf-token"
 
 

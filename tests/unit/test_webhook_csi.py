@@ -369,6 +369,27 @@ SKIP_CASES: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
         ("2 Secrets", "a: envFrom", "b: envFrom"),
     ),
     (
+        "optional-secret-key-ref",
+        {
+            "env": [
+                {
+                    "name": "HF_TOKEN",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}
+                    },
+                }
+            ]
+        },
+        "org/m",
+        ("HF_TOKEN", "hf-token", "optional: true", "exist"),
+    ),
+    (
+        "optional-envfrom-secret",
+        {"envFrom": [{"secretRef": {"name": "maybe", "optional": True}}]},
+        "org/m",
+        ("Secret maybe", "optional: true"),
+    ),
+    (
         "gcs-not-taken-yet",
         {"env": [secret_env("GCS_ACCESS_KEY_ID", "gcs", "id")]},
         "gs://bkt/m/",

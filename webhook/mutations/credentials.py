@@ -12,8 +12,9 @@ come from ONE Secret:
   the ``envFrom`` prefix;
 * none: no Secret (or the cluster's fallback Secret, ``fallbackCredentialsSecret``).
 
-Credentials from two or more Secrets, or written into the pod spec as a literal value (or
-taken from a ConfigMap), cannot reach the node side: the pod is left alone, with the
+Credentials from two or more Secrets, from an ``optional: true`` Secret reference (the app
+starts without that Secret; a ``nodePublishSecretRef`` to it would not), or written into
+the pod spec as a literal value (or taken from a ConfigMap), cannot reach the node side: the pod is left alone, with the
 variable and the reason in ``modelcache.io/skipped``, since a private model would otherwise
 hold the pod in ContainerCreating. Only the variables of the pod's models' schemes count
 (an ``HF_TOKEN`` does not matter to an ``s3://`` model). Endpoints never come from the pod.
@@ -93,11 +94,24 @@ def _entry_source(container: str, var: str, entry: dict[str, Any]) -> tuple[str,
         )
     ref = value_from.get("secretKeyRef")
     if isinstance(ref, dict) and isinstance(ref.get("name"), str) and ref.get("key"):
+        if ref.get("optional") is True:
+            return _optional(container, var, str(ref["name"]))
         return str(ref["name"]), str(ref["key"])
     what = next(iter(value_from), "valueFrom")
     return (
         f"container {container} takes {var} from {what}, not from a Secret; the node cache "
         "receives credentials only from a Secret (nodePublishSecretRef)"
+    )
+
+
+def _optional(container: str, var: str, secret: str) -> str:
+    """Why a credential from an optional Secret reference leaves the pod alone: the app
+    starts without the Secret, but a ``nodePublishSecretRef`` to a missing Secret holds the
+    pod in ContainerCreating, and without one a private model is refused; the webhook
+    cannot tell which case a pod is in."""
+    return (
+        f"container {container} may take {var} from Secret {secret} (optional: true); the "
+        "node cache needs that Secret to exist (nodePublishSecretRef)"
     )
 
 
@@ -133,6 +147,8 @@ def plan_node_credentials(
                     continue
                 for var in names:
                     if var in relevant and var not in explicit and var.startswith(prefix):
+                        if ref.get("optional") is True:
+                            return _optional(name, var, str(ref["name"]))
                         sources.append((ref["name"], var, var[len(prefix) :], "envFrom"))
     if not sources:
         return NodeCredentials(fallback)
