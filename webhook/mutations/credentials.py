@@ -16,8 +16,9 @@ Credentials from two or more Secrets, from an ``optional: true`` Secret referenc
 starts without that Secret; a ``nodePublishSecretRef`` to it would not), or written into
 the pod spec as a literal value (or taken from a ConfigMap), cannot reach the node side:
 the pod is left alone, with the variable and the reason in ``modelcache.io/skipped``, since
-a private model would otherwise hold the pod in ContainerCreating. Only the variables of the pod's models' schemes count
-(an ``HF_TOKEN`` does not matter to an ``s3://`` model). Endpoints never come from the pod.
+a private model would otherwise hold the pod in ContainerCreating. Only the variables of
+the pod's models' schemes count (an ``HF_TOKEN`` does not matter to an ``s3://`` model).
+Endpoints never come from the pod.
 """
 
 from __future__ import annotations
