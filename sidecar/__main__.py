@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from sidecar.disk import DEFAULT_MAX_BYTES, DEFAULT_MIN_FREE
 from sidecar.layout import APP_CACHE_ROOT
+from sidecar.node.flags import add_fetch_flags
 from sidecar.version import package_version
 
 _DESCRIPTION = """\
@@ -276,14 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bytes",
         default=DEFAULT_MAX_BYTES,
         metavar="SIZE",
-        help=f"cache size bound (default {DEFAULT_MAX_BYTES} of the disk; 0: unbounded)",
+        help=f"cache size bound (default {DEFAULT_MAX_BYTES}% of the disk; 0: unbounded)",
     )
     a.add_argument(
         "--min-free",
         default=DEFAULT_MIN_FREE,
         metavar="SIZE",
         help="free space to keep on the disk holding the cache; below it models are evicted "
-        f"(default {DEFAULT_MIN_FREE} of the disk; 0: no floor)",
+        f"(default {DEFAULT_MIN_FREE}% of the disk; 0: no floor)",
     )
     a.add_argument(
         "--max-labels",
@@ -306,40 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between two reads of the cluster by the pre-warm watcher",
     )
-    a.add_argument(
-        "--dragonfly-socket",
-        default=None,
-        metavar="PATH",
-        help="the node's Dragonfly daemon (dfdaemon) unix socket: model bytes go through it, "
-        "with the origin as fallback",
-    )
     _add_file_root(a)
     a.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
     a.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: none)"
     )
     a.add_argument("--once", action="store_true", help="one pass, then exit")
-    a.add_argument(
-        "--peer-listen",
-        default=None,
-        metavar="IP:PORT",
-        help="serve this node's cache to the other node agents (HTTPS, mutual TLS) on IP:PORT "
-        "and fetch from theirs (default: peers off; docs/scale-out.md)",
-    )
-    a.add_argument(
-        "--peer-advertise",
-        default=None,
-        metavar="IP",
-        help="the address other nodes reach this agent at (the pod's IP); needed when "
-        "--peer-listen names every address (0.0.0.0 or [::])",
-    )
-    a.add_argument(
-        "--peer-tls-dir",
-        default=None,
-        metavar="DIR",
-        help="ca.crt (the agents' CA) and this agent's tls.crt/tls.key, or ca.key to issue "
-        "them at start; with no --peer-listen the agent still fetches from peers",
-    )
+    add_fetch_flags(a)
 
     u = sub.add_parser(
         "uninstall",

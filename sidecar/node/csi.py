@@ -19,6 +19,11 @@ INTERNAL               INTERNAL                  reports it on the pod, retries 
 
 No staging, no volume stats, no expansion: NodeGetCapabilities advertises none, so the
 kubelet calls only NodePublishVolume and NodeUnpublishVolume.
+
+With the fetch flags it shares with the agent (``sidecar.node.flags.add_fetch_flags``) the
+fills of pods' publishes read through the node's Dragonfly daemon or the other nodes' caches
+(``sidecar.sources.route.source_wrapper``); the access check at publish stays with the
+origin and the pod's own credentials.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
@@ -40,7 +46,7 @@ from google.protobuf import wrappers_pb2
 
 from sidecar.node import _csi_pb2 as pb
 from sidecar.node import _csi_pb2_grpc as pb_grpc
-from sidecar.node.flags import DRIVER_NAME
+from sidecar.node.flags import DRIVER_NAME, check_fetch_flags
 from sidecar.node.publish import (
     ErrorKind,
     PluginConfig,
@@ -48,6 +54,7 @@ from sidecar.node.publish import (
     PublishError,
     PublishRequest,
 )
+from sidecar.sources.route import FetchSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +157,80 @@ async def start_server(endpoint: str, publisher: Publisher, node_id: str) -> Any
     return server
 
 
-async def serve(endpoint: str, config: PluginConfig, node_id: str) -> None:
+@dataclass(frozen=True)
+class FetchFlags:
+    """The fetch flags (``--dragonfly-socket``, ``--peer-*``) as given."""
+
+    dragonfly_socket: str | None = None
+    peer_listen: str | None = None
+    peer_advertise: str | None = None
+    peer_tls_dir: Path | None = None
+
+
+async def _start_fetch(
+    flags: FetchFlags, config: PluginConfig, node_id: str
+) -> tuple[FetchSettings | None, Any]:
+    """The fills' fetch settings and the peer service (None when peers are off); the peer
+    server too with ``--peer-listen``. PeerSetupError or NoClusterError when they cannot
+    start."""
+    if flags.peer_tls_dir is None:
+        if flags.dragonfly_socket is None:
+            return None, None
+        return FetchSettings(dragonfly_socket=flags.dragonfly_socket), None
+    from sidecar.agent import load_api_client
+    from sidecar.node.peers import PeerTLS, start_peers
+
+    api_client = load_api_client()
+    listen = flags.peer_listen
+    address = flags.peer_advertise or (listen.rpartition(":")[0].strip("[]") if listen else "")
+    tls = PeerTLS.from_dir(flags.peer_tls_dir, node=node_id, ips=[address] if address else [])
+    peers = await start_peers(
+        api_client,
+        node=node_id,
+        cache_dir=config.cache_dir,
+        tls=tls,
+        listen=listen,
+        advertise=flags.peer_advertise,
+    )
+    settings = FetchSettings(peers=peers.network, dragonfly_socket=flags.dragonfly_socket)
+    return settings, peers
+
+
+async def serve(
+    endpoint: str, config: PluginConfig, node_id: str, flags: FetchFlags | None = None
+) -> int:
     """Run until SIGTERM or SIGINT, then stop accepting calls and finish running ones."""
     loop = asyncio.get_running_loop()
     # downloads write through threads (plus hashing and fdatasync): more than cores + 4
     loop.set_default_executor(
         ThreadPoolExecutor(max_workers=config.parallel + 8, thread_name_prefix="node-io")
     )
-    publisher = Publisher(config)
-    server = await start_server(endpoint, publisher, node_id)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping the node plugin")
-    await server.stop(grace=10)
-    await publisher.aclose()
+    flags = flags or FetchFlags()
+    from sidecar.agent import NoClusterError
+
+    try:
+        fetch, peers = await _start_fetch(flags, config, node_id)
+    except (ValueError, NoClusterError) as exc:  # PeerSetupError is a ValueError
+        log.error("%s", exc)
+        return 2
+    publisher = Publisher(replace(config, fetch=fetch))
+    try:
+        server = await start_server(endpoint, publisher, node_id)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping the node plugin")
+        await server.stop(grace=10)
+    finally:
+        await publisher.aclose()
+        if peers is not None:
+            await peers.aclose()
+        if flags.dragonfly_socket:
+            from sidecar.sources import dragonfly
+
+            await dragonfly.daemon_client(flags.dragonfly_socket).aclose()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         socket_path(args.csi_endpoint)
+        check_fetch_flags(args)
+        if args.peer_listen:
+            from sidecar.node.peers import parse_listen
+
+            parse_listen(args.peer_listen)  # PeerSetupError (a ValueError) naming the flag
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -194,5 +264,10 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         fetch_retry=args.fetch_retry,
     )
-    asyncio.run(serve(args.csi_endpoint, config, args.node_id))
-    return 0
+    flags = FetchFlags(
+        dragonfly_socket=args.dragonfly_socket or None,
+        peer_listen=args.peer_listen or None,
+        peer_advertise=args.peer_advertise or None,
+        peer_tls_dir=Path(args.peer_tls_dir) if args.peer_tls_dir else None,
+    )
+    return asyncio.run(serve(args.csi_endpoint, config, args.node_id, flags))
