@@ -180,10 +180,10 @@ async def _start_fetch(
     from sidecar.agent import load_api_client
     from sidecar.node.peers import PeerTLS, start_peers
 
-    api_client = load_api_client()
     listen = flags.peer_listen
     address = flags.peer_advertise or (listen.rpartition(":")[0].strip("[]") if listen else "")
     tls = PeerTLS.from_dir(flags.peer_tls_dir, node=node_id, ips=[address] if address else [])
+    api_client = load_api_client()
     peers = await start_peers(
         api_client,
         node=node_id,

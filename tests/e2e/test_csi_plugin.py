@@ -107,6 +107,7 @@ class Plugin:
         file_roots: tuple[Path, ...] = (),
         env: Mapping[str, str],
         cache_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
         self.root = root
         self.kubelet_root = root / "kubelet"
@@ -130,6 +131,7 @@ class Plugin:
             "--check-timeout=20",
             "--fetch-retry=1",
             *(f"--file-root={r}" for r in file_roots),
+            *extra_args,
         ]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "NODE_NAME": "node-a", **env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
