@@ -1,4 +1,4 @@
-"""``python -m certs generate|install``: the command-line edge of the certificate code.
+"""``python -m certs generate|install|ca``: the command-line edge of the certificate code.
 
 Expected failures (an unwritable ``--out``, no cluster, an API error) print one line starting
 with ``error:`` and exit non-zero, without a traceback."""
@@ -13,14 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from certs.issue import CertError, issue_bundle, write_bundle
+from certs.issue import CertError, issue_bundle, issue_ca, write_bundle, write_ca
 from sidecar.version import package_version
 
 _EPILOG = """\
 examples:
   python -m certs generate --service modelcache-webhook --namespace modelcache-system --out ./tls
   python -m certs install --service modelcache-webhook --namespace modelcache-system \\
-      --secret modelcache-webhook-tls --webhook-config modelcache-webhook"""
+      --secret modelcache-webhook-tls --webhook-config modelcache-webhook
+  python -m certs ca --common-name modelcache-agents --out ./agents-ca"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--cert-dir", type=Path, default=None, help="also write ca.crt/tls.crt/tls.key here"
     )
+
+    ca = sub.add_parser(
+        "ca",
+        help="write a new CA (ca.crt, ca.key) as PEM files",
+        description="Write a self-signed CA and its key (mode 0600), e.g. the node agents' CA "
+        "for peer fetch, from which each agent issues its own certificate at start. An "
+        "existing ca.key in --out is never replaced.",
+    )
+    ca.add_argument("--common-name", required=True, help="the CA's subject common name")
+    ca.add_argument("--out", required=True, type=Path, help="directory for ca.crt/ca.key")
+    ca.add_argument("--days", type=int, default=3650, help="CA validity in days")
     return parser
 
 
@@ -95,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
                 return 1
             print(f"wrote {args.out}/ca.crt, tls.crt, tls.key", file=sys.stderr)
+            return 0
+        if args.command == "ca":
+            cert, key = issue_ca(args.common_name, days=args.days)
+            try:
+                write_ca(args.out, cert, key)
+            except OSError as exc:
+                print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            print(f"wrote {args.out}/ca.crt, ca.key", file=sys.stderr)
             return 0
         return _install(args)
     except CertError as exc:

@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_CERT_FILE = "ca.crt"
 TLS_CERT_FILE = "tls.crt"
 TLS_KEY_FILE = "tls.key"
+CA_KEY_FILE = "ca.key"
 
 # Clock skew between the issuer and the API server must not make a fresh cert "not yet valid".
 _BACKDATE = dt.timedelta(minutes=5)
@@ -247,6 +248,16 @@ def write_bundle(bundle: CertBundle, out_dir: Path) -> None:
     if not cert_matches_key(bundle.cert_pem, bundle.key_pem):
         raise CertError("tls.key does not belong to tls.crt; refusing to write a mixed pair")
     write_pair(out_dir, bundle.cert_pem, bundle.key_pem, ca_cert_pem=bundle.ca_cert_pem)
+
+
+def write_ca(out_dir: Path, ca_cert_pem: bytes, ca_key_pem: bytes) -> None:
+    """Write ``ca.crt`` and ``ca.key`` (0600) into ``out_dir``, key first; an existing
+    ``ca.key`` is never replaced (a CA that others trust is not lost by a second run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / CA_KEY_FILE).exists():
+        raise CertError(f"{out_dir / CA_KEY_FILE} exists: refusing to replace a CA")
+    _atomic_write(out_dir / CA_KEY_FILE, ca_key_pem, 0o600)
+    _atomic_write(out_dir / CA_CERT_FILE, ca_cert_pem, 0o644)
 
 
 def write_pair(

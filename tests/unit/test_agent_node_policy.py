@@ -3,8 +3,9 @@
 No CEL engine here (none is a dependency, and a stand-in would test itself): the checks read
 the policy's fields and the structure of its expressions. Each expression must be well formed
 (balanced brackets and quotes), may use only the variables the policy defines, and must say
-the intended thing: the request's node is the one the token is bound to, and labels other
-than the agent's own prefix (taken from the agent's code) stay as they were.
+the intended thing: the request's node is the one the token is bound to, labels other than
+the agent's own prefix (taken from the agent's code) stay as they were, and annotations other
+than the two of peer fetch (names taken from the peer code) stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from sidecar.agent import LABEL_PREFIX
+from sidecar.node.peers import FETCHING_PREFIX, PEER_ANNOTATION
 
 AGENT_DIR = Path(__file__).resolve().parents[2] / "manifests" / "agent"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -132,7 +134,7 @@ def test_the_node_must_be_the_one_the_token_is_bound_to() -> None:
 def test_only_the_agents_labels_may_change() -> None:
     spec = _docs()["ValidatingAdmissionPolicy"]["spec"]
     prefix = f"'{LABEL_PREFIX}'"
-    added, removed, rest = (_well_formed(v["expression"]) for v in spec["validations"][1:])
+    added, removed = (_well_formed(v["expression"]) for v in spec["validations"][1:3])
     # new or changed: the agent's prefix, or equal to the old value
     assert added[:5] == ["variables.newLabels.all", "(", "k", ",", "k.startsWith"]
     assert added[5:8] == ["(", prefix, ")"]
@@ -171,15 +173,11 @@ def test_only_the_agents_labels_may_change() -> None:
         "variables.newLabels",
         ")",
     ]
-    # and nothing else on the Node: spec (taints, podCIDR, unschedulable) and annotations
-    assert rest == [
+    # and not the Node's spec (taints, podCIDR, unschedulable)
+    assert _well_formed(spec["validations"][-1]["expression"]) == [
         "object.spec",
         "==",
         "oldObject.spec",
-        "&&",
-        "variables.newAnnotations",
-        "==",
-        "variables.oldAnnotations",
     ]
     variables = {v["name"]: _well_formed(v["expression"]) for v in spec["variables"]}
     for side, obj in (("new", "object"), ("old", "oldObject")):
@@ -197,3 +195,69 @@ def test_only_the_agents_labels_may_change() -> None:
             ]
     for v in spec["validations"]:
         assert v["reason"] == "Forbidden"
+
+
+def _peer_keys(k: str = "k") -> list[str]:
+    """``k`` is one of the two peer-fetch annotations (exactly the name, or under the prefix)."""
+    return [
+        k,
+        "==",
+        f"'{PEER_ANNOTATION}'",
+        "||",
+        f"{k}.startsWith",
+        "(",
+        f"'{FETCHING_PREFIX}'",
+        ")",
+    ]
+
+
+def test_only_the_peer_fetch_annotations_may_change() -> None:
+    """Allowed: add, change or remove ``modelcache.io/peer`` and
+    ``fetching.modelcache.io/<key>``. Refused: adding, changing or removing any other
+    annotation (``fetching.modelcache.io`` without the slash, ``x.modelcache.io/peer``,
+    ``modelcache.io/peer-x`` are other annotations)."""
+    spec = _docs()["ValidatingAdmissionPolicy"]["spec"]
+    validations = spec["validations"]
+    assert len(validations) == 6
+    added, removed = (_well_formed(v["expression"]) for v in validations[3:5])
+    # new or changed: a peer-fetch annotation, or equal to the old value
+    assert added == [
+        "variables.newAnnotations.all",
+        "(",
+        "k",
+        ",",
+        *_peer_keys(),
+        "||",
+        *("(", "k", "in", "variables.oldAnnotations", "&&"),
+        *("variables.oldAnnotations", "[", "k", "]", "=="),
+        *("variables.newAnnotations", "[", "k", "]", ")"),
+        ")",
+    ]
+    # removed: only a peer-fetch annotation
+    assert removed == [
+        "variables.oldAnnotations.all",
+        "(",
+        "k",
+        ",",
+        *_peer_keys(),
+        "||",
+        *("k", "in", "variables.newAnnotations"),
+        ")",
+    ]
+    # the prefix the code writes ends in its slash: fetching.modelcache.io-x/... is refused
+    assert FETCHING_PREFIX.endswith(".modelcache.io/")
+    for v in validations[3:5]:
+        assert PEER_ANNOTATION in v["message"] and FETCHING_PREFIX in v["message"]
+        assert v["reason"] == "Forbidden"
+
+
+def test_labels_and_annotations_are_judged_apart() -> None:
+    """A peer annotation does not open the labels, nor a cache label the annotations: each
+    rule reads only its own map."""
+    spec = _docs()["ValidatingAdmissionPolicy"]["spec"]
+    for v in spec["validations"][1:3]:
+        assert "Annotations" not in v["expression"]
+        assert PEER_ANNOTATION not in v["expression"]
+    for v in spec["validations"][3:5]:
+        assert "Labels" not in v["expression"]
+        assert LABEL_PREFIX not in v["expression"]
