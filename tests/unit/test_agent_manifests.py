@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +215,133 @@ def test_shipped_prewarm_config_parses() -> None:
     [configmap] = by_kind("ConfigMap")
     for name, text in configmap["data"].items():
         parse_prewarm_config(text, name)
+
+
+# ---- components/peers: peer fetch between nodes ------------------------------------------------
+
+PEERS_DIR = AGENT_DIR.parent / "components" / "peers"
+
+
+def with_peers() -> list[dict[str, Any]]:
+    from tests.fixtures.kustomize import _apply_component
+
+    return _apply_component(PEERS_DIR, load_resources())
+
+
+def _argv(container: dict[str, Any]) -> list[str]:
+    """The container's command line as the kubelet runs it ($(VAR) expanded)."""
+    raw = container["command"][3:] + container.get("args", [])
+    return [a.replace("$(NODE_NAME)", "node-1").replace("$(POD_IP)", "10.0.0.7") for a in raw]
+
+
+@pytest.mark.parametrize("doc", with_peers(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_peers_component_objects_are_schema_valid(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_peers_one_server_per_node_in_the_agent_both_processes_fetch_through_peers() -> None:
+    from sidecar.node.peers import CA_CERT_FILE, CA_KEY_FILE, parse_listen
+
+    [ds] = [d for d in with_peers() if d["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    agent, csi = _container(pod, "agent"), _container(pod, "csi")
+    a = build_parser().parse_args(_argv(agent))
+    c = build_parser().parse_args(_argv(csi))
+    # the agent (unprivileged) serves; the privileged plugin opens no port
+    host, port = parse_listen(a.peer_listen)
+    assert host == "0.0.0.0"
+    assert a.peer_advertise == "10.0.0.7"
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert {"name": "peer", "containerPort": port, "protocol": "TCP"} in agent["ports"]
+    assert c.peer_listen is None and c.peer_advertise is None
+    assert "ports" not in csi
+    # both read the agents' CA (and issue their own certificates from its key)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for args, container in ((a, agent), (c, csi)):
+        assert args.peer_tls_dir == "/etc/modelcache/peer-tls"
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == args.peer_tls_dir]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "modelcache-agents-ca"
+        assert {i["path"] for i in secret["items"]} == {CA_CERT_FILE, CA_KEY_FILE}
+        assert secret["defaultMode"] == 0o400
+    # the rest of both command lines is what the base install runs
+    base = {c["name"]: c for c in _base_daemonset()["spec"]["template"]["spec"]["containers"]}
+    assert agent["args"][: len(base["agent"]["args"])] == base["agent"]["args"]
+    assert csi["command"][: len(base["csi"]["command"])] == base["csi"]["command"]
+
+
+def _base_daemonset() -> dict[str, Any]:
+    [ds] = by_kind("DaemonSet")
+    return ds
+
+
+def test_peers_rbac_adds_list_on_nodes_only() -> None:
+    objs = with_peers()
+    rules = [
+        (r["resources"], r["verbs"])
+        for o in objs
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "modelcache-agent-peers"
+        for r in o["rules"]
+    ]
+    assert rules == [(["nodes"], ["list"])]
+    bound = {b["roleRef"]["name"]: b["subjects"] for b in objs if b["kind"] == "ClusterRoleBinding"}
+    assert bound["modelcache-agent-peers"] == bound["modelcache-agent"]
+    granted = {
+        (res, verb)
+        for o in objs
+        if o["kind"] in ("ClusterRole", "Role")
+        for r in o["rules"]
+        for res in r["resources"]
+        for verb in r["verbs"]
+    }
+    assert not any(res in ("secrets", "pods") for res, _ in granted)  # the CA is a volume
+    assert ("nodes", "watch") not in granted
+
+
+def test_peers_network_policy_lets_only_agents_reach_the_peer_port() -> None:
+    objs = with_peers()
+    [policy] = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    [ds] = [d for d in objs if d["kind"] == "DaemonSet"]
+    agent_labels = ds["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    peer_rule, metrics_rule = spec["ingress"]
+    assert peer_rule["ports"] == [{"port": "peer", "protocol": "TCP"}]
+    [source] = peer_rule["from"]
+    assert source == {"podSelector": {"matchLabels": spec["podSelector"]["matchLabels"]}}
+    assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}]}  # as before
+    named = {
+        p["name"] for c in ds["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+    }
+    assert {"peer", "metrics"} <= named
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_peers_component_builds_with_kubectl_kustomize(tmp_path: Path) -> None:
+    """An overlay of manifests/agent with the component, built by kustomize itself, gives
+    the DaemonSet and objects the test renderer gives."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(AGENT_DIR.parent, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel}/agent\ncomponents:\n  - {rel}/components/peers\n"
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    theirs = [o for o in yaml.safe_load_all(out) if o]
+    ours = with_peers()
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in theirs) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in ours
+    )
+    [their_ds] = [o for o in theirs if o["kind"] == "DaemonSet"]
+    [our_ds] = [o for o in ours if o["kind"] == "DaemonSet"]
+    assert their_ds["spec"] == our_ds["spec"]
