@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import ssl
 import stat
@@ -292,6 +293,37 @@ def is_claimed(
                 if int(lo) < end and start < int(hi):
                     with contextlib.suppress(FileNotFoundError):
                         if now - entry.stat().st_mtime <= CLAIM_TTL:
+                            return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return False
+
+
+#: In a model's claims directory: ``.fetching-<process id>``, one per process of this node
+#: fetching the model (the agent's pre-warm and the node plugin's fills share one cache and
+#: one node annotation), touched at every renewal of the announcement.
+_MARKER_PREFIX: Final = ".fetching-"
+
+
+def mark_fetching(cache_dir: Path, key: str, process: str) -> None:
+    """Record (or renew) that ``process`` of this node fetches ``key``."""
+    d = claims_dir(cache_dir, key)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{_MARKER_PREFIX}{process}").touch()
+
+
+def unmark_fetching(cache_dir: Path, key: str, process: str) -> bool:
+    """Drop ``process``'s mark; whether another process of this node still fetches ``key``
+    (a mark renewed within :data:`ANNOUNCE_TTL`)."""
+    d = claims_dir(cache_dir, key)
+    (d / f"{_MARKER_PREFIX}{process}").unlink(missing_ok=True)
+    now = time.time()
+    try:
+        with os.scandir(d) as entries:
+            for entry in entries:
+                if entry.name.startswith(_MARKER_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - entry.stat().st_mtime <= ANNOUNCE_TTL:
                             return True
     except (FileNotFoundError, NotADirectoryError):
         return False
@@ -632,6 +664,8 @@ class KubePeerNetwork:
         self._active: dict[str, int] = {}
         self._renewers: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+        #: this process among the node's fetchers (agent and node plugin share the annotation)
+        self._process = f"{os.getpid()}-{secrets.token_hex(4)}"
 
     @property
     def node(self) -> str:
@@ -684,6 +718,10 @@ class KubePeerNetwork:
         self._active[key] = self._active.get(key, 0) + 1
         if self._active[key] > 1:
             return
+        try:
+            await asyncio.to_thread(mark_fetching, self.cache.cache_dir, key, self._process)
+        except OSError as exc:
+            log.warning("%s: cannot mark the fetch in the node cache: %s", key, exc)
         await self._announce(key, FETCHING)
         self._nodes_at = -1e9  # read the others again: who announced before us
         self._renewers[key] = asyncio.create_task(self._keep(key))
@@ -691,6 +729,8 @@ class KubePeerNetwork:
     async def _keep(self, key: str) -> None:
         while True:
             await asyncio.sleep(self.renew)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(mark_fetching, self.cache.cache_dir, key, self._process)
             try:
                 await self._announce(key, FETCHING)
             except PeerUnavailableError as exc:
@@ -710,15 +750,22 @@ class KubePeerNetwork:
             self._active[key] = count
             return
         self._active.pop(key, None)
-        shutil.rmtree(claims_dir(self.cache.cache_dir, key), ignore_errors=True)
         task = self._renewers.pop(key, None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        try:
+            others = await asyncio.to_thread(
+                unmark_fetching, self.cache.cache_dir, key, self._process
+            )
+        except OSError:
+            others = False
+        if not others:  # the other process's claims stay while it fetches
+            shutil.rmtree(claims_dir(self.cache.cache_dir, key), ignore_errors=True)
         if await asyncio.to_thread(self.cache.is_complete, key):
             await self._announce(key, COMPLETE)
-        else:
+        elif not others:  # else the other process of this node renews its announcement
             await self.directory.annotate(self._node, {fetching_annotation(key): None})
 
     async def manifest(self, peer: Peer, key: str) -> dict[str, Any] | None:

@@ -26,7 +26,17 @@ import grpc
 import pytest
 
 from certs.issue import issue_ca
-from sidecar.node.peers import FETCHING_PREFIX, PEER_ANNOTATION, parse_announcement
+from sidecar.modelsource import parse_model_arg
+from sidecar.node.peers import (
+    ANNOUNCE_TTL,
+    FETCHING_PREFIX,
+    PEER_ANNOTATION,
+    KubePeerNetwork,
+    NodeDirectory,
+    PeerTLS,
+    claims_dir,
+    parse_announcement,
+)
 from tests.e2e.test_csi_plugin import (
     HUB_TOKEN,
     Plugin,
@@ -43,11 +53,12 @@ from tests.fixtures.servers import ServedModel, fake_hf_hub
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+needs_root = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
-@pytest.fixture(autouse=True)
-def _checkout_reachable_by_nobody() -> Iterator[None]:
+@pytest.fixture
+def reachable_by_nobody() -> Iterator[None]:
+    """The uid 65534 processes import this checkout's code with its virtual environment."""
     with open_to_others(REPO, Path(sys.prefix)):
         yield
 
@@ -123,6 +134,7 @@ def wait_until(what: str, check: object, deadline: float = 30.0) -> None:
         time.sleep(0.05)  # polling the API stand-in, bounded by `end`
 
 
+@needs_root
 def test_publish_on_b_is_filled_from_a_and_the_access_check_stays_with_the_origin(
     fleet: Fleet, private: ServedModel
 ) -> None:
@@ -200,3 +212,54 @@ def test_the_plugin_refuses_fetch_flags_it_cannot_use(tmp_path: Path) -> None:
         assert proc.returncode == 2, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
         assert not (tmp_path / "csi.sock").exists(), flags
+
+
+async def test_agent_and_plugin_of_one_node_keep_one_announcement(
+    kube_nodes: FakeNodeAPI, tmp_path: Path
+) -> None:
+    """The agent's pre-warm and the node plugin's fill of one model on one node share the
+    node's annotation: the first to finish leaves it (and the other's claims) alone while
+    the other still fetches; the last one removes it. A mark not renewed for longer than
+    ANNOUNCE_TTL (a process that died) does not hold it."""
+    kube_nodes.add_node("node-a")
+    ca_cert, ca_key = issue_ca("modelcache-agents test")
+    tls = PeerTLS.issue(ca_cert, ca_key, node="node-a", ips=[])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = parse_model_arg("llm=hf://acme/fleet-llama").source.cache_key
+    annotation = FETCHING_PREFIX + key
+
+    def state() -> str | None:
+        obj = kube_nodes.get(f"{NODES}/node-a")
+        assert obj is not None
+        value = (obj["metadata"].get("annotations") or {}).get(annotation)
+        return parse_announcement(value, time.time())
+
+    agent, plugin = (
+        KubePeerNetwork(NodeDirectory(kube_nodes.api_client()), "node-a", tls, cache)
+        for _ in range(2)
+    )
+    try:
+        await agent.announce(key)
+        await plugin.announce(key)
+        release = plugin.claim(key, "model-00001.safetensors", 0, 1 << 20)
+        [claim] = [c for c in claims_dir(cache, key).iterdir() if not c.name.startswith(".")]
+        await agent.finish(key)
+        assert state() == "fetching"  # the plugin still fetches
+        assert claim.exists()  # and its claim still tells the peers to wait for the range
+        assert len(list(claims_dir(cache, key).glob(".fetching-*"))) == 1
+        release()
+        await plugin.finish(key)
+        assert state() is None
+        assert not claims_dir(cache, key).exists()
+
+        # a process that died while fetching: its mark goes stale and holds nothing
+        await agent.announce(key)
+        await plugin.announce(key)
+        for mark in claims_dir(cache, key).glob(".fetching-*"):
+            os.utime(mark, (time.time() - ANNOUNCE_TTL - 5,) * 2)
+        await agent.finish(key)
+        assert state() is None
+    finally:
+        await agent.aclose()
+        await plugin.aclose()
