@@ -345,3 +345,56 @@ def test_peers_component_builds_with_kubectl_kustomize(tmp_path: Path) -> None:
     [their_ds] = [o for o in theirs if o["kind"] == "DaemonSet"]
     [our_ds] = [o for o in ours if o["kind"] == "DaemonSet"]
     assert their_ds["spec"] == our_ds["spec"]
+
+
+DRAGONFLY_DIR = AGENT_DIR.parent / "components" / "dragonfly"
+
+
+def test_dragonfly_component_gives_both_fetchers_the_daemon_socket() -> None:
+    from tests.fixtures.kustomize import _apply_component
+
+    objs = _apply_component(DRAGONFLY_DIR, load_resources())
+    [ds] = [d for d in objs if d["kind"] == "DaemonSet"]
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    pod = ds["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name in ("agent", "csi"):
+        container = _container(pod, name)
+        args = build_parser().parse_args(_argv(container))
+        socket = Path(args.dragonfly_socket)
+        assert socket.is_absolute()
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(socket.parent)]
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["hostPath"] == {
+            "path": str(socket.parent),
+            "type": "Directory",
+        }
+        assert args.peer_tls_dir is None  # Dragonfly alone: no peers
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_peers_and_dragonfly_components_compose_with_kubectl_kustomize(tmp_path: Path) -> None:
+    from tests.fixtures.kustomize import _apply_component
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(AGENT_DIR.parent, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel}/agent\ncomponents:\n  - {rel}/components/peers\n"
+        f"  - {rel}/components/dragonfly\n"
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    [their_ds] = [o for o in yaml.safe_load_all(out) if o and o["kind"] == "DaemonSet"]
+    ours = _apply_component(DRAGONFLY_DIR, with_peers())
+    [our_ds] = [o for o in ours if o["kind"] == "DaemonSet"]
+    assert their_ds["spec"] == our_ds["spec"]
+    pod = our_ds["spec"]["template"]["spec"]
+    csi = build_parser().parse_args(_argv(_container(pod, "csi")))
+    assert csi.peer_tls_dir and csi.dragonfly_socket  # wrap_source picks one per model
