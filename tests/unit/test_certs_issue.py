@@ -202,3 +202,26 @@ def test_generate_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert rc == 2
     assert "not a DNS-1123 label" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_ca_writes_a_ca_that_issues_and_never_replaces_it(tmp_path: Path, capsys) -> None:
+    """``python -m certs ca``: the agents' CA for peer fetch. Its key is private, each peer
+    process issues its own client+server certificate from it, and a second run into the
+    same directory refuses instead of replacing a CA that nodes already trust."""
+    from sidecar.node.peers import PeerTLS
+
+    out = tmp_path / "agents-ca"
+    assert main(["ca", "--common-name", "modelcache-agents", "--out", str(out)]) == 0
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    days = (ca.not_valid_after_utc - ca.not_valid_before_utc).days
+    assert 3650 <= days <= 3651  # ten years (plus the backdating)
+    tls = PeerTLS.from_dir(out, node="node-a", ips=["10.0.0.7"])
+    assert is_signed_by(tls.cert_pem, (out / "ca.crt").read_bytes())
+
+    key_before = (out / "ca.key").read_bytes()
+    capsys.readouterr()
+    assert main(["ca", "--common-name", "other", "--out", str(out)]) == 2
+    assert "refusing to replace a CA" in capsys.readouterr().err
+    assert (out / "ca.key").read_bytes() == key_before
