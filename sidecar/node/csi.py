@@ -171,19 +171,24 @@ async def _start_fetch(
     flags: FetchFlags, config: PluginConfig, node_id: str
 ) -> tuple[FetchSettings | None, Any]:
     """The fills' fetch settings and the peer service (None when peers are off); the peer
-    server too with ``--peer-listen``. PeerSetupError or NoClusterError when they cannot
+    server too with ``--peer-listen``. PeerSetupError (a ValueError) when they cannot
     start."""
     if flags.peer_tls_dir is None:
         if flags.dragonfly_socket is None:
             return None, None
         return FetchSettings(dragonfly_socket=flags.dragonfly_socket), None
-    from sidecar.agent import load_api_client
-    from sidecar.node.peers import PeerTLS, start_peers
+    from sidecar.agent import NoClusterError, load_api_client
+    from sidecar.node.peers import PeerSetupError, PeerTLS, start_peers
 
     listen = flags.peer_listen
     address = flags.peer_advertise or (listen.rpartition(":")[0].strip("[]") if listen else "")
     tls = PeerTLS.from_dir(flags.peer_tls_dir, node=node_id, ips=[address] if address else [])
-    api_client = load_api_client()
+    try:
+        api_client = load_api_client()
+    except NoClusterError as exc:
+        raise PeerSetupError(
+            f"--peer-tls-dir: nodes find their peers through the Kubernetes API: {exc}"
+        ) from None
     peers = await start_peers(
         api_client,
         node=node_id,
@@ -206,11 +211,9 @@ async def serve(
         ThreadPoolExecutor(max_workers=config.parallel + 8, thread_name_prefix="node-io")
     )
     flags = flags or FetchFlags()
-    from sidecar.agent import NoClusterError
-
     try:
         fetch, peers = await _start_fetch(flags, config, node_id)
-    except (ValueError, NoClusterError) as exc:  # PeerSetupError is a ValueError
+    except ValueError as exc:  # PeerSetupError
         log.error("%s", exc)
         return 2
     publisher = Publisher(replace(config, fetch=fetch))

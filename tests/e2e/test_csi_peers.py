@@ -199,7 +199,11 @@ def test_the_plugin_refuses_fetch_flags_it_cannot_use(tmp_path: Path) -> None:
         ("--peer-listen=node-a:9443", f"--peer-tls-dir={tls}"): "expected IP:PORT",
         ("--dragonfly-socket=dfdaemon.sock",): "--dragonfly-socket dfdaemon.sock: must be",
         (f"--peer-tls-dir={tmp_path / 'none'}",): "it must hold ca.crt",
+        (f"--peer-tls-dir={tls}",): "nodes find their peers through the Kubernetes API",
     }
+    ca_cert, ca_key = issue_ca("modelcache-agents test")
+    (tls / "ca.crt").write_bytes(ca_cert)
+    (tls / "ca.key").write_bytes(ca_key)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
