@@ -269,12 +269,16 @@ class NodeCache:
         except (OSError, KeyError, TypeError, ValueError):
             return False
 
-    def is_file_current(self, model: NamedModel | str, source: Source, f: RemoteFile) -> bool:
+    def is_file_current(
+        self, model: NamedModel | str, source: Source | None, f: RemoteFile
+    ) -> bool:
         """``f`` is in ``data/`` as the source lists it and unchanged since it was verified
         (a stat and a small read; no hashing). Otherwise ``ensure_file`` verifies or
-        fetches it."""
+        fetches it. Without ``source`` the source's version of the file is not compared
+        (its size and sha256 still are)."""
         md = self.model_dir(model)
-        return self._file_state(md, f, _version_of(source, f.path)) == CURRENT
+        version = _version_of(source, f.path) if source is not None else None
+        return self._file_state(md, f, version) == CURRENT
 
     def is_file_complete(self, model: NamedModel | str, f: RemoteFile) -> bool:
         try:

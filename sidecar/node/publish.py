@@ -70,6 +70,7 @@ from sidecar.node.flags import DRIVER_NAME
 from sidecar.progress import Progress
 from sidecar.sources import (
     RemoteFile,
+    Source,
     SourceAccessError,
     SourceError,
     SourceUnavailableError,
@@ -608,7 +609,7 @@ class Publisher:
                 f"none of the {len(listed)} file(s) the source lists; check the globs",
             )
         commit = getattr(src, "commit", None)
-        current = self._is_current(model, listed, plan)
+        current = await asyncio.to_thread(self._is_current, model, listed, plan, src)
         if not current:
             self._ensure_fetch(model, spec.include, env, anonymous=anonymous)
         return _Listing(
@@ -629,10 +630,16 @@ class Publisher:
         return _Listing(tuple(plan), None, True) if plan else None
 
     def _is_current(
-        self, model: NamedModel, listed: Sequence[RemoteFile], plan: Sequence[RemoteFile]
+        self,
+        model: NamedModel,
+        listed: Sequence[RemoteFile],
+        plan: Sequence[RemoteFile],
+        src: Source | None = None,
     ) -> bool:
-        """Complete in the cache with every planned file as the source lists it now, and
-        nothing the source no longer lists."""
+        """Complete in the cache with every planned file as the source lists it now,
+        nothing the source no longer lists, and every planned file unchanged on disk since
+        it was verified (its stamp: a file damaged in place, even keeping its size, is
+        verified again or fetched again by the fill this starts)."""
         manifest = self.cache.read_manifest(model)
         if manifest is None or not self.cache.is_complete(model):
             return False
@@ -648,7 +655,7 @@ class Publisher:
             size, sha = cached[f.path]
             if size != f.size or (f.sha256 and sha and sha != f.sha256):
                 return False
-        return True
+        return all(self.cache.is_file_current(model, src, f) for f in plan)
 
     def _fetched_anonymously(self, model: NamedModel) -> bool:
         return (self.cache.model_dir(model).root / ANONYMOUS_MARKER).is_file()
@@ -816,6 +823,8 @@ class Publisher:
                     continue
             except (OSError, ValueError):
                 continue
+            if not self.cache.is_file_current(model, None, f):
+                continue  # changed on disk since it was verified: the fill checks it again
             size, sha = recorded.get(f.path, (None, None))
             if f.sha256 is None or (size == f.size and sha == f.sha256):
                 done.add(f.path)

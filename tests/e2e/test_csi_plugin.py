@@ -875,6 +875,39 @@ def test_status_of_a_hub_model_names_the_commit(
     assert HUB_TOKEN not in json.dumps(last)
 
 
+def test_a_cached_file_damaged_in_place_is_checked_again_before_a_pod_sees_it_complete(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    """Same size, other bytes (a bad disk, or a writer that got past every other guard):
+    the next publish sees the file's stamp changed, reports it not complete, and the fill
+    it starts checks it again; an http file has no sha256 to prove it intact, so it is
+    quarantined and fetched again. The next pod gets the source's bytes."""
+    small = served["small"]
+    key = key_of(small.url)
+    first = plugin.request(Pod.new("first"), "modelcache-models", models_attr(small=small.url))
+    plugin.publish_once(first)
+    wait_for_view(plugin, first, key, small.info)
+    data = plugin.cache_dir / "models" / key / "data"
+    victim = max((p for p in data.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:  # in place: same inode, same size
+        f.seek(size // 2)
+        f.write(b"\x00" * 4096)
+    assert victim.stat().st_size == size
+    before = dict(small.server.stats.per_path)
+
+    _, sock = publish_fuse(plugin, Pod.new("second"), models_attr(small=small.url))
+    first_look = read_status(sock, timeout=10)["models"][0]
+    rel = victim.relative_to(data).as_posix()
+    assert {f["path"]: f["complete"] for f in first_look["files"]}[rel] is False, first_look
+    assert wait_for_status(sock)[-1]["models"][0]["state"] == "complete"
+    fetched = {p for p, n in small.server.stats.per_path.items() if n != before.get(p, 0)}
+    assert fetched == {f"small-llama/{rel}"}  # only the damaged file came again
+    assert sha256_file(victim) == sha256_file(small.info.root / rel)
+    quarantined = list((plugin.cache_dir / "models" / key / ".quarantine").rglob("*"))
+    assert any(q.is_file() for q in quarantined), quarantined
+
+
 def test_a_failed_fetch_shows_in_the_status_until_a_new_publish_restarts_it(
     plugin: Plugin, served: dict[str, ServedModel]
 ) -> None:

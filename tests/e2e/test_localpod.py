@@ -55,17 +55,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _legacy_pod_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """These pods run the hostPath-era shape (privileged sidecar, hostPath cache) until the
-    local pod runner publishes csi.modelcache.io volumes and the pod side speaks to the node
-    side's socket: the webhook's default nodeCache csi is pinned back to hostPath here, for
-    the ``python -m webhook inject`` that ``inject_example`` runs."""
-    config = tmp_path / "webhook-config.yaml"
-    config.write_text("nodeCache: hostPath\n", encoding="utf-8")
-    monkeypatch.setenv("MODELCACHE_CONFIG", str(config))
-
-
 def _inject(
     mode: str, example: Path = EXAMPLE, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
