@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from sidecar import journal
 from sidecar.cache import CacheError, NodeCache, read_file_meta
 from sidecar.layout import ANONYMOUS_MARKER, ModelDir
 from sidecar.modelsource import ModelSourceError, NamedModel, parse_model_spec
@@ -77,7 +78,7 @@ from sidecar.sources import (
     open_source,
 )
 from sidecar.sources.route import FetchSettings, source_wrapper
-from sidecar.warmup import WarmupError, plan_files, warm_models
+from sidecar.warmup import ModelReport, WarmupError, WarmupReport, plan_files, warm_models
 
 log = logging.getLogger(__name__)
 
@@ -612,6 +613,16 @@ class Publisher:
         current = await asyncio.to_thread(self._is_current, model, listed, plan, src)
         if not current:
             self._ensure_fetch(model, spec.include, env, anonymous=anonymous)
+        elif spec.kind == KIND_VIEW:  # one per pod (a pod has one view): the agent's hits
+            hit = ModelReport(
+                model.name,
+                model.source.uri,
+                model.source.cache_key,
+                files=len(plan),
+                total_bytes=sum(f.size for f in plan),
+                ok=True,
+            )
+            journal.record_warmup(self.cache.cache_dir, WarmupReport(models=[hit]))
         return _Listing(
             tuple(plan), commit if isinstance(commit, str) and commit else None, current, anonymous
         )
@@ -689,7 +700,7 @@ class Publisher:
         try:
             with contextlib.suppress(FileNotFoundError):
                 marker.unlink()  # the copy is being replaced: it is no longer the anonymous one
-            await warm_models(
+            report = await warm_models(
                 self.cache,
                 [model],
                 include=fetch.include,
@@ -702,8 +713,12 @@ class Publisher:
             )
             if anonymous:
                 marker.touch()
+            journal.record_warmup(self.cache.cache_dir, report)
         except WarmupError as exc:
             fetch.error = "; ".join(f.message for f in exc.problems) or str(exc)
+            journal.record_warmup(
+                self.cache.cache_dir, exc.report or WarmupReport(failures=exc.problems)
+            )
         except (OSError, CacheError) as exc:
             fetch.error = str(exc)
         except Exception as exc:

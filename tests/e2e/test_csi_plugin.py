@@ -908,6 +908,37 @@ def test_a_cached_file_damaged_in_place_is_checked_again_before_a_pod_sees_it_co
     assert any(q.is_file() for q in quarantined), quarantined
 
 
+def test_fills_and_warm_publishes_leave_the_records_the_agent_counts(
+    plugin: Plugin, served: dict[str, ServedModel]
+) -> None:
+    """The agent's hit/miss/saved-bytes metrics come from records in the node cache: the
+    plugin leaves one per fill (a miss, with the bytes fetched) and one per view of a
+    complete model (a hit), as the in-pod warm-up of the legacy shape did."""
+    small = served["small"]
+    events = plugin.cache_dir / "events"
+
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(events.glob("*.json"))]
+
+    cold = plugin.request(Pod.new("cold"), "modelcache-models", models_attr(small=small.url))
+    plugin.publish_once(cold)
+    wait_for_view(plugin, cold, key_of(small.url), small.info)
+    end = time.monotonic() + 30
+    while not records() and time.monotonic() < end:  # written when the fill returns
+        time.sleep(0.1)
+    (miss,) = records()
+    assert miss["result"] == "ok" and miss["models"][0]["result"] == "miss", miss
+    assert miss["models"][0]["fetched_bytes"] == small.info.total_bytes
+
+    warm = plugin.request(Pod.new("warm"), "modelcache-models", models_attr(small=small.url))
+    plugin.publish_once(warm)
+    _, sock = publish_fuse(plugin, Pod.new("warm"), models_attr(small=small.url))
+    assert read_status(sock, timeout=10)["models"][0]["state"] == "complete"
+    hits = [r for r in records() if r["models"][0]["result"] == "hit"]
+    assert len(hits) == 1, records()  # the view counts; the same pod's fuse volume does not
+    assert hits[0]["models"][0]["bytes"] == small.info.total_bytes
+
+
 def test_a_failed_fetch_shows_in_the_status_until_a_new_publish_restarts_it(
     plugin: Plugin, served: dict[str, ServedModel]
 ) -> None:
