@@ -547,18 +547,27 @@ def write_termination_message(path: str, lines: Sequence[str]) -> None:
         os.close(fd)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``warmup`` role: exit 0 when every model is complete and verified (or, with
-    ``--on-failure continue``, when the ones that failed are left to the app)."""
+def _models_of(args: argparse.Namespace) -> list[NamedModel] | None:
+    """The ``--model`` values, or None after saying on stderr which one is wrong (a bad
+    value, or a name given twice)."""
     try:
         models = [parse_model_arg(v) for v in args.model]
     except ModelSourceError as exc:
         print(f"warmup failed: {exc}", file=sys.stderr)
-        return 2
+        return None
     names = [m.name for m in models]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         print(f"warmup failed: duplicate --model name(s): {', '.join(dups)}", file=sys.stderr)
+        return None
+    return models
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``warmup`` role: exit 0 when every model is complete and verified (or, with
+    ``--on-failure continue``, when the ones that failed are left to the app)."""
+    models = _models_of(args)
+    if models is None:
         return 2
     if args.parallel < 1 or args.timeout <= 0:
         print("warmup failed: --parallel must be ≥ 1 and --timeout > 0", file=sys.stderr)
@@ -666,16 +675,10 @@ def run_node(args: argparse.Namespace) -> int:
     """The ``warmup --node-socket`` role: wait until the node plugin has every model of
     this pod complete in the node cache, reading its status through the socket. No cache
     access, no credentials, no privileges."""
-    try:
-        models = [parse_model_arg(v) for v in args.model]
-    except ModelSourceError as exc:
-        print(f"warmup failed: {exc}", file=sys.stderr)
+    models = _models_of(args)
+    if models is None:
         return 2
     names = [m.name for m in models]
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        print(f"warmup failed: duplicate --model name(s): {', '.join(dups)}", file=sys.stderr)
-        return 2
     if args.timeout <= 0:
         print("warmup failed: --timeout must be > 0", file=sys.stderr)
         return 2

@@ -127,6 +127,21 @@ class RefetchableSource(Protocol):
     def reject_file(self, path: str) -> bool: ...
 
 
+class OriginWrapper:
+    """Base of the sources that take bytes from elsewhere (peers, a Dragonfly daemon) but
+    answer for ``origin``: its optional abilities pass through unchanged."""
+
+    origin: Source
+
+    @property
+    def uses_credentials(self) -> bool:
+        return bool(getattr(self.origin, "uses_credentials", True))
+
+    def version(self, path: str) -> str | None:
+        version_of = getattr(self.origin, "version", None)
+        return version_of(path) if callable(version_of) else None
+
+
 def open_source(
     model: NamedModel,
     *,

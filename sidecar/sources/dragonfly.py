@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from sidecar.sources import RemoteFile, Source
+from sidecar.sources import OriginWrapper, RemoteFile, Source
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class DaemonClient:
                 await channel.close()
 
 
-class DragonflySource:
+class DragonflySource(OriginWrapper):
     """``origin`` with its bytes fetched through the node's Dragonfly daemon (see the module
     docstring); a :class:`~sidecar.sources.Source`."""
 
@@ -209,15 +209,6 @@ class DragonflySource:
         self.read_timeout = read_timeout
         self._sha256: dict[str, str | None] = {}
         self._direct: set[str] = set()  # files whose daemon bytes failed verification
-
-    # the optional abilities of the origin, unchanged
-    @property
-    def uses_credentials(self) -> bool:
-        return bool(getattr(self.origin, "uses_credentials", True))
-
-    def version(self, path: str) -> str | None:
-        version_of = getattr(self.origin, "version", None)
-        return version_of(path) if callable(version_of) else None
 
     async def list_files(self) -> list[RemoteFile]:
         files = await self.origin.list_files()

@@ -36,7 +36,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sidecar.sources import RemoteFile, Source, SourceError, SourceUnavailableError
+from sidecar.sources import (
+    OriginWrapper,
+    RemoteFile,
+    Source,
+    SourceError,
+    SourceUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +158,7 @@ def rank_nodes(nodes: list[str], key: str, path: str, piece: int) -> list[str]:
     return sorted(nodes, key=lambda n: _score(n, key, path, piece), reverse=True)
 
 
-class PeerSource:
+class PeerSource(OriginWrapper):
     """The origin of one model, with ranges read from peers where they hold them."""
 
     def __init__(
@@ -183,14 +189,6 @@ class PeerSource:
         return frozenset(self._rejected)
 
     # ---- what the origin says -------------------------------------------------------------
-
-    @property
-    def uses_credentials(self) -> bool:
-        return bool(getattr(self.origin, "uses_credentials", True))
-
-    def version(self, path: str) -> str | None:
-        version_of = getattr(self.origin, "version", None)
-        return version_of(path) if callable(version_of) else None
 
     async def list_files(self) -> list[RemoteFile]:
         try:

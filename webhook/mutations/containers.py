@@ -250,14 +250,15 @@ def startup_window(ctx: Context) -> int:
     return PROBE_WINDOW
 
 
-def _csi_sidecar_command(ctx: Context) -> list[str]:
+def _mount_command(ctx: Context, origin: list[str]) -> list[str]:
+    """``python -m sidecar mount`` up to its GGUF aliases; ``origin`` says where file lists
+    and completion come from (``--node-socket`` or ``--cache-dir``)."""
     command = [
         "python",
         "-m",
         "sidecar",
         "mount",
-        "--node-socket",
-        NODE_SOCKET,
+        *origin,
         "--mountpoint",
         SIDECAR_MOUNTPOINT,
         "--link-root",
@@ -268,6 +269,11 @@ def _csi_sidecar_command(ctx: Context) -> list[str]:
         command += ["--hub-cache", SIDECAR_HUB_DIR, "--hub-link-root", HUB_VIEW_PATH]
     for name, quant in ctx.gguf_aliases:
         command += ["--gguf-alias", f"{name}:{quant}"]
+    return command
+
+
+def _csi_sidecar_command(ctx: Context) -> list[str]:
+    command = _mount_command(ctx, ["--node-socket", NODE_SOCKET])
     if ctx.options.include:
         command += ["--include", ",".join(ctx.options.include)]
     return [*command, "--on-failure", ctx.on_failure]
@@ -291,23 +297,7 @@ def build_sidecar_container(ctx: Context) -> Container:
         )
         container["volumeMounts"] = _csi_sidecar_mounts(ctx)
         return _with_startup(container, ctx)
-    command = [
-        "python",
-        "-m",
-        "sidecar",
-        "mount",
-        "--cache-dir",
-        CONTAINER_CACHE_DIR,
-        "--mountpoint",
-        SIDECAR_MOUNTPOINT,
-        "--link-root",
-        APP_CACHE_ROOT,
-        *_model_flags(ctx),
-    ]
-    if ctx.hub_models:
-        command += ["--hub-cache", SIDECAR_HUB_DIR, "--hub-link-root", HUB_VIEW_PATH]
-    for name, quant in ctx.gguf_aliases:
-        command += ["--gguf-alias", f"{name}:{quant}"]
+    command = _mount_command(ctx, ["--cache-dir", CONTAINER_CACHE_DIR])
     command += ["--on-failure", ctx.on_failure]
     if ctx.options.warmup == "async":
         command += ["--warmup", "--timeout", str(ctx.options.warmup_timeout)]
